@@ -1,0 +1,65 @@
+"""Defaults shared by every experiment; other configs start from `get_config()`.
+
+Not meant to be run alone; see configs/tiny.py for a runnable experiment.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Llama-3 decoder with M-RoPE (m2omni_jax/models/llm.py: LLMConfig).
+    config.model = ml_collections.ConfigDict()
+    config.model.llm = ml_collections.ConfigDict(dict(
+        vocab_size=1024, width=256, depth=4, num_heads=4, num_kv_heads=2, head_dim=64,
+        mlp_dim=704, rope_theta=500_000.0, mrope_sections=(8, 12, 12), norm_eps=1e-5,
+        tie_embeddings=False, dtype="float32", param_dtype="float32",
+        remat_policy="none", scan_layers=True))
+
+    # Mesh axis sizes; one may be -1 (fills the remaining devices).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    # Logical-axis rules: empty means the table in m2omni_jax/parallel/sharding.py.
+    config.sharding_rules = ()
+
+    config.tokenizer = ml_collections.ConfigDict(dict(
+        path="",  # a SentencePiece .model of your own; empty trains one on the built-in text
+        vocab_size=1024,
+        cache_dir="",  # empty: <data.dir>/tokenizer
+    ))
+
+    config.data = ml_collections.ConfigDict(dict(
+        dir="",  # empty: ~/.cache/m2omni_jax/data
+        seed=0,
+        num_text_docs=20_000,
+        seq_len=256,
+        num_workers=0,
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        steps=200,
+        batch_size=16,  # global batch (sequences)
+        log_every=10,
+        z_loss_weight=0.0,
+        # Per-modality loss weights (missing modalities weigh 1).
+        loss_weights=ml_collections.ConfigDict(),
+        peak_flops_per_device=0.0,  # 0: from the device table (or measured on CPU)
+    ))
+
+    config.opt = ml_collections.ConfigDict(dict(
+        name="adamw",
+        peak_lr=3e-3,
+        warmup_steps=20,
+        decay="cosine",
+        final_fraction=0.1,
+        b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,
+    ))
+
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        every=100,
+        keep=3,
+        async_save=True,
+    ))
+    return config

@@ -1,0 +1,37 @@
+"""Entry point: `m2omni-train --config=configs/tiny.py --workdir=DIR`.
+
+Kept short on purpose: flags, multi-host start-up, then `train.train_and_evaluate`.
+Override any config field on the command line: `--config.train.steps=400`.
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, GPU clusters).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax  # after flag parsing, so --xla flags in the environment apply
+
+    if FLAGS.multihost:
+        jax.distributed.initialize()
+    from m2omni_jax import train
+
+    logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count())
+    train.train_and_evaluate(FLAGS.config, os.path.abspath(FLAGS.workdir))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

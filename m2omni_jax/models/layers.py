@@ -1,0 +1,84 @@
+"""Building blocks shared by the towers: norms, initialisers, remat policies."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name_or_dtype) -> Dtype:
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[name_or_dtype]
+    return name_or_dtype
+
+
+def kernel_init(axes: tuple[str, ...], scale: float = 1.0) -> Callable:
+    """Variance-scaling normal init annotated with logical axis names.
+
+    Dense/DenseGeneral call it with the kernel flattened to (fan_in, fan_out).
+    """
+    init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+    return nn.with_logical_partitioning(init, axes)
+
+
+def zeros_init(axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def ones_init(axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.ones, axes)
+
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # save matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; use one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def maybe_remat(block_cls, policy_name: str, static_argnums=()):
+    """Wraps a block class in nn.remat unless the policy is 'none'."""
+    if policy_name == "none":
+        return block_cls
+    return nn.remat(block_cls, policy=remat_policy(policy_name), prevent_cse=False,
+                    static_argnums=static_argnums)
+
+
+class RMSNorm(nn.Module):
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", ones_init(("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with logically named scale and bias (for the encoders)."""
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                            scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)))(x)

@@ -1,0 +1,267 @@
+"""The language model: a Llama-3 decoder with M-RoPE.
+
+RMSNorm, SwiGLU, grouped-query attention, no biases [paper: Llama-3.1-8B /
+Llama-3.3-70B]. The 1-D rotary embedding is replaced by M-RoPE: the head's
+frequency pairs are split among (time, height, width) position ids, so text
+(t = h = w) sees ordinary RoPE and image/video tokens see their grid.
+
+Packed sequences: `segment_ids` (0 = padding) stop attention across samples.
+Decoding: with `decode=True` keys/values go to a 'cache' collection; a call
+with L tokens writes them at the cache index and attends causally to
+everything written so far (prefill is one call with the whole prompt).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m2omni_jax.models import layers, rope
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 500_000.0
+    mrope_sections: tuple[int, ...] = (16, 24, 24)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat_policy: str = "full"  # see layers.REMAT_POLICIES
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.llm.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if sum(self.mrope_sections) * 2 != self.head_dim:
+            raise ValueError(f"model.llm.mrope_sections={tuple(self.mrope_sections)} must sum to "
+                             f"head_dim/2={self.head_dim // 2}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "LLMConfig":
+        """Builds from a ConfigDict / mapping, naming any field it does not know."""
+        values = dict(cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.model.llm has unknown fields {unknown}; known: {sorted(known)}")
+        values["mrope_sections"] = tuple(values.get("mrope_sections", cls.mrope_sections))
+        return cls(**values)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        attn = self.width * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.width * self.mlp_dim
+        per_layer = attn + mlp + 2 * self.width
+        embed = self.vocab_size * self.width
+        head = 0 if self.tie_embeddings else self.vocab_size * self.width
+        return self.depth * per_layer + self.width + head + (embed if include_embedding else 0)
+
+
+def _dtypes(config: LLMConfig):
+    return dict(dtype=layers.to_dtype(config.dtype), param_dtype=layers.to_dtype(config.param_dtype))
+
+
+def attention_mask(q_segments, k_segments, q_index, k_index):
+    """Causal and same-segment: (B, 1, 1, Lq, Lk) boolean."""
+    same_segment = q_segments[:, :, None] == k_segments[:, None, :]
+    causal = q_index[:, :, None] >= k_index[:, None, :]
+    return (same_segment & causal)[:, None, None, :, :]
+
+
+def grouped_query_attention(q, k, v, mask):
+    """q (B,L,H,D), k/v (B,S,K,D) with H = K·G; mask (B,1,1,L,S) -> (B,L,H,D)."""
+    batch, length, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * head_dim ** -0.5
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+    config: LLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, angles, segment_ids):
+        cfg = self.config
+        proj = lambda name, heads, axes: nn.DenseGeneral(  # noqa: E731
+            (heads, cfg.head_dim), use_bias=False, name=name, **_dtypes(cfg),
+            kernel_init=layers.kernel_init(("embed", axes, "head_dim")))
+        q = proj("query", cfg.num_heads, "heads")(x)
+        k = proj("key", cfg.num_kv_heads, "kv_heads")(x)
+        v = proj("value", cfg.num_kv_heads, "kv_heads")(x)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        q, k = rope.apply_rotary(q, angles), rope.apply_rotary(k, angles)
+
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), segment_ids.shape)
+        if self.decode:
+            k, v, k_segments, k_index, q_index = self._update_cache(k, v, segment_ids)
+            mask = attention_mask(segment_ids, k_segments, q_index, k_index)
+        else:
+            mask = attention_mask(segment_ids, segment_ids, positions, positions)
+        out = grouped_query_attention(q, k, v, mask)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        return nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, name="out", **_dtypes(cfg),
+                               kernel_init=layers.kernel_init(("heads", "head_dim", "embed")))(out)
+
+    def _update_cache(self, k, v, segment_ids):
+        """Writes this call's keys/values at the cache index; returns the whole cache."""
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cached_segments = self.variable("cache", "cached_segment_ids", jnp.zeros,
+                                        segment_ids.shape, jnp.int32)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        batch, length = segment_ids.shape
+        cache_len = cached_key.value.shape[1]
+        q_index = jnp.broadcast_to(index.value + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        k_index = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (batch, cache_len))
+        if not initialised:  # creating the cache: nothing to write yet
+            return k, v, segment_ids, q_index, q_index
+        start = (0, index.value, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, start)
+        cached_segments.value = jax.lax.dynamic_update_slice(
+            cached_segments.value, segment_ids.astype(jnp.int32), (0, index.value))
+        index.value = index.value + length
+        return cached_key.value, cached_value.value, cached_segments.value, k_index, q_index
+
+
+class SwiGLU(nn.Module):
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda name, feats, axes: nn.Dense(  # noqa: E731
+            feats, use_bias=False, name=name, **_dtypes(cfg), kernel_init=layers.kernel_init(axes))
+        gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x)
+        up = dense("up", cfg.mlp_dim, ("embed", "mlp"))(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up,
+                                            ("activation_batch", "activation_length", "activation_mlp"))
+        return dense("down", cfg.width, ("mlp", "embed"))(hidden)
+
+
+class DecoderLayer(nn.Module):
+    config: LLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, angles, segment_ids):
+        cfg = self.config
+        norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **_dtypes(cfg))  # noqa: E731
+        x = x + Attention(cfg, self.decode, name="attention")(norm("attention_norm")(x), angles, segment_ids)
+        x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
+        x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
+        return x, None
+
+
+class DecoderStack(nn.Module):
+    """`depth` decoder layers: scanned (one compiled body) or unrolled."""
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, x, angles, segment_ids, decode: bool = False):
+        cfg = self.config
+        layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat_policy)
+        if cfg.scan_layers:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.depth,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(cfg, decode, name="layers")(x, angles, segment_ids)
+            return x
+        for i in range(cfg.depth):
+            x, _ = layer_cls(cfg, decode, name=f"layers_{i}")(x, angles, segment_ids)
+        return x
+
+
+class LLM(nn.Module):
+    """Token (or embedding) sequence -> next-token logits."""
+    config: LLMConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.width), layers.to_dtype(cfg.param_dtype))
+        self.decoder = DecoderStack(cfg)
+        self.final_norm = layers.RMSNorm(cfg.norm_eps, **_dtypes(cfg))
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, **_dtypes(cfg),
+                                    kernel_init=layers.kernel_init(("embed", "vocab")))
+
+    def embed_tokens(self, tokens):
+        x = jnp.take(self.embedding, tokens, axis=0).astype(layers.to_dtype(self.config.dtype))
+        return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
+
+    def __call__(self, tokens=None, positions=None, segment_ids=None, *, inputs_embeds=None,
+                 decode: bool = False, return_hidden: bool = False):
+        """tokens (B,L) or inputs_embeds (B,L,width); positions (3,B,L) M-RoPE ids
+        (or (B,L) for text-only 1-D positions); segment_ids (B,L), 0 = padding."""
+        cfg = self.config
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
+        batch, length = x.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if positions.ndim == 2:
+            positions = jnp.broadcast_to(positions[None], (3, batch, length))
+        angles = rope.mrope_angles(positions, cfg.head_dim, cfg.mrope_sections, cfg.rope_theta)
+        x = self.decoder(x, angles, segment_ids, decode)
+        hidden = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("ble,ve->blv", hidden, self.embedding.astype(hidden.dtype))
+        else:
+            logits = self.lm_head(hidden)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return (logits, hidden) if return_hidden else logits
+
+
+def training_flops_per_token(config: LLMConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward), as in PaLM App. B.
+
+    6·N for every matmul weight N (attention projections, MLP, LM head; the
+    embedding lookup is not a matmul), plus attention scores and the weighted
+    sum of values: 2 matmuls of L·d_attn per token forward, ×3 for backward,
+    = 12·depth·d_attn·L. Full (masked) L×L attention is what is computed, so
+    it is counted in full. Rematerialisation is not counted (MFU, not HFU).
+    """
+    matmul_params = config.num_params(include_embedding=False) - (2 * config.depth + 1) * config.width
+    if config.tie_embeddings:
+        matmul_params += config.vocab_size * config.width
+    attention = 12 * config.depth * config.num_heads * config.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def init_cache(model: LLM, batch_size: int, max_len: int, params=None) -> Any:
+    """A zeroed KV cache for `max_len` positions."""
+    tokens = jnp.zeros((batch_size, max_len), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(variables["cache"]))
+
+
+def logical_axes(tree: Any) -> Any:
+    """Logical PartitionSpecs of a boxed variable tree."""
+    return nn.get_partition_spec(tree)
+
+
+__all__: Sequence[str] = ("LLMConfig", "LLM", "init_cache", "training_flops_per_token")

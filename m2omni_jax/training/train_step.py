@@ -1,0 +1,160 @@
+"""Train state, the loss, and the jitted, explicitly sharded train step.
+
+The loss is next-token cross-entropy on output tokens only. Every token
+carries a modality tag; the step takes a per-modality weight vector
+(`loss_weights`, length NUM_MODALITIES) so balance strategies change the
+weights, never the step. With all weights 1 the loss is the plain mean over
+trained tokens:  loss = Σₜ w[modₜ]·maskₜ·ceₜ / Σₜ maskₜ.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from m2omni_jax.modalities import NUM_MODALITIES
+from m2omni_jax.parallel import sharding
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "modality")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so it checkpoints like any array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def cross_entropy_terms(logits, targets):
+    """Per-token cross-entropy and log-partition (for z-loss), in fp32."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight: float):
+    """Scalar training loss plus per-modality sums/counts for reporting."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    modality_one_hot = jax.nn.one_hot(batch["modality"], NUM_MODALITIES, dtype=jnp.float32) * mask[..., None]
+    token_weights = jnp.asarray(loss_weights, jnp.float32)[batch["modality"]]
+    num_tokens = jnp.maximum(mask.sum(), 1.0)
+    loss = jnp.sum(ce * mask * token_weights) / num_tokens
+    z_loss = z_loss_weight * jnp.sum(jnp.square(log_z) * mask) / num_tokens
+    metrics = {
+        "ce_sum": jnp.einsum("bt,btm->m", ce, modality_one_hot),
+        "token_count": modality_one_hot.sum((0, 1)),
+        "z_loss": z_loss,
+    }
+    return loss + z_loss, metrics
+
+
+def loss_fn(params, batch, loss_weights, *, model: nn.Module, z_loss_weight: float):
+    positions = jnp.moveaxis(batch["positions"], 1, 0)  # (B,3,T) -> (3,B,T)
+    logits = model.apply({"params": params}, batch["tokens"], positions, batch["segment_ids"])
+    ce, log_z = cross_entropy_terms(logits, batch["targets"])
+    return weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight)
+
+
+def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: float = 0.0):
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, z_loss_weight=z_loss_weight),
+                                 has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, loss_weights)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+# --------------------------------------------------------------------------
+# Sharded construction
+# --------------------------------------------------------------------------
+
+def abstract_boxed_params(model: nn.Module, example_batch_shapes: dict) -> Any:
+    """Parameter shapes with their logical-axis boxes, without allocating."""
+    def init(rng):
+        tokens = jnp.zeros(example_batch_shapes["tokens"], jnp.int32)
+        return model.init(rng, tokens)["params"]
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def state_shardings(model, tx, mesh: Mesh, rules, example_batch_shapes) -> tuple[Any, Any]:
+    """(abstract TrainState, its NamedShardings) from the params' logical axes.
+
+    Optimizer-state leaves that mirror a parameter get that parameter's
+    sharding (optax keeps the tree structure); scalars are replicated.
+    """
+    boxed = abstract_boxed_params(model, example_batch_shapes)
+    param_shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
+    params = nn.unbox(boxed)
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = optimizer_state_shardings(opt_state, params, param_shardings, mesh)
+    rep = sharding.replicated(mesh)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state,
+                          rng=jax.ShapeDtypeStruct((2,), jnp.uint32), tx=tx)
+    shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep, tx=tx)
+    return abstract, shardings
+
+
+def optimizer_state_shardings(opt_state, params, param_shardings, mesh):
+    """Shard each optimizer leaf like the parameter it mirrors (same tree path suffix)."""
+    by_path = {}
+    for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+        by_path[_path_key(path)] = s
+    param_shapes = {_path_key(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        for param_key, s in by_path.items():
+            if key.endswith(param_key) and param_shapes[param_key] == leaf.shape:
+                return s
+        return sharding.replicated(mesh)
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def _path_key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def create_train_state(model, tx, mesh, rules, example_batch_shapes, seed: int):
+    """Initialises parameters directly into their shardings (no host copy)."""
+    abstract, shardings = state_shardings(model, tx, mesh, rules, example_batch_shapes)
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        tokens = jnp.zeros(example_batch_shapes["tokens"], jnp.int32)
+        params = nn.unbox(model.init(init_rng, tokens)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(state_rng), tx=tx)
+
+    with sharding.activate(mesh, rules):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return state, abstract, shardings
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: sharding.batch_sharding(mesh, 3 if k == "positions" else 2) for k in BATCH_KEYS}
+
+
+def jit_train_step(model, mesh, rules, shardings, *, z_loss_weight: float = 0.0) -> Callable:
+    """The train step under jit with explicit in/out shardings; the state is donated."""
+    step = functools.partial(train_step, model=model, z_loss_weight=z_loss_weight)
+    rep = NamedSharding(mesh, P())
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh), rep),
+                     out_shardings=(shardings, rep), donate_argnums=(0,))
+
+    def run(state, batch, loss_weights):
+        with sharding.activate(mesh, rules):
+            return jitted(state, batch, loss_weights)
+    run.jitted = jitted
+    return run

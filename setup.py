@@ -1,0 +1,38 @@
+"""m2omni_jax: a JAX/Flax reimplementation of M2-omni (arXiv 2502.18778)."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.10",
+    "array-record>=0.7",
+    "tensorflow-datasets>=4.9.8",
+    "sentencepiece>=0.2",
+    "ml-collections>=1.0",
+    "absl-py",
+    "numpy",
+    "pillow",
+    "tqdm",
+    "tensorboardX",
+    "protobuf",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-xdist"],
+    "tpu": ["jax[tpu]"],
+    "cuda": ["jax[cuda12]"],
+}
+
+setuptools.setup(
+    name="m2omni_jax",
+    version="0.1.0",
+    description="M2-omni omni-modal LLM in JAX/Flax: training and inference framework",
+    # `configs` is installed too, so experiment files can `from configs import base`.
+    packages=setuptools.find_packages(include=["m2omni_jax", "m2omni_jax.*", "configs", "configs.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["m2omni-train=m2omni_jax.main:run"]},
+)
