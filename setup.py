@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "tqdm",
     "tensorboardX",
     "protobuf",
+    "msgpack",
+    "importlib_resources",  # tfds 4.9.x imports it when preparing a builder (tensorflow/datasets#11212)
 ]
 
 EXTRAS = {

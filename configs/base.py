@@ -24,16 +24,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # a SentencePiece .model of your own; empty trains one on the built-in text
-        vocab_size=1024,
-        cache_dir="",  # empty: <data.dir>/tokenizer
+        vocab_size=1024,  # requested pieces (the model's embedding is model.llm.vocab_size)
+        cache_dir="",  # empty: ~/.cache/m2omni_jax/tokenizer
+        train_docs=4000,  # built-in documents the tokenizer is trained on
     ))
 
     config.data = ml_collections.ConfigDict(dict(
-        dir="",  # empty: ~/.cache/m2omni_jax/data
-        seed=0,
+        dir="~/.cache/m2omni_jax/data",  # the built-in data set is generated here once
+        seed=0,  # corpus, shuffling and packing order
         num_text_docs=20_000,
+        num_shards=4,
         seq_len=256,
-        num_workers=0,
+        packing_bins=0,  # first-fit bins open at once; 0: max(16, local batch)
+        num_workers=0,  # grain worker processes (0: in the main process)
+        read_threads=2,
     ))
 
     config.train = ml_collections.ConfigDict(dict(

@@ -88,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batch_shape = (config.train.batch_size, config.data.seq_len)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, {"tokens": batch_shape}))
-    tx = optimizers.make_optimizer(config.opt, config.train.steps, abstract_params)
+    tx = optimizers.make_optimizer(config.opt, abstract_params, total_steps=config.train.steps)
     state, abstract_state, state_shardings = train_step.create_train_state(
         model, tx, mesh, rules, {"tokens": batch_shape}, config.seed)
 
@@ -106,37 +106,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flops_per_token=training_flops_per_token(model.config, config.data.seq_len),
         peak_flops=mfu.peak_flops_per_device(config.train.peak_flops_per_device) * jax.device_count(),
         tokens_per_step=config.train.batch_size * config.data.seq_len)
-    logger = metrics_logging.MetricLogger(workdir, config.train.steps, log_every=config.train.log_every)
-    stop = checkpointing.StopSignal()
-    schedule = optimizers.make_schedule_from_config(config.opt, config.train.steps)
+    schedule = optimizers.make_schedule(config.opt.peak_lr, config.train.steps, config.opt.warmup_steps,
+                                        config.opt.decay, config.opt.final_fraction)
+    logger = metrics_logging.MetricLogger(workdir, config.train.steps, log_every=config.train.log_every,
+                                          start_step=start_step)
+    with checkpointer, checkpointing.StopSignal() as stop:
+        last = run_steps(config, state, step_fn, data_iter, mesh, loss_weights, throughput, schedule,
+                         logger, checkpointer, stop)
+    logger.summary()
+    logger.close()
+    return last
 
-    last = {}
+
+def run_steps(config, state, step_fn, data_iter, mesh, loss_weights, throughput, schedule,
+              logger, checkpointer, stop) -> dict[str, float]:
+    """Steps until config.train.steps or a stop request; always leaves a checkpoint."""
+    step, last = int(state.step), {}
     throughput.start()
-    step = start_step
     while step < config.train.steps:
         local_batch = next(data_iter)
-        efficiency = pipeline.packing_efficiency(local_batch)
         batch = pipeline.make_global_batch(local_batch, mesh)
         state, metrics = step_fn(state, batch, loss_weights)
         step += 1
         throughput.tick()
-        if step % config.train.log_every == 0 or step == config.train.steps or step == start_step + 1:
+        if logger.should_log(step):
             last = per_modality_metrics(jax.device_get(metrics))
-            last.update(throughput.report(), lr=float(schedule(step - 1)), packing_efficiency=efficiency)
-            logger.log(step, last)
-        if stop.requested:
+            last.update(throughput.report(), lr=float(schedule(step - 1)),
+                        packing_efficiency=pipeline.packing_efficiency(local_batch))
+        logger.log(step, last)
+        if stop.should_stop(step):
             logging.warning("stop requested: saving step %d and exiting", step)
-            checkpointer.save(step, state, data_iter, force=True)
             break
         if checkpointer.should_save(step):
             checkpointer.save(step, state, data_iter)
-    else:
-        if checkpointer.latest_step() != step:
-            checkpointer.save(step, state, data_iter, force=True)
+    if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, data_iter, force=True)
     checkpointer.wait()
-    checkpointer.close()
-    logger.summary(last)
-    logger.close()
     return last
 
 

@@ -1,0 +1,261 @@
+"""grain input pipeline for text: ArrayRecord → shard → shuffle → tokenise → pack → batch.
+
+    ArrayRecordDataSource → MapDataset.source → [process_index::process_count]
+    → shuffle(seed) → repeat → tokenise (bad records → marker) → to_iter_dataset
+    → drop bad records (counted) → grain FirstFitPackIterDataset(seq_len)
+    → per-row finalise → batch(local batch) → [mp_prefetch] → running stats
+
+Batch (numpy, per-process local batch B, length T = seq_len):
+  tokens      int32 (B,T)    inputs
+  targets     int32 (B,T)    token after tokens[t] in the same sample (0 at a sample's last token)
+  loss_mask   float32 (B,T)  1 where targets[t] is trained
+  segment_ids int32 (B,T)    1,2,3… per packed sample in the row, 0 = padding
+  positions   int32 (B,3,T)  M-RoPE (t,h,w) ids; for text all rows = position within the sample
+  modality    int32 (B,T)    `modalities.modality_id` of each token (padding: 0, loss_mask 0)
+
+Text docs become `bos + tokens + eos`, every target trained; chat docs use the
+tokenizer's chat template, with targets trained only on assistant content and
+its `<|eot_id|>`. Samples longer than seq_len are truncated (counted). A
+record that fails to decode is skipped (counted). The counts, with token
+totals, are kept in the iterator state (`iterator.stats`), so they survive a
+checkpoint restore.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from absl import flags
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from m2omni_jax.data import text_corpus
+from m2omni_jax.modalities import modality_id
+from m2omni_jax.parallel.sharding import batch_sharding
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "modality")
+_SEQ_KEYS = ("tokens", "targets", "loss_mask", "modality")  # packed by grain
+_COUNT_KEYS = ("num_bad_records", "num_truncated")  # per-sample counts, summed per batch
+_BAD = "bad_record"
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Defaults for every `config.data.*` / `config.tokenizer.*` key this module reads.
+
+    Also read: `config.train.batch_size` (the GLOBAL batch).
+    """
+    return ml_collections.ConfigDict({
+        "data": {
+            "dir": "~/.cache/m2omni_jax/data",  # the built-in corpus goes to <dir>/text
+            "num_text_docs": 20000,
+            "num_shards": 4,
+            "seed": 0,
+            "seq_len": 256,
+            "packing_bins": 0,  # first-fit bins; 0 = max(16, local batch)
+            "num_workers": 0,  # grain worker processes (0 = in-process)
+            "read_threads": 2,  # threads reading + tokenising per process
+        },
+        "tokenizer": {
+            "path": "",  # a user's SentencePiece .model; "" = built-in, trained once and cached
+            "cache_dir": "",  # "" = ~/.cache/m2omni_jax/tokenizer
+            "vocab_size": 1024,
+            "train_docs": 4000,
+        },
+    })
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def make_record_dataset(paths: Sequence[str], *, seed: int, process_index: int = 0,
+                        process_count: int = 1, shuffle: bool = True) -> grain.MapDataset:
+    """This process's shard of the raw records (bytes), shuffled; not repeated."""
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
+    ds = ds[process_index::process_count]
+    return ds.shuffle(seed) if shuffle else ds
+
+
+def _doc_ids(doc: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, mask): mask[i] = 1 when ids[i] is a trained target."""
+    if "messages" in doc:
+        return tokenizer.apply_chat_template(doc["messages"])
+    text = doc["text"]
+    if not isinstance(text, str):
+        raise TypeError(f"text is {type(text).__name__}, not str")
+    ids = [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
+    return ids, [0] + [1] * (len(ids) - 1)
+
+
+def make_sample(ids: Sequence[int], mask: Sequence[int], modality: int, seq_len: int) -> dict:
+    """One unpacked sample (≤ seq_len tokens) with next-token targets."""
+    truncated = len(ids) > seq_len
+    tokens = np.asarray(ids[:seq_len], np.int32)
+    n = len(tokens)
+    targets = np.zeros(n, np.int32)
+    targets[:-1] = tokens[1:]
+    loss_mask = np.zeros(n, np.float32)
+    loss_mask[:-1] = np.asarray(mask[1:n], np.float32)
+    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+            "modality": np.full(n, modality, np.int32), "num_truncated": int(truncated)}
+
+
+class TokenizeRecord:
+    """Record bytes → sample dict, or `{_BAD: 1}` when the record cannot be decoded."""
+
+    def __init__(self, tokenizer, seq_len: int):
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+
+    def __call__(self, raw: bytes) -> dict:
+        try:
+            doc = text_corpus.decode_record(raw)
+            ids, mask = _doc_ids(doc, self.tokenizer)
+            modality = modality_id(doc.get("modality", "text"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return {_BAD: 1}
+        return make_sample(ids, mask, modality, self.seq_len)
+
+
+# ----------------------------------------------------------------------------- iterators
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    """Drops bad-record markers; the next good sample carries how many were dropped."""
+
+    def __next__(self):
+        skipped = 0
+        while True:
+            element = next(self._parent)
+            if _BAD in element:
+                skipped += 1
+                continue
+            element["num_bad_records"] = skipped
+            return element
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _SkipBadDataset(grain.IterDataset):
+    def __iter__(self):
+        return _SkipBadIterator(self._parent.__iter__())
+
+
+class StatsIterator(grain.DatasetIterator):
+    """Top of the pipeline: strips the per-batch counts and keeps running totals in its state."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self._stats = {"batches": 0, "bad_records": 0, "truncated_docs": 0, "tokens": 0, "slots": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Running totals: batches, bad_records, truncated_docs, tokens (non-pad), slots (all)."""
+        return dict(self._stats)
+
+    def __next__(self):
+        batch = next(self._parent)
+        self._stats["batches"] += 1
+        self._stats["bad_records"] += int(np.sum(batch.pop("num_bad_records")))
+        self._stats["truncated_docs"] += int(np.sum(batch.pop("num_truncated")))
+        self._stats["tokens"] += int(np.count_nonzero(batch["segment_ids"]))
+        self._stats["slots"] += int(batch["segment_ids"].size)
+        return batch
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "stats": dict(self._stats)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._stats = dict(state["stats"])
+
+
+class _StatsDataset(grain.IterDataset):
+    def __iter__(self):
+        return StatsIterator(self._parent.__iter__())
+
+
+def _finalize_row(row: dict) -> dict:
+    """grain's packed row → our per-row format (+ the two counts, summed)."""
+    positions = row["tokens_positions"]
+    out = {k: row[k] for k in _SEQ_KEYS}
+    out["segment_ids"] = row["tokens_segment_ids"]
+    out["positions"] = np.repeat(positions[None], 3, axis=0)
+    for k in _COUNT_KEYS:
+        out[k] = np.int32(sum(row[k]))
+    return out
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def make_text_dataset(paths: Sequence[str], tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                      process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                      packing_bins: int = 0, num_workers: int = 0, read_threads: int = 2
+                      ) -> grain.IterDataset:
+    """Packed, batched text pipeline over ArrayRecord `paths`; iterate it for `StatsIterator`s.
+
+    `batch_size` is this process's batch. `num_epochs=None` repeats forever
+    (reshuffled each epoch); a finite run drops the last partial batch.
+    """
+    ds = make_record_dataset(paths, seed=seed, process_index=process_index, process_count=process_count)
+    ds = ds.repeat(num_epochs).map(TokenizeRecord(tokenizer, seq_len))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    it = _SkipBadDataset(it)
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={k: seq_len for k in _SEQ_KEYS},
+        num_packing_bins=packing_bins or max(16, batch_size), seed=seed,
+        shuffle_bins=True, meta_features=_COUNT_KEYS)
+    it = it.map(_finalize_row).batch(batch_size, drop_remainder=True)
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
+            flags.FLAGS.mark_as_parsed()  # they are never parsed, so use the defaults
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return _StatsDataset(it)
+
+
+def builtin_text_files(config) -> list[str]:
+    """Writes (once) and returns the built-in shapes-world corpus files."""
+    data = config.data
+    out_dir = os.path.join(os.path.expanduser(data.dir), "text")
+    return text_corpus.write_text_corpus(out_dir, int(data.num_text_docs), int(data.seed),
+                                         int(data.get("num_shards", 4)))
+
+
+def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
+                        process_count: int | None = None) -> StatsIterator:
+    """Infinite training iterator over the built-in corpus for this process.
+
+    Yields this process's batch (global `config.train.batch_size` / process
+    count); `get_state()`/`set_state()` resume on exactly the same samples.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    global_batch = int(config.train.batch_size)
+    if global_batch % process_count:
+        raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the "
+                         f"{process_count} processes")
+    data = config.data
+    ds = make_text_dataset(
+        builtin_text_files(config), tokenizer, seq_len=int(data.seq_len),
+        batch_size=global_batch // process_count, seed=int(data.seed),
+        process_index=process_index, process_count=process_count, num_epochs=None,
+        packing_bins=int(data.get("packing_bins", 0)), num_workers=int(data.get("num_workers", 0)),
+        read_threads=int(data.get("read_threads", 2)))
+    return iter(ds)
+
+
+def make_global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch → global jax.Arrays split over the mesh's batch axes (dim 0)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def packing_efficiency(batch: dict[str, Any]) -> float:
+    """Fraction of token slots holding real (non-pad) tokens."""
+    return float(np.mean(np.asarray(batch["segment_ids"]) != 0))

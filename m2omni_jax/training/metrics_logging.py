@@ -1,0 +1,144 @@
+"""Training metrics: console (tqdm bar or plain lines), TensorBoard, JSON lines.
+
+Every logged step is appended to `<workdir>/metrics.jsonl` as
+`{"step": N, "elapsed_s": ..., <metric>: <value>, ...}` with values at full
+precision (Python's shortest round-tripping float repr), so a float32 loss
+read back from the file is bit-identical to the one computed. After a resume
+the file holds repeated steps; `read_metrics` keeps the last record per step.
+Only the main process writes files or prints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+class MetricLogger:
+    """Logs scalar metrics every `log_every` steps (and at the last step).
+
+    Call `log(step, metrics)` every step: off-log steps only advance the
+    progress bar and never fetch device values. `step` counts completed
+    steps (1..total_steps); `start_step` is the step training resumed from.
+    Metric `mfu` is a fraction (0.412 prints as 41.2%).
+    """
+
+    def __init__(self, workdir, total_steps: int, *, log_every: int, start_step: int = 0,
+                 is_main_process: bool | None = None, use_tqdm: bool | None = None):
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.start_step = start_step
+        self.is_main = jax.process_index() == 0 if is_main_process is None else is_main_process
+        self._start_time = time.perf_counter()
+        self._last_step = start_step
+        self._last: dict[str, float] = {}
+        self._best_loss: float | None = None
+        self._pbar = self._writer = self._jsonl = None
+        if not self.is_main:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter  # imported lazily: pulls in protobuf
+        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+        if sys.stdout.isatty() if use_tqdm is None else use_tqdm:
+            from tqdm import tqdm
+            self._pbar = tqdm(total=total_steps, initial=start_step, file=sys.stdout, dynamic_ncols=True)
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> bool:
+        """Records `metrics` if `step` is a log step; returns whether it did."""
+        if self._pbar is not None:
+            self._pbar.update(step - self._pbar.n)
+        self._last_step = step
+        if not (self.is_main and self.should_log(step)):
+            return False
+        values = _to_scalars(metrics)
+        self._last = values
+        if "loss" in values and math.isfinite(values["loss"]):
+            self._best_loss = values["loss"] if self._best_loss is None else min(self._best_loss, values["loss"])
+        record = {"step": step, "elapsed_s": round(time.perf_counter() - self._start_time, 3), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+        line = format_metrics(values)
+        if self._pbar is not None:
+            self._pbar.set_postfix_str(line, refresh=True)
+        else:
+            print(f"step {step}/{self.total_steps} | {line}", flush=True)
+        return True
+
+    def summary(self, metrics: Mapping[str, Any] | None = None) -> str:
+        """Prints and returns the end-of-run line; `metrics` adds e.g. eval results."""
+        elapsed = time.perf_counter() - self._start_time
+        parts = [f"done: {self._last_step - self.start_step} steps in {elapsed:.1f}s"]
+        if "loss" in self._last:
+            parts.append(f"final loss {_fmt(self._last['loss'])}")
+        if self._best_loss is not None:
+            parts.append(f"best loss {_fmt(self._best_loss)}")
+        if metrics:
+            parts.append(format_metrics(_to_scalars(metrics)))
+        line = " | ".join(parts)
+        if self.is_main:
+            if self._pbar is not None:
+                self._pbar.close()
+                self._pbar = None
+            print(line, flush=True)
+        return line
+
+    def close(self):
+        for handle in (self._pbar, self._writer, self._jsonl):
+            if handle is not None:
+                handle.close()
+        self._pbar = self._writer = self._jsonl = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(path) -> dict[int, dict[str, Any]]:
+    """Reads a metrics.jsonl into {step: record}, the last record winning."""
+    with open(path, encoding="utf-8") as f:
+        records = (json.loads(line) for line in f if line.strip())
+        return {r["step"]: r for r in records}
+
+
+def format_metrics(values: Mapping[str, float | int]) -> str:
+    return " | ".join(f"{name} {_fmt(value, name)}" for name, value in values.items())
+
+
+def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+    """Fetches all values in one `jax.device_get` (a list keeps the caller's order)."""
+    names = list(metrics)
+    out = {}
+    for name, value in zip(names, jax.device_get([metrics[n] for n in names])):
+        array = np.asarray(value)
+        if array.size != 1:
+            raise ValueError(f"metric {name!r} has shape {array.shape}; only scalars can be logged")
+        item = array.reshape(()).item()
+        out[name] = item if isinstance(item, int) and not isinstance(item, bool) else float(item)
+    return out
+
+
+def _fmt(value: float | int, name: str = "") -> str:
+    if name == "mfu":
+        return f"{100 * value:.1f}%"
+    if name.endswith("/s"):
+        return f"{value:.0f}"
+    if isinstance(value, int):
+        return str(value)
+    if value == 0 or not math.isfinite(value) or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
