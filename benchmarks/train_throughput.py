@@ -45,7 +45,7 @@ def benchmark(config, steps: int) -> dict:
     model = LLM(llm_config)
     shape = (config.train.batch_size, config.data.seq_len)
     params = nn.unbox(train_step.abstract_boxed_params(model, {"tokens": shape}))
-    tx = optimizers.make_optimizer(config.opt, params, total_steps=1000)
+    tx = optimizers.make_optimizer(config.opt, 1000, params)
     state, _, shardings = train_step.create_train_state(model, tx, mesh, rules, {"tokens": shape}, 0)
     step = train_step.jit_train_step(model, mesh, rules, shardings)
     batch = jax.device_put(synthetic_batch(*shape, llm_config.vocab_size), train_step.batch_shardings(mesh))

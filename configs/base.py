@@ -50,15 +50,30 @@ def get_config() -> ml_collections.ConfigDict:
         peak_flops_per_device=0.0,  # 0: from the device table (or measured on CPU)
     ))
 
+    # m2omni_jax/training/optimizers.py: make_optimizer.
     config.opt = ml_collections.ConfigDict(dict(
-        name="adamw",
-        peak_lr=3e-3,
-        warmup_steps=20,
-        decay="cosine",
+        name="adamw",  # "adamw" | "fixnorm" (FixNorm-AdamW: no weight decay)
+        peak_lr=3e-3,  # MM1 law: optimizers.mm1_lr_and_wd(N)[0]
+        warmup_steps=20,  # 2,000 at MM1 scale; schedule length = config.train.steps
+        decay="cosine",  # "cosine" | "linear" | "constant"
         final_fraction=0.1,
         b1=0.9, b2=0.95, eps=1e-8,
+        mu_dtype="",  # "": the parameter dtype; "bfloat16" at scale
+        grad_clip=1.0,  # global norm; 0 disables
         weight_decay=0.1,
-        grad_clip=1.0,
+        weight_decay_convention="lr_coupled",  # "schedule_only": MM1/AXLearn λ (decay = λ·lr_t/peak)
+        no_decay=(r"(^|/)(scale|bias)$",),  # path regexes never decayed
+        param_groups=(),  # ((path_regex, group), ...), first match wins, else "default"
+        lr_multipliers={},  # {group: multiplier}
+        frozen=(),  # path regexes: zero updates, no optimizer state
+        fixnorm=dict(
+            scale_invariant=(),  # path regexes of weights followed by a normalisation
+            classifier=(r"(^|/)lm_head/kernel$",),  # the LLM's classifier
+            tau=None,  # classifier norm; None keeps its initial norm
+            per_channel=False,
+            classifier_per_class=False,
+            stacked=(r"(^|/)layers/",),  # nn.scan-stacked params: norms never mix layers
+        ),
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(

@@ -88,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batch_shape = (config.train.batch_size, config.data.seq_len)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, {"tokens": batch_shape}))
-    tx = optimizers.make_optimizer(config.opt, abstract_params, total_steps=config.train.steps)
+    tx = optimizers.make_optimizer(config.opt, config.train.steps, abstract_params)
     state, abstract_state, state_shardings = train_step.create_train_state(
         model, tx, mesh, rules, {"tokens": batch_shape}, config.seed)
 
@@ -106,8 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flops_per_token=training_flops_per_token(model.config, config.data.seq_len),
         peak_flops=mfu.peak_flops_per_device(config.train.peak_flops_per_device) * jax.device_count(),
         tokens_per_step=config.train.batch_size * config.data.seq_len)
-    schedule = optimizers.make_schedule(config.opt.peak_lr, config.train.steps, config.opt.warmup_steps,
-                                        config.opt.decay, config.opt.final_fraction)
+    schedule = optimizers.make_schedule_from_config(config.opt, config.train.steps)
     logger = metrics_logging.MetricLogger(workdir, config.train.steps, log_every=config.train.log_every,
                                           start_step=start_step)
     with checkpointer, checkpointing.StopSignal() as stop:

@@ -1,0 +1,259 @@
+"""Schedules, MM1 law, parameter groups (frozen, LR multipliers, decay mask), FixNorm, tuning."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from m2omni_jax.training import optimizers as opt_lib
+
+
+def _opt(**overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        name="adamw", peak_lr=1e-2, warmup_steps=0, decay="constant",
+        final_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, mu_dtype="", grad_clip=0.0,
+        weight_decay=0.0, weight_decay_convention="lr_coupled",
+        no_decay=(r"(^|/)(scale|bias)$",), param_groups=(), lr_multipliers={}, frozen=(),
+        fixnorm=dict(scale_invariant=(), classifier=(), tau=None, per_channel=False,
+                     classifier_per_class=False, stacked=())))
+    cfg.update(overrides)
+    return cfg
+
+
+def _params(seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 6)
+    return {
+        "vision": {"conv": {"kernel": jax.random.normal(k[0], (4, 6))},
+                   "norm": {"scale": jnp.ones((6,))}},
+        "llm": {"mlp": {"kernel": jax.random.normal(k[1], (6, 5)), "bias": jnp.zeros((5,))},
+                "layers": {"kernel": jax.random.normal(k[2], (3, 5, 4))}},  # nn.scan-stacked
+        "lm_head": {"kernel": 0.1 * jax.random.normal(k[3], (4, 10))},
+    }
+
+
+def _run(tx, params, steps=5, seed=1):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for i in range(steps):
+        grads = jax.tree.map(lambda p, k: jax.random.normal(k, p.shape),
+                             params, _keys_like(params, seed + i))
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def _keys_like(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, list(jax.random.split(jax.random.PRNGKey(seed), len(leaves))))
+
+
+# --------------------------------------------------------------------------- schedule / MM1
+
+def test_cosine_schedule_key_steps():
+    s = opt_lib.make_schedule(1e-3, total_steps=1100, warmup_steps=100, decay="cosine",
+                              final_fraction=0.1)
+    np.testing.assert_allclose(
+        [s(0), s(50), s(100), s(600), s(1100), s(5000)],
+        [0.0, 5e-4, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4, 1e-4], rtol=1e-5)
+
+
+def test_linear_and_constant_schedules():
+    lin = opt_lib.make_schedule(2.0, total_steps=10, warmup_steps=0, decay="linear",
+                                final_fraction=0.5)
+    np.testing.assert_allclose([lin(0), lin(5), lin(10), lin(20)], [2.0, 1.5, 1.0, 1.0], rtol=1e-6)
+    const = opt_lib.make_schedule(2.0, total_steps=10, warmup_steps=4, decay="constant")
+    np.testing.assert_allclose([const(2), const(4), const(9)], [1.0, 2.0, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(peak_lr=0.0), "opt.peak_lr"), (dict(total_steps=0), "opt.total_steps"),
+    (dict(warmup_steps=11), "opt.warmup_steps"), (dict(decay="step"), "opt.decay"),
+    (dict(final_fraction=1.5), "opt.final_fraction")])
+def test_schedule_errors_name_the_field(kwargs, field):
+    args = dict(peak_lr=1.0, total_steps=10, warmup_steps=1, decay="cosine", final_fraction=0.1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=field):
+        opt_lib.make_schedule(**args)
+
+
+def test_mm1_lr_and_wd_known_sizes():
+    # exp(-0.4214*ln(1e9) - 0.5535) = exp(-0.4214*20.7233 - 0.5535) = exp(-9.2862)
+    eta, wd = opt_lib.mm1_lr_and_wd(1e9)
+    assert eta == pytest.approx(9.2687e-5, rel=1e-4) and wd == pytest.approx(9.2687e-6, rel=1e-4)
+    assert opt_lib.mm1_lr_and_wd(30e9)[0] == pytest.approx(2.2108e-5, rel=1e-4)
+    with pytest.raises(ValueError, match="num_params"):
+        opt_lib.mm1_lr_and_wd(0)
+
+
+# --------------------------------------------------------------------------- labels / groups
+
+def test_param_labels_first_match_wins_and_default():
+    labels = opt_lib.param_labels(_params(), [(r"^vision/", "vision"), (r"kernel$", "kernels")])
+    assert labels["vision"]["conv"]["kernel"] == "vision"
+    assert labels["llm"]["mlp"]["kernel"] == "kernels"
+    assert labels["llm"]["mlp"]["bias"] == "default"
+
+
+def test_param_labels_keep_partitioned_boxes():
+    boxed = {"a": nn.Partitioned(jnp.ones((2, 3)), names=("embed", "mlp")), "b": jnp.ones(3)}
+    labels = opt_lib.param_labels(boxed, [(r"^a$", "x")])
+    assert isinstance(labels["a"], nn.Partitioned) and labels["a"].value == "x"
+    assert labels["b"] == "default"
+
+
+def test_frozen_params_unchanged_and_keep_no_state():
+    params = _params()
+    tx = opt_lib.make_optimizer(_opt(frozen=(r"^llm/",)), 100, params)
+    new = _run(tx, params)
+    for path in (("llm", "mlp", "kernel"), ("llm", "layers", "kernel")):
+        a, b = params, new
+        for key in path:
+            a, b = a[key], b[key]
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(new["vision"]["conv"]["kernel"], params["vision"]["conv"]["kernel"])
+    n_state = sum(x.size for x in jax.tree.leaves(tx.init(params)))
+    n_trainable = sum(x.size for k, x in params.items() if k != "llm" for x in jax.tree.leaves(x))
+    assert n_state <= 2 * n_trainable + 8  # Adam's two moments + counters, nothing for llm/
+
+
+def test_lr_multiplier_scales_update():
+    params = {"a": jnp.ones((3,)), "b": jnp.ones((3,))}
+    cfg = _opt(param_groups=((r"^b$", "slow"),), lr_multipliers={"slow": 0.1})
+    tx = opt_lib.make_optimizer(cfg, 100, params)
+    grads = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([1.0, -2.0, 3.0])}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["b"], 0.1 * updates["a"], rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown groups"):
+        opt_lib.make_optimizer(_opt(lr_multipliers={"nope": 2.0}), 100, params)
+
+
+def test_weight_decay_skips_scale_and_bias_and_conventions():
+    params = {"k": jnp.full((2, 2), 2.0), "bias": jnp.ones((2,)), "n": {"scale": jnp.ones((2,))}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for convention, expected in (("lr_coupled", -1e-2 * 0.5 * 2.0), ("schedule_only", -0.5 * 2.0)):
+        cfg = _opt(weight_decay=0.5, weight_decay_convention=convention)
+        tx = opt_lib.make_optimizer(cfg, 100, params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        np.testing.assert_allclose(updates["k"], expected, rtol=1e-6)
+        np.testing.assert_array_equal(updates["bias"], 0.0)
+        np.testing.assert_array_equal(updates["n"]["scale"], 0.0)
+
+
+def test_minimal_config_uses_defaults():
+    cfg = ml_collections.ConfigDict(dict(name="adamw", peak_lr=1e-2, warmup_steps=0,
+                                         decay="cosine", weight_decay=0.5, grad_clip=1.0))
+    params = {"k": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    tx = opt_lib.make_optimizer(cfg, 10, params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["k"], -1e-2 * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(updates["bias"], 0.0)
+    assert float(opt_lib.make_schedule_from_config(cfg, 10)(10)) == pytest.approx(1e-3)
+
+
+def test_grad_clip_stage_present_only_when_enabled():
+    params = {"a": jnp.zeros((4,))}
+    assert len(opt_lib.make_optimizer(_opt(grad_clip=1.0), 100, params).init(params)) == 2
+    assert len(opt_lib.make_optimizer(_opt(grad_clip=0.0), 100, params).init(params)) == 1
+    with pytest.raises(ValueError, match="opt.grad_clip"):
+        opt_lib.make_optimizer(_opt(grad_clip=-1.0), 100, params)
+
+
+# --------------------------------------------------------------------------- FixNorm
+
+def _fixnorm_cfg(**fn):
+    base = dict(scale_invariant=(r"^vision/conv/kernel$", r"^llm/layers/kernel$"),
+                classifier=(r"^lm_head/kernel$",), tau=2.5, per_channel=False,
+                classifier_per_class=False, stacked=(r"^llm/layers/",))
+    base.update(fn)
+    return _opt(name="fixnorm", weight_decay=0.1, fixnorm=base)
+
+
+def test_fixnorm_holds_norms_and_leaves_others_as_adam():
+    params = _params()
+    new = _run(opt_lib.make_optimizer(_fixnorm_cfg(), 100, params), params)
+    w0 = params["vision"]["conv"]["kernel"]
+    assert float(jnp.linalg.norm(new["vision"]["conv"]["kernel"])) == pytest.approx(
+        float(jnp.linalg.norm(w0)), rel=1e-5)
+    assert not np.allclose(new["vision"]["conv"]["kernel"], w0)
+    # stacked: one norm per layer, each at its own initial value
+    per_layer = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(1, 2)))
+    np.testing.assert_allclose(per_layer(new["llm"]["layers"]["kernel"]),
+                               per_layer(params["llm"]["layers"]["kernel"]), rtol=1e-5)
+    assert float(jnp.linalg.norm(new["lm_head"]["kernel"])) == pytest.approx(2.5, rel=1e-5)
+    # unlabelled params: FixNorm drops weight decay, so they match AdamW with weight_decay=0
+    plain = _run(opt_lib.make_optimizer(_opt(weight_decay=0.0), 100, params), params)
+    for key in ("kernel", "bias"):
+        np.testing.assert_allclose(new["llm"]["mlp"][key], plain["llm"]["mlp"][key], rtol=1e-6)
+    np.testing.assert_allclose(new["vision"]["norm"]["scale"], plain["vision"]["norm"]["scale"],
+                               rtol=1e-6)
+
+
+def test_fixnorm_per_channel_and_per_class():
+    params = _params()
+    cfg = _fixnorm_cfg(per_channel=True, classifier_per_class=True, tau=0.7)
+    new = _run(opt_lib.make_optimizer(cfg, 100, params), params)
+    col = lambda x: jnp.sqrt(jnp.sum(x * x, axis=0))
+    np.testing.assert_allclose(col(new["vision"]["conv"]["kernel"]),
+                               col(params["vision"]["conv"]["kernel"]), rtol=1e-5)
+    np.testing.assert_allclose(col(new["lm_head"]["kernel"]), 0.7, rtol=1e-5)
+    per_layer_col = lambda x: jnp.sqrt(jnp.sum(x * x, axis=1))
+    np.testing.assert_allclose(per_layer_col(new["llm"]["layers"]["kernel"]),
+                               per_layer_col(params["llm"]["layers"]["kernel"]), rtol=1e-5)
+
+
+def test_fixnorm_frozen_classifier_is_not_projected():
+    params = _params()
+    cfg = _fixnorm_cfg()
+    cfg.frozen = (r"^lm_head/",)
+    new = _run(opt_lib.make_optimizer(cfg, 100, params), params)
+    np.testing.assert_array_equal(new["lm_head"]["kernel"], params["lm_head"]["kernel"])
+
+
+def test_fixnorm_requires_params():
+    tx = opt_lib.fixnorm({"w": "classifier"}, tau=1.0)
+    state = tx.init({"w": jnp.ones((2, 2))})
+    with pytest.raises(ValueError, match="params"):
+        tx.update({"w": jnp.ones((2, 2))}, state)
+
+
+def test_optimizer_on_partitioned_params():
+    boxed = {"w": nn.Partitioned(jnp.ones((2, 3)), names=("embed", "mlp")),
+             "head": nn.Partitioned(jnp.ones((3, 4)), names=("embed", "vocab"))}
+    cfg = _opt(name="fixnorm", fixnorm=dict(scale_invariant=(r"^w$",), classifier=(r"^head$",),
+                                            tau=3.0, per_channel=False,
+                                            classifier_per_class=False, stacked=()))
+    tx = opt_lib.make_optimizer(cfg, 100, boxed)
+    grads = jax.tree.map(lambda x: x * 0.3, boxed)
+    updates, _ = tx.update(grads, tx.init(boxed), boxed)
+    new = optax.apply_updates(boxed, updates)
+    assert float(jnp.linalg.norm(new["head"].value)) == pytest.approx(3.0, rel=1e-5)
+    assert float(jnp.linalg.norm(new["w"].value)) == pytest.approx(math.sqrt(6), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- tuning
+
+def test_tune_fixnorm_two_stage_search():
+    calls = []
+
+    def run_fn(eta, tau):  # decoupled bowl with optimum at eta=1e-3, tau=4
+        calls.append((eta, tau))
+        return (math.log10(eta) + 3) ** 2 + (tau - 4.0) ** 2
+
+    best, table = opt_lib.tune_fixnorm(run_fn, [1e-4, 1e-3, 1e-2], [1.0, 2.0, 4.0, 8.0],
+                                       tau_default=2.0)
+    assert best == (1e-3, 4.0)
+    assert calls[:3] == [(1e-4, 2.0), (1e-3, 2.0), (1e-2, 2.0)]
+    assert calls[3:] == [(1e-3, 1.0), (1e-3, 4.0), (1e-3, 8.0)]  # tau_default not re-run
+    assert [r["stage"] for r in table] == [1, 1, 1, 2, 2, 2]
+
+
+def test_tune_fixnorm_nan_ranks_last_and_max_mode():
+    best, _ = opt_lib.tune_fixnorm(lambda e, t: float("nan") if e > 1 else e * t,
+                                   [0.5, 2.0], [1.0], tau_default=1.0, mode="max")
+    assert best == (0.5, 1.0)
+    plan = opt_lib.fixnorm_tuning_plan([1e-3], [1.0, 3.0], 3.0)
+    assert plan.eta_trials == [(1e-3, 3.0)] and plan.tau_grid == [1.0]
