@@ -4,6 +4,7 @@ Kept short on purpose: flags, multi-host start-up, then `train.train_and_evaluat
 Override any config field on the command line: `--config.train.steps=400`.
 """
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,8 +30,20 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, os.path.abspath(FLAGS.workdir))
 
 
+def parse_flags(argv):
+    """absl parsing, but a bad --config.* override is one line, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip()
+        if len(message) > 1 and message[0] == message[-1] == "'":  # AttributeError's repr quotes
+            message = message[1:-1]
+        sys.exit(f"m2omni-train: bad flag or config override: {message}\nUsage: m2omni-train "
+                 "--config=configs/tiny.py --workdir=DIR [--config.section.field=value ...]")
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""End-to-end training through the CLI: config errors, SIGTERM + exact resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from m2omni_jax import train
+from m2omni_jax.training.metrics_logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--config.model.llm.width=64", "--config.model.llm.depth=2", "--config.model.llm.num_heads=4",
+    "--config.model.llm.num_kv_heads=2", "--config.model.llm.head_dim=16",
+    "--config.model.llm.mrope_sections=(2,3,3)", "--config.model.llm.mlp_dim=128",
+    "--config.data.num_text_docs=400", "--config.data.seq_len=64", "--config.train.batch_size=8",
+    "--config.tokenizer.vocab_size=512", "--config.model.llm.vocab_size=512",
+    "--config.tokenizer.train_docs=400", "--config.train.log_every=1", "--config.checkpoint.every=1000",
+    # A constant LR after warmup, so a run's schedule does not depend on its length.
+    "--config.opt.decay=constant", "--config.opt.warmup_steps=3", "--config.opt.peak_lr=1e-2",
+]
+
+
+def train_command(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "m2omni_jax.main", f"--config={REPO}/configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.dir={data_dir}", f"--config.tokenizer.cache_dir={data_dir}/tokenizer", *SMALL, *extra]
+
+
+def run(cmd, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def losses(workdir):
+    return {step: record["loss"] for step, record in read_metrics(os.path.join(workdir, "metrics.jsonl")).items()}
+
+
+def test_sigterm_then_resume_gives_bitwise_identical_losses(tmp_path):
+    data_dir, killed, straight = tmp_path / "data", tmp_path / "killed", tmp_path / "straight"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.Popen(train_command(killed, data_dir, "--config.train.steps=100000"), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    saved_step = max(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
+    assert 8 <= saved_step < 100000
+    assert max(losses(killed)) == saved_step  # it stopped right after saving the step it was on
+
+    total = saved_step + 6
+    resumed = run(train_command(killed, data_dir, f"--config.train.steps={total}"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {saved_step}" in resumed.stderr
+    reference = run(train_command(straight, data_dir, f"--config.train.steps={total}"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    got, want = losses(killed), losses(straight)
+    assert sorted(got) == sorted(want) == list(range(1, total + 1))
+    assert [got[s] for s in want] == [want[s] for s in want]  # bitwise, every step
+    assert want[total] < 0.8 * want[1]  # and it learns
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path):
+    result = run(train_command(tmp_path / "w", tmp_path / "d", "--config.train.stepz=3"), timeout=120)
+    assert result.returncode != 0
+    assert "'stepz'" in result.stderr and 'Did you mean "steps"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def base_config():
+    sys.path.insert(0, REPO)
+    from configs import tiny
+    return tiny.get_config()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train.batch_size", 12, "batch_size=12 must be a positive multiple"),
+    ("mesh", {"data": 3, "fsdp": 1, "expert": 1, "tensor": 1}, "has 3 devices but 8"),
+    ("train.loss_weights", {"imgae": 2.0}, "unknown modality 'imgae'"),
+    ("model.llm.vocab_size", 100, "tokenizer.vocab_size=1024 exceeds"),
+])
+def test_bad_config_fails_before_compiling(field, value, match):
+    config = base_config()
+    section, _, key = field.rpartition(".")
+    target = config[section] if section else config
+    target[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(config, num_devices=8, process_count=1)
