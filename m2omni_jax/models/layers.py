@@ -20,12 +20,10 @@ def to_dtype(name_or_dtype) -> Dtype:
     return name_or_dtype
 
 
-def kernel_init(axes: tuple[str, ...], scale: float = 1.0) -> Callable:
-    """Variance-scaling normal init annotated with logical axis names.
-
-    Dense/DenseGeneral call it with the kernel flattened to (fan_in, fan_out).
-    """
-    init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+def kernel_init(axes: tuple[str, ...], scale: float = 1.0, in_axis=-2, out_axis=-1) -> Callable:
+    """Variance-scaling (fan-in) truncated-normal init annotated with logical axis names."""
+    init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                            in_axis=in_axis, out_axis=out_axis)
     return nn.with_logical_partitioning(init, axes)
 
 
@@ -82,3 +80,49 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                             scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)))(x)
+
+
+# Multi-head projections own their full-shape kernels: nn.DenseGeneral
+# initialises a flattened 2-D kernel, which cannot carry 3 logical axis names
+# once a mesh is active.
+
+class SplitHeads(nn.Module):
+    """Linear (..., embed) -> (..., heads, head_dim)."""
+    num_heads: int
+    head_dim: int
+    heads_axis: str = "heads"  # "kv_heads" for grouped key/value projections
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (self.num_heads, self.head_dim)
+        kernel = self.param("kernel", kernel_init(("embed", self.heads_axis, "head_dim"), in_axis=0,
+                                                  out_axis=(1, 2)),
+                            (x.shape[-1],) + shape, to_dtype(self.param_dtype))
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=to_dtype(self.dtype))
+        y = jnp.einsum("...e,ehd->...hd", x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", zeros_init((self.heads_axis, "head_dim")), shape,
+                               to_dtype(self.param_dtype)).astype(y.dtype)
+        return y
+
+
+class MergeHeads(nn.Module):
+    """Linear (..., heads, head_dim) -> (..., features)."""
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", kernel_init(("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2),
+                            x.shape[-2:] + (self.features,), to_dtype(self.param_dtype))
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=to_dtype(self.dtype))
+        y = jnp.einsum("...hd,hde->...e", x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", zeros_init(("embed",)), (self.features,),
+                               to_dtype(self.param_dtype)).astype(y.dtype)
+        return y

@@ -100,9 +100,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, angles, segment_ids):
         cfg = self.config
-        proj = lambda name, heads, axes: nn.DenseGeneral(  # noqa: E731
-            (heads, cfg.head_dim), use_bias=False, name=name, **_dtypes(cfg),
-            kernel_init=layers.kernel_init(("embed", axes, "head_dim")))
+        proj = lambda name, heads, axis: layers.SplitHeads(  # noqa: E731
+            heads, cfg.head_dim, axis, name=name, **_dtypes(cfg))
         q = proj("query", cfg.num_heads, "heads")(x)
         k = proj("key", cfg.num_kv_heads, "kv_heads")(x)
         v = proj("value", cfg.num_kv_heads, "kv_heads")(x)
@@ -118,8 +117,7 @@ class Attention(nn.Module):
             mask = attention_mask(segment_ids, segment_ids, positions, positions)
         out = grouped_query_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        return nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, name="out", **_dtypes(cfg),
-                               kernel_init=layers.kernel_init(("heads", "head_dim", "embed")))(out)
+        return layers.MergeHeads(cfg.width, name="out", **_dtypes(cfg))(out)
 
     def _update_cache(self, k, v, segment_ids):
         """Writes this call's keys/values at the cache index; returns the whole cache."""

@@ -116,7 +116,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """Mesh + logical rules in scope, so `nn.with_logical_constraint` resolves."""
-    with mesh, nn.logical_axis_rules(list(rules)):
+    """Mesh + logical rules in scope, so `nn.with_logical_constraint` resolves.
+
+    `jax.set_mesh` (not `with mesh:`) is what flax's constraints see in jax ≥ 0.7.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         yield
 

@@ -1,0 +1,307 @@
+"""Paraformer SAN-M audio encoder of M2-omni and its projector into the LLM.
+
+Input: LFR features (B, F, 560) from `data/audio.py` and their lengths (B,).
+The features are scaled by √width and get sinusoidal positions, then pass
+`depth` pre-LN SAN-M blocks (the first maps 560 -> width and has no attention
+residual, as FunASR's `encoders0`). A SAN-M block's attention adds an FSMN
+memory: a depthwise 1-D convolution over the masked values, plus the values.
+After the final LayerNorm every 3 consecutive frames are concatenated
+(180 ms per token), projected to the LLM width and L2-normalised. The
+output always has `num_audio_tokens` tokens; those past the audio are the
+`<end_of_audio>` embedding.
+
+Frames at or past a sequence's length never influence its valid frames:
+attention masks them as keys, the FSMN zeroes them before and after the
+convolution, everything else is per frame.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2omni_jax.models.layers import LayerNorm, kernel_init, maybe_remat, to_dtype, zeros_init
+
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+ACTIVATION_MLP = ("activation_batch", "activation_length", "activation_mlp")
+PROJECTORS = ("linear", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig:
+    input_dim: int = 560  # 80 mel bins x LFR m=7
+    width: int = 64
+    depth: int = 2  # SAN-M blocks, the 560 -> width input block included
+    num_heads: int = 4
+    mlp_dim: int = 128
+    fsmn_kernel: int = 11
+    fsmn_shift: int = 0  # > 0 moves the FSMN window into the past (streaming SAN-M)
+    layer_norm_epsilon: float = 1e-12  # Paraformer's
+    frames_per_token: int = 3
+    out_width: int = 64  # the LLM width
+    num_audio_tokens: int = 16
+    projector: str = "linear"  # "linear" | "mlp" (Linear–GELU–Linear)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan: bool = True
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"audio width {self.width} must be a multiple of num_heads {self.num_heads}")
+        if self.depth < 1:
+            raise ValueError(f"audio depth must be >= 1, got {self.depth}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"audio projector {self.projector!r} is not one of {PROJECTORS}")
+        if not 0 <= self.fsmn_shift < self.fsmn_kernel - (self.fsmn_kernel - 1) // 2:
+            raise ValueError(f"fsmn_shift {self.fsmn_shift} does not fit kernel {self.fsmn_kernel}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def max_frames(self) -> int:
+        """LFR frames that fill all output tokens; longer inputs are truncated."""
+        return self.num_audio_tokens * self.frames_per_token
+
+    @classmethod
+    def tiny(cls, **overrides) -> "AudioConfig":
+        return cls(**overrides)
+
+    @classmethod
+    def paraformer(cls, **overrides) -> "AudioConfig":
+        """M2-omni's encoder: Paraformer-large SAN-M, 256 tokens into a 4096-wide LLM."""
+        defaults = dict(width=512, depth=50, num_heads=4, mlp_dim=2048, out_width=4096,
+                        num_audio_tokens=256, remat_policy="full")
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def from_config(cls, cfg) -> "AudioConfig":
+        """Builds from a ConfigDict / mapping, naming any field it does not know."""
+        values = dict(cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.model.audio has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def sinusoidal_positions(length: int, depth: int) -> np.ndarray:
+    """FunASR's encoding: positions 1..length, [sin | cos] halves, timescales up to 10^4."""
+    increment = np.log(10000.0) / (depth / 2 - 1)
+    inv_timescales = np.exp(-increment * np.arange(depth // 2))
+    scaled = np.arange(1, length + 1)[:, None] * inv_timescales[None, :]
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
+def _full_shape_init(names, in_axis, out_axis):
+    # Initialised at full shape so a 3-D kernel keeps its logical axes under a mesh.
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=in_axis, out_axis=out_axis)
+    return nn.with_logical_partitioning(init, names)
+
+
+class HeadsProjection(nn.Module):
+    """Linear with bias (..., in) -> (..., heads, head_dim)."""
+    num_heads: int
+    head_dim: int
+    in_axis_name: str = "embed"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (self.num_heads, self.head_dim)
+        kernel = self.param("kernel", _full_shape_init((self.in_axis_name, "heads", "head_dim"), 0, (1, 2)),
+                            (x.shape[-1],) + shape, to_dtype(self.param_dtype))
+        bias = self.param("bias", zeros_init(("heads", "head_dim")), shape, to_dtype(self.param_dtype))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=to_dtype(self.dtype))
+        return jnp.einsum("...e,ehd->...hd", x, kernel) + bias
+
+
+class HeadsOutput(nn.Module):
+    """Linear with bias (..., heads, head_dim) -> (..., features)."""
+    features: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _full_shape_init(("heads", "head_dim", "embed"), (0, 1), 2),
+                            x.shape[-2:] + (self.features,), to_dtype(self.param_dtype))
+        bias = self.param("bias", zeros_init(("embed",)), (self.features,), to_dtype(self.param_dtype))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=to_dtype(self.dtype))
+        return jnp.einsum("...hd,hde->...e", x, kernel) + bias
+
+
+class FSMNMemory(nn.Module):
+    """Depthwise conv (no bias) over time of the masked values, plus the values, masked.
+
+    values (B, T, heads, head_dim), frame_mask (B, T) -> (B, T, heads, head_dim).
+    Output frame t sees inputs t - left … t + right with zero padding outside,
+    left = (kernel-1)//2 + shift, as FunASR's `forward_fsmn`.
+    """
+    kernel_size: int
+    shift: int = 0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, values, frame_mask):
+        heads, head_dim = values.shape[-2:]
+        init = nn.initializers.normal(self.kernel_size ** -0.5)  # fan-in of one channel: the taps
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("conv", "heads", "head_dim")),
+                            (self.kernel_size, heads, head_dim), to_dtype(self.param_dtype))
+        mask = frame_mask[:, :, None, None].astype(values.dtype)
+        values = values * mask
+        left = (self.kernel_size - 1) // 2 + self.shift
+        padded = jnp.pad(values, ((0, 0), (left, self.kernel_size - 1 - left), (0, 0), (0, 0)))
+        length = values.shape[1]
+        kernel = kernel.astype(values.dtype)
+        memory = sum(padded[:, j:j + length] * kernel[j] for j in range(self.kernel_size))
+        return (memory + values) * mask
+
+
+def masked_attention(q, k, v, frame_mask):
+    """Softmax attention in fp32 over the valid keys; q, k, v (B, T, heads, head_dim)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * q.shape[-1] ** -0.5
+    logits = jnp.where(frame_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class SANMAttention(nn.Module):
+    """Multi-head self-attention whose output adds the FSMN memory of the values."""
+    config: AudioConfig
+    in_axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x, frame_mask):
+        cfg = self.config
+        dtypes = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        project = lambda name: HeadsProjection(cfg.num_heads, cfg.head_dim, self.in_axis_name,  # noqa: E731
+                                               name=name, **dtypes)(x)
+        q, k, v = (nn.with_logical_constraint(project(n), ACTIVATION_HEADS) for n in ("query", "key", "value"))
+        attended = nn.with_logical_constraint(masked_attention(q, k, v, frame_mask), ACTIVATION_HEADS)
+        memory = FSMNMemory(cfg.fsmn_kernel, cfg.fsmn_shift, name="fsmn", **dtypes)(v, frame_mask)
+        out = HeadsOutput(cfg.width, name="out", **dtypes)(attended)
+        return out + memory.reshape(memory.shape[:2] + (cfg.width,)).astype(out.dtype)
+
+
+class FeedForward(nn.Module):
+    config: AudioConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+        h = nn.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")),
+                     bias_init=zeros_init(("mlp",)), name="fc1", **dtypes)(x)
+        h = nn.relu(nn.with_logical_constraint(h, ACTIVATION_MLP))
+        return nn.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")),
+                        bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(h)
+
+
+class SANMBlock(nn.Module):
+    """Pre-LN SAN-M block; (carry, None) signature for nn.scan.
+
+    The attention residual exists only when the input already has the block's
+    width (not for the 560-d input block).
+    """
+    config: AudioConfig
+    in_axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x, frame_mask):
+        cfg = self.config
+        norm = dict(epsilon=cfg.layer_norm_epsilon, dtype=to_dtype(cfg.dtype),
+                    param_dtype=to_dtype(cfg.param_dtype))
+        attended = SANMAttention(cfg, self.in_axis_name, name="attention")(
+            LayerNorm(**norm, name="attention_norm")(x), frame_mask)
+        x = x + attended if x.shape[-1] == cfg.width else attended
+        x = x + FeedForward(cfg, name="mlp")(LayerNorm(**norm, name="mlp_norm")(x))
+        return nn.with_logical_constraint(x, ACTIVATION), None
+
+
+class AudioProjector(nn.Module):
+    """Concatenated frames (B, N, frames_per_token·width) -> L2-normalised (B, N, out_width)."""
+    config: AudioConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+        dense = lambda name, axes: nn.Dense(cfg.out_width, kernel_init=kernel_init(axes),  # noqa: E731
+                                            bias_init=zeros_init(axes[1:]), name=name, **dtypes)
+        if cfg.projector == "mlp":
+            x = nn.gelu(nn.with_logical_constraint(dense("fc1", ("embed", "mlp"))(x), ACTIVATION_MLP),
+                        approximate=False)
+            x = dense("fc2", ("mlp", "embed"))(x)
+        else:
+            x = dense("fc", ("mlp", "embed"))(x)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + 1e-12)
+        return nn.with_logical_constraint(x32.astype(x.dtype), ACTIVATION)
+
+
+class AudioEncoder(nn.Module):
+    config: AudioConfig
+
+    @nn.compact
+    def __call__(self, features, lengths, end_of_audio=None):
+        """features (B, F, input_dim), lengths (B,) valid frames; `end_of_audio`
+        (out_width,) fills the tokens past the audio (default: an own learned
+        parameter; pass the LLM's embedding consistently at init and apply).
+
+        Returns (tokens (B, num_audio_tokens, out_width), valid (B, num_audio_tokens) bool).
+        """
+        cfg = self.config
+        dtype = to_dtype(cfg.dtype)
+        features = features[:, :cfg.max_frames]  # later frames could not reach a token
+        lengths = jnp.minimum(lengths, features.shape[1])
+        frame_mask = jnp.arange(features.shape[1])[None, :] < lengths[:, None]
+
+        x = features.astype(jnp.float32) * cfg.width ** 0.5
+        x = (x + sinusoidal_positions(features.shape[1], cfg.input_dim)).astype(dtype)
+        x = nn.with_logical_constraint(x, ACTIVATION)
+        x = self._blocks(x, frame_mask)
+        x = LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, param_dtype=to_dtype(cfg.param_dtype),
+                      name="final_norm")(x)
+        tokens = AudioProjector(cfg, name="projector")(self._group_frames(x, frame_mask))
+
+        num_valid = -(-lengths // cfg.frames_per_token)
+        valid = jnp.arange(cfg.num_audio_tokens)[None, :] < num_valid[:, None]
+        if end_of_audio is None:
+            end_of_audio = self.param("end_of_audio", nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("embed",)), (cfg.out_width,), to_dtype(cfg.param_dtype))
+        tokens = jnp.where(valid[..., None], tokens, end_of_audio.astype(tokens.dtype))
+        return nn.with_logical_constraint(tokens, ACTIVATION), valid
+
+    def _blocks(self, x, frame_mask):
+        cfg = self.config
+        block = maybe_remat(SANMBlock, cfg.remat_policy)
+        x, _ = block(cfg, in_axis_name="patch", name="input_block")(x, frame_mask)
+        if cfg.depth == 1:
+            return x
+        if cfg.scan:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast,), length=cfg.depth - 1,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(cfg, name="blocks")(x, frame_mask)
+            return x
+        for i in range(cfg.depth - 1):
+            x, _ = block(cfg, name=f"block_{i}")(x, frame_mask)
+        return x
+
+    def _group_frames(self, x, frame_mask):
+        """Zeroes padding frames, pads/cuts to max_frames, concatenates each frames_per_token."""
+        cfg = self.config
+        x = jnp.where(frame_mask[..., None], x, 0).astype(x.dtype)
+        x = jnp.pad(x, ((0, 0), (0, cfg.max_frames - x.shape[1]), (0, 0)))
+        return x.reshape(x.shape[0], cfg.num_audio_tokens, cfg.frames_per_token * cfg.width)

@@ -1,0 +1,214 @@
+"""Vision–language connectors: vision features -> LLM-width tokens.
+
+`linear` is M2-omni's projector (Linear or Linear–GELU–Linear, then each
+token L2-normalised); it keeps the token count of its input and so works on
+the packed token sequence. The MM1 alternatives fix the count at
+`num_tokens` (k, e.g. 64 or 144) per image: `avg_pool` and `c_abstractor`
+take one image's token grid (B, H, W, C), `attn_pool` any token set.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2omni_jax.models.layers import LayerNorm, kernel_init, to_dtype, zeros_init
+from m2omni_jax.models.layers import MergeHeads, SplitHeads
+
+CONNECTOR_KINDS = ("linear", "avg_pool", "attn_pool", "c_abstractor")
+
+
+def l2_normalize(x, epsilon: float = 1e-6):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + epsilon)).astype(x.dtype)
+
+
+def grid_side(num_tokens: int) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"num_tokens {num_tokens} must be a perfect square for a grid connector")
+    return side
+
+
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) averaging weights; bin i spans [floor(i·in/out), ceil((i+1)·in/out))."""
+    weights = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        lo, hi = (i * in_size) // out_size, -(-((i + 1) * in_size) // out_size)
+        weights[i, lo:hi] = 1.0 / (hi - lo)
+    return weights
+
+
+def adaptive_avg_pool_2d(grid, out_height: int, out_width: int):
+    """(B, H, W, C) -> (B, out_height, out_width, C), any H, W (bins may overlap)."""
+    rows = jnp.asarray(adaptive_pool_matrix(grid.shape[1], out_height), grid.dtype)
+    cols = jnp.asarray(adaptive_pool_matrix(grid.shape[2], out_width), grid.dtype)
+    return jnp.einsum("ih,bhwc,jw->bijc", rows, grid, cols)
+
+
+def tokens_to_grid(tokens, height: int, width: int):
+    """Merged tokens of one image (B, H·W, C), raster order -> (B, H, W, C)."""
+    return tokens.reshape(tokens.shape[0], height, width, tokens.shape[-1])
+
+
+def _flatten_grid(x):
+    return x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim == 4 else x
+
+
+def _require_grid(x, kind: str):
+    if x.ndim != 4:
+        raise ValueError(f"{kind} connector takes one image's token grid (B, H, W, C), got shape {x.shape}")
+
+
+def _dtypes(module):
+    return dict(dtype=to_dtype(module.dtype), param_dtype=to_dtype(module.param_dtype))
+
+
+class LinearConnector(nn.Module):
+    """M2-omni: Linear (or Linear–GELU–Linear when `mlp`) then per-token L2 norm."""
+    out_width: int
+    mlp: bool = False
+    num_tokens: int | None = None  # if set, the input must have exactly this many tokens
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        x = _flatten_grid(x)
+        if self.num_tokens is not None and x.shape[1] != self.num_tokens:
+            raise ValueError(f"linear connector configured for {self.num_tokens} tokens got {x.shape[1]}")
+        if self.mlp:
+            x = nn.Dense(self.out_width, kernel_init=kernel_init(("embed", "mlp")),
+                         bias_init=zeros_init(("mlp",)), name="fc1", **_dtypes(self))(x)
+            x = nn.gelu(x, approximate=False)
+        x = nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
+                     bias_init=zeros_init(("embed",)), name="fc2" if self.mlp else "proj",
+                     **_dtypes(self))(x)
+        return l2_normalize(x)
+
+
+class AvgPoolConnector(nn.Module):
+    """MM1: adaptive average pooling of the token grid to √k×√k, then Linear."""
+    out_width: int
+    num_tokens: int = 64
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, grid):
+        _require_grid(grid, "avg_pool")
+        side = grid_side(self.num_tokens)
+        pooled = _flatten_grid(adaptive_avg_pool_2d(grid, side, side))
+        return nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
+                        bias_init=zeros_init(("embed",)), name="proj", **_dtypes(self))(pooled)
+
+
+class AttnPoolConnector(nn.Module):
+    """MM1: k learnable queries cross-attend to the image tokens."""
+    out_width: int
+    num_tokens: int = 64
+    num_heads: int = 8
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        """x (B, N, C) or (B, H, W, C); mask (B, N) True for real tokens."""
+        x = _flatten_grid(x)
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"attn_pool: token width {width} not divisible by {self.num_heads} heads")
+        head_dim = width // self.num_heads
+        x = LayerNorm(name="norm", **_dtypes(self))(x)
+        queries = self.param("queries", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("queries", "embed")), (self.num_tokens, width),
+            to_dtype(self.param_dtype))
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = SplitHeads(self.num_heads, head_dim, use_bias=True, name="query", **dtypes)(queries)
+        k = SplitHeads(self.num_heads, head_dim, use_bias=True, name="key", **dtypes)(x)
+        v = SplitHeads(self.num_heads, head_dim, use_bias=True, name="value", **dtypes)(x)
+        logits = jnp.einsum("qhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+        if mask is not None:
+            logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        pooled = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return MergeHeads(self.out_width, use_bias=True, name="out", **dtypes)(pooled)
+
+
+class ResNetBottleneck(nn.Module):
+    """1×1 → 3×3 → 1×1 convs, each with LayerNorm over channels (no batch statistics), SiLU."""
+    features: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        def conv(features, size, axes, name):
+            # flax forbids a logical name twice in one array: the width dim stays unnamed.
+            return nn.Conv(features, (size, size), padding="SAME", use_bias=False, name=name,
+                           kernel_init=kernel_init(("conv", None) + axes), **_dtypes(self))
+
+        def norm(name):
+            return LayerNorm(name=name, **_dtypes(self))
+
+        shortcut = x
+        if x.shape[-1] != self.features:
+            shortcut = norm("shortcut_norm")(conv(self.features, 1, (None, "embed"), "shortcut")(x))
+        h = nn.silu(norm("norm1")(conv(self.features, 1, ("embed", "mlp"), "reduce")(x)))
+        h = nn.silu(norm("norm2")(conv(self.features, 3, (None, "mlp"), "spatial")(h)))
+        h = norm("norm3")(conv(self.features, 1, ("mlp", "embed"), "expand")(h))
+        return nn.silu(h + shortcut)
+
+
+class CAbstractor(nn.Module):
+    """Honeybee/MM1: ResNet blocks → adaptive avg pool to √k×√k → ResNet blocks → MLP."""
+    out_width: int
+    num_tokens: int = 64
+    hidden_width: int | None = None  # default: the input width
+    depth: int = 3
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, grid):
+        _require_grid(grid, "c_abstractor")
+        side = grid_side(self.num_tokens)
+        hidden = self.hidden_width or grid.shape[-1]
+        x = grid
+        for i in range(self.depth):
+            x = ResNetBottleneck(hidden, self.dtype, self.param_dtype, name=f"stage1_block{i}")(x)
+        x = adaptive_avg_pool_2d(x, side, side)
+        for i in range(self.depth):
+            x = ResNetBottleneck(hidden, self.dtype, self.param_dtype, name=f"stage2_block{i}")(x)
+        x = _flatten_grid(x)
+        x = nn.Dense(self.out_width, kernel_init=kernel_init(("embed", "mlp")),
+                     bias_init=zeros_init(("mlp",)), name="readout1", **_dtypes(self))(x)
+        return nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
+                        bias_init=zeros_init(("embed",)), name="readout2", **_dtypes(self))(nn.silu(x))
+
+
+def make_connector(kind: str, out_width: int, num_tokens: int | None = None, *, mlp: bool = False,
+                   hidden_width: int | None = None, num_heads: int = 8, depth: int = 3,
+                   dtype: str = "float32", param_dtype: str = "float32") -> nn.Module:
+    """Builds the connector named by `kind` (one of CONNECTOR_KINDS).
+
+    `num_tokens` (k) is required for the pooling connectors; for `linear` it is
+    optional and only checked against the input.
+    """
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+    if kind == "linear":
+        return LinearConnector(out_width, mlp=mlp, num_tokens=num_tokens, **dtypes)
+    if kind not in CONNECTOR_KINDS:
+        raise ValueError(f"unknown connector {kind!r}; use one of {CONNECTOR_KINDS}")
+    if not num_tokens or num_tokens < 1:
+        raise ValueError(f"connector {kind!r} needs num_tokens (e.g. 64 or 144), got {num_tokens}")
+    if kind in ("avg_pool", "c_abstractor"):
+        grid_side(num_tokens)
+    if kind == "avg_pool":
+        return AvgPoolConnector(out_width, num_tokens, **dtypes)
+    if kind == "attn_pool":
+        return AttnPoolConnector(out_width, num_tokens, num_heads, **dtypes)
+    return CAbstractor(out_width, num_tokens, hidden_width, depth, **dtypes)
