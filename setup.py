@@ -18,11 +18,14 @@ INSTALL_REQUIRES = [
     "tensorboardX",
     "protobuf",
     "msgpack",
+    "soxr",  # resampling to 16 kHz
+    "espeakng-loader>=0.2.4",  # offline speech for the built-in data set
+    "jiwer",  # ASR word error rate
     "importlib_resources",  # tfds 4.9.x imports it when preparing a builder (tensorflow/datasets#11212)
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist"],
+    "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank"],
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],
 }

@@ -8,7 +8,7 @@ memory: a depthwise 1-D convolution over the masked values, plus the values.
 After the final LayerNorm every 3 consecutive frames are concatenated
 (180 ms per token), projected to the LLM width and L2-normalised. The
 output always has `num_audio_tokens` tokens; those past the audio are the
-`<end_of_audio>` embedding.
+`<end_of_audio>` embedding, and frames past `max_frames` (3 per token) are cut.
 
 Frames at or past a sequence's length never influence its valid frames:
 attention masks them as keys, the FSMN zeroes them before and after the
@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2omni_jax.models.layers import LayerNorm, kernel_init, maybe_remat, to_dtype, zeros_init
+from m2omni_jax.models.connectors import LinearConnector
+from m2omni_jax.models.layers import (LayerNorm, MergeHeads, SplitHeads, kernel_init, maybe_remat,
+                                     to_dtype, zeros_init)
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -44,7 +46,7 @@ class AudioConfig:
     frames_per_token: int = 3
     out_width: int = 64  # the LLM width
     num_audio_tokens: int = 16
-    projector: str = "linear"  # "linear" | "mlp" (Linear–GELU–Linear)
+    projector: str = "linear"  # "linear" | "mlp" (Linear–GELU–Linear), then L2 norm per token
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -99,46 +101,6 @@ def sinusoidal_positions(length: int, depth: int) -> np.ndarray:
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
-def _full_shape_init(names, in_axis, out_axis):
-    # Initialised at full shape so a 3-D kernel keeps its logical axes under a mesh.
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                            in_axis=in_axis, out_axis=out_axis)
-    return nn.with_logical_partitioning(init, names)
-
-
-class HeadsProjection(nn.Module):
-    """Linear with bias (..., in) -> (..., heads, head_dim)."""
-    num_heads: int
-    head_dim: int
-    in_axis_name: str = "embed"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x):
-        shape = (self.num_heads, self.head_dim)
-        kernel = self.param("kernel", _full_shape_init((self.in_axis_name, "heads", "head_dim"), 0, (1, 2)),
-                            (x.shape[-1],) + shape, to_dtype(self.param_dtype))
-        bias = self.param("bias", zeros_init(("heads", "head_dim")), shape, to_dtype(self.param_dtype))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=to_dtype(self.dtype))
-        return jnp.einsum("...e,ehd->...hd", x, kernel) + bias
-
-
-class HeadsOutput(nn.Module):
-    """Linear with bias (..., heads, head_dim) -> (..., features)."""
-    features: int
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", _full_shape_init(("heads", "head_dim", "embed"), (0, 1), 2),
-                            x.shape[-2:] + (self.features,), to_dtype(self.param_dtype))
-        bias = self.param("bias", zeros_init(("embed",)), (self.features,), to_dtype(self.param_dtype))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=to_dtype(self.dtype))
-        return jnp.einsum("...hd,hde->...e", x, kernel) + bias
-
-
 class FSMNMemory(nn.Module):
     """Depthwise conv (no bias) over time of the masked values, plus the values, masked.
 
@@ -179,19 +141,23 @@ def masked_attention(q, k, v, frame_mask):
 class SANMAttention(nn.Module):
     """Multi-head self-attention whose output adds the FSMN memory of the values."""
     config: AudioConfig
-    in_axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x, frame_mask):
         cfg = self.config
-        dtypes = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        project = lambda name: HeadsProjection(cfg.num_heads, cfg.head_dim, self.in_axis_name,  # noqa: E731
-                                               name=name, **dtypes)(x)
+        dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+        project = lambda name: SplitHeads(cfg.num_heads, cfg.head_dim, use_bias=True,  # noqa: E731
+                                          name=name, **dtypes)(x)
         q, k, v = (nn.with_logical_constraint(project(n), ACTIVATION_HEADS) for n in ("query", "key", "value"))
         attended = nn.with_logical_constraint(masked_attention(q, k, v, frame_mask), ACTIVATION_HEADS)
-        memory = FSMNMemory(cfg.fsmn_kernel, cfg.fsmn_shift, name="fsmn", **dtypes)(v, frame_mask)
-        out = HeadsOutput(cfg.width, name="out", **dtypes)(attended)
-        return out + memory.reshape(memory.shape[:2] + (cfg.width,)).astype(out.dtype)
+        memory = FSMNMemory(cfg.fsmn_kernel, cfg.fsmn_shift, name="fsmn", dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype)(v, frame_mask)
+        # Both constraints matter: without them XLA's SPMD partitioner (jax 0.10.2,
+        # CPU) mixes up batch shards when adding the heads-merged memory.
+        out = nn.with_logical_constraint(MergeHeads(cfg.width, use_bias=True, name="out", **dtypes)(attended),
+                                         ACTIVATION)
+        memory = nn.with_logical_constraint(memory.reshape(memory.shape[:2] + (cfg.width,)), ACTIVATION)
+        return out + memory.astype(out.dtype)
 
 
 class FeedForward(nn.Module):
@@ -215,39 +181,17 @@ class SANMBlock(nn.Module):
     width (not for the 560-d input block).
     """
     config: AudioConfig
-    in_axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x, frame_mask):
         cfg = self.config
         norm = dict(epsilon=cfg.layer_norm_epsilon, dtype=to_dtype(cfg.dtype),
                     param_dtype=to_dtype(cfg.param_dtype))
-        attended = SANMAttention(cfg, self.in_axis_name, name="attention")(
+        attended = SANMAttention(cfg, name="attention")(
             LayerNorm(**norm, name="attention_norm")(x), frame_mask)
         x = x + attended if x.shape[-1] == cfg.width else attended
         x = x + FeedForward(cfg, name="mlp")(LayerNorm(**norm, name="mlp_norm")(x))
         return nn.with_logical_constraint(x, ACTIVATION), None
-
-
-class AudioProjector(nn.Module):
-    """Concatenated frames (B, N, frames_per_token·width) -> L2-normalised (B, N, out_width)."""
-    config: AudioConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-        dense = lambda name, axes: nn.Dense(cfg.out_width, kernel_init=kernel_init(axes),  # noqa: E731
-                                            bias_init=zeros_init(axes[1:]), name=name, **dtypes)
-        if cfg.projector == "mlp":
-            x = nn.gelu(nn.with_logical_constraint(dense("fc1", ("embed", "mlp"))(x), ACTIVATION_MLP),
-                        approximate=False)
-            x = dense("fc2", ("mlp", "embed"))(x)
-        else:
-            x = dense("fc", ("mlp", "embed"))(x)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + 1e-12)
-        return nn.with_logical_constraint(x32.astype(x.dtype), ACTIVATION)
 
 
 class AudioEncoder(nn.Module):
@@ -273,7 +217,8 @@ class AudioEncoder(nn.Module):
         x = self._blocks(x, frame_mask)
         x = LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, param_dtype=to_dtype(cfg.param_dtype),
                       name="final_norm")(x)
-        tokens = AudioProjector(cfg, name="projector")(self._group_frames(x, frame_mask))
+        tokens = LinearConnector(cfg.out_width, mlp=cfg.projector == "mlp", dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype, name="projector")(self._group_frames(x, frame_mask))
 
         num_valid = -(-lengths // cfg.frames_per_token)
         valid = jnp.arange(cfg.num_audio_tokens)[None, :] < num_valid[:, None]
@@ -286,7 +231,7 @@ class AudioEncoder(nn.Module):
     def _blocks(self, x, frame_mask):
         cfg = self.config
         block = maybe_remat(SANMBlock, cfg.remat_policy)
-        x, _ = block(cfg, in_axis_name="patch", name="input_block")(x, frame_mask)
+        x, _ = block(cfg, name="input_block")(x, frame_mask)
         if cfg.depth == 1:
             return x
         if cfg.scan:
