@@ -97,7 +97,7 @@ def main(argv):
     print(f"{result['params_billion']:.2f}B params on {result['chips']} × {result['device_kind']} "
           f"mesh {result['mesh']}: per chip {mem['peak_estimate_gib']:.1f} GiB "
           f"(args {mem['arguments_gib']:.1f}, temps {mem['temporaries_gib']:.1f}); "
-          f"XLA {result['xla_flops_per_chip_step'] / 1e12:.0f} TFLOP/chip/step vs model "
+          f"XLA cost analysis {result['xla_flops_per_chip_step'] / 1e12:.0f} TFLOP/chip/step (a scanned layer body counted once) vs model "
           f"{result['model_flops_per_chip_step'] / 1e12:.0f}")
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
