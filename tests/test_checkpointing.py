@@ -216,3 +216,28 @@ def test_stop_signal_flag_and_restore_handlers():
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.should_stop(2) and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_load_params_reads_only_params_and_names_new_leaves(tmp_path):
+    import optax
+    from m2omni_jax.training.checkpointing import load_params
+    from m2omni_jax.training.train_step import TrainState
+
+    params = {"llm": {"w": jnp.arange(4.0)}, "vision": {"v": jnp.ones(3)}}
+    tx = optax.adam(1e-3)
+    state = TrainState(step=jnp.array(3), params=params, opt_state=tx.init(params),
+                       rng=jnp.zeros(2, jnp.uint32), tx=tx)
+    ckpt = Checkpointer(tmp_path / "prev" / "checkpoints", save_every=1, keep=1)
+    ckpt.save(3, state, force=True)
+    ckpt.close()
+
+    mesh = make_mesh({"data": -1})
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = {"llm": {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=rep)},
+                "vision": {"v": jax.ShapeDtypeStruct((5,), jnp.float32, sharding=rep)},  # resized
+                "audio": {"a": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep)}}  # new tower
+    loaded, missing = load_params(tmp_path / "prev", abstract)
+    np.testing.assert_array_equal(loaded["llm"]["w"], np.arange(4.0))
+    assert loaded["llm"]["w"].sharding == rep
+    assert sorted(missing) == ["audio/a", "vision/v"]
+    assert "vision" not in loaded and "audio" not in loaded

@@ -244,3 +244,59 @@ class StopSignal:
 def _preemption_sync_available() -> bool:
     from jax._src import distributed  # the sync manager has no public accessor
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+def load_params(directory, abstract_params, step: int | None = None) -> tuple[dict, list[str]]:
+    """Parameters from another run's checkpoint (a stage starting from the previous stage).
+
+    `directory` is that run's `<workdir>/checkpoints` (or its workdir). Only
+    `state/params` is read, straight into the shardings of `abstract_params`
+    (ShapeDtypeStructs); leaves the checkpoint lacks, or holds with another
+    shape, are left out and named in the second return value (e.g. a tower
+    added in this stage), so the caller keeps their fresh initialisation.
+    """
+    root = _as_path(directory)
+    if (root / "checkpoints").exists():
+        root = root / "checkpoints"
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_committed(p))
+    if not steps:
+        raise FileNotFoundError(f"init_from: no complete checkpoint in {root}")
+    step = steps[-1] if step is None else step
+    path = root / str(step) / "state"
+    saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree.get("params", {})
+    saved_flat = {k: v for k, v in _flatten(saved)}
+    wanted, missing = {}, []
+    for key, leaf in _flatten(abstract_params):
+        meta = saved_flat.get(key)
+        if meta is not None and tuple(meta.shape) == tuple(leaf.shape):
+            wanted[key] = leaf
+        else:
+            missing.append("/".join(key))
+    item = {"params": _unflatten(wanted)}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
+    restored = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    log.info("init_from %s step %d: %d tensors loaded, %d kept fresh", root, step, len(wanted), len(missing))
+    return restored["params"], missing
+
+
+def _is_committed(step_dir) -> bool:
+    return any((step_dir / marker).exists() for marker in _COMMIT_MARKERS)
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, prefix + (str(k),))
+    else:
+        yield prefix, tree
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value
+    return out
