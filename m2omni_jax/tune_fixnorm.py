@@ -1,0 +1,61 @@
+"""FixNorm's few-trial tuning: search η at a default τ, then τ at the best η.
+
+    python -m m2omni_jax.tune_fixnorm --config=configs/tiny.py --workdir=/tmp/fixnorm_tune \
+        --etas=1e-3,3e-3,1e-2 --taus=5,10,20 --tau_default=10 --steps=100
+
+Every trial is a short `m2omni-train` run with `opt.name="fixnorm"`, its own
+workdir (`<workdir>/eta=…_tau=…`), and the given η as the peak LR; the
+metric is the final training loss (lower is better). The trial table and the
+best (η, τ) are printed and written to `<workdir>/fixnorm_tuning.json`.
+"""
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from m2omni_jax import train
+from m2omni_jax.training import optimizers
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
+flags.DEFINE_string("workdir", None, "Parent directory of the trial runs.")
+flags.DEFINE_list("etas", ["1e-3", "3e-3", "1e-2"], "Peak learning rates tried at tau_default.")
+flags.DEFINE_list("taus", ["5", "10", "20"], "Classifier norms tried at the best eta.")
+flags.DEFINE_float("tau_default", 10.0, "Classifier norm used while searching eta.")
+flags.DEFINE_integer("steps", 100, "Training steps per trial.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def trial_config(base, eta: float, tau: float, steps: int):
+    config = base.copy_and_resolve_references()
+    config.opt.name = "fixnorm"
+    config.opt.peak_lr = eta
+    config.opt.fixnorm.tau = tau
+    config.train.steps = steps
+    return config
+
+
+def run_trial(base, workdir: str, eta: float, tau: float, steps: int) -> float:
+    trial_dir = os.path.join(workdir, f"eta={eta:g}_tau={tau:g}")
+    logging.info("FixNorm trial eta=%g tau=%g -> %s", eta, tau, trial_dir)
+    return float(train.train_and_evaluate(trial_config(base, eta, tau, steps), trial_dir)["loss"])
+
+
+def main(argv):
+    del argv
+    workdir = os.path.abspath(FLAGS.workdir)
+    (eta, tau), table = optimizers.tune_fixnorm(
+        lambda e, t: run_trial(FLAGS.config, workdir, e, t, FLAGS.steps),
+        [float(e) for e in FLAGS.etas], [float(t) for t in FLAGS.taus], FLAGS.tau_default)
+    print("stage  eta        tau      final loss")
+    for row in table:
+        print(f"{row['stage']:>5}  {row['eta']:<9g}  {row['tau']:<7g}  {row['metric']:.4f}")
+    print(f"best: eta={eta:g} tau={tau:g}")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "fixnorm_tuning.json"), "w") as f:
+        json.dump({"best": {"eta": eta, "tau": tau}, "trials": table}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
