@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m2omni_jax.models import layers, rope
+from m2omni_jax.models import layers, moe, rope
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
@@ -41,6 +41,14 @@ class LLMConfig:
     param_dtype: str = "float32"
     remat_policy: str = "full"  # see layers.REMAT_POLICIES
     scan_layers: bool = True
+    # Mixture of experts [MM1, as we read it]; 0 experts = dense. The last layer
+    # of every `moe_every` is MoE (2: layers 1, 3, 5, ...). See models/moe.py.
+    moe_num_experts: int = 0
+    moe_top_k: int = 2
+    moe_capacity_factor: float = 1.25  # ≤ 0: no token dropping
+    moe_every: int = 2
+    moe_aux_loss_weight: float = 0.01
+    moe_router_z_loss_weight: float = 0.001
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -49,6 +57,14 @@ class LLMConfig:
         if sum(self.mrope_sections) * 2 != self.head_dim:
             raise ValueError(f"model.llm.mrope_sections={tuple(self.mrope_sections)} must sum to "
                              f"head_dim/2={self.head_dim // 2}")
+        if self.moe_num_experts and not 0 < self.moe_top_k <= self.moe_num_experts:
+            raise ValueError(f"model.llm.moe_top_k={self.moe_top_k} must be in [1, "
+                             f"moe_num_experts={self.moe_num_experts}]")
+        if self.moe_num_experts and (self.moe_every < 1 or self.depth % self.moe_every):
+            raise ValueError(f"model.llm.depth={self.depth} must be a multiple of moe_every={self.moe_every}")
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe_num_experts > 0 and index % self.moe_every == self.moe_every - 1
 
     @classmethod
     def from_config(cls, cfg) -> "LLMConfig":
@@ -61,13 +77,18 @@ class LLMConfig:
         values["mrope_sections"] = tuple(values.get("mrope_sections", cls.mrope_sections))
         return cls(**values)
 
-    def num_params(self, include_embedding: bool = True) -> int:
+    def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+        """All parameters, or with `active` only those one token uses (its top-k experts)."""
         attn = self.width * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * self.width * self.mlp_dim
-        per_layer = attn + mlp + 2 * self.width
+        experts = self.moe_top_k if active else self.moe_num_experts
+        moe_mlp = experts * mlp + self.width * self.moe_num_experts  # + router
+        num_moe = sum(self.is_moe_layer(i) for i in range(self.depth))
+        per_layer = attn + 2 * self.width
+        layers_total = self.depth * per_layer + (self.depth - num_moe) * mlp + num_moe * moe_mlp
         embed = self.vocab_size * self.width
         head = 0 if self.tie_embeddings else self.vocab_size * self.width
-        return self.depth * per_layer + self.width + head + (embed if include_embedding else 0)
+        return layers_total + self.width + head + (embed if include_embedding else 0)
 
 
 def _dtypes(config: LLMConfig):
@@ -160,34 +181,64 @@ class SwiGLU(nn.Module):
 class DecoderLayer(nn.Module):
     config: LLMConfig
     decode: bool = False
+    use_moe: bool = False
 
     @nn.compact
     def __call__(self, x, angles, segment_ids):
         cfg = self.config
         norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **_dtypes(cfg))  # noqa: E731
         x = x + Attention(cfg, self.decode, name="attention")(norm("attention_norm")(x), angles, segment_ids)
-        x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
+        if self.use_moe:
+            x = x + moe.MoEFeedForward(cfg, self.decode, name="mlp")(norm("mlp_norm")(x), segment_ids)
+        else:
+            x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
         x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
         return x, None
 
 
+class DecoderBlock(nn.Module):
+    """`moe_every` layers, the last one MoE: the scanned unit of an interleaved MoE stack."""
+    config: LLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, angles, segment_ids):
+        cfg = self.config
+        for i in range(cfg.moe_every):
+            x, _ = DecoderLayer(cfg, self.decode, cfg.is_moe_layer(i), name=f"layer_{i}")(x, angles, segment_ids)
+        return x, None
+
+
 class DecoderStack(nn.Module):
-    """`depth` decoder layers: scanned (one compiled body) or unrolled."""
+    """`depth` decoder layers: scanned (one compiled body) or unrolled.
+
+    Scanned, a dense or all-MoE stack scans single layers; an interleaved MoE
+    stack (moe_every > 1) scans DecoderBlocks of `moe_every` layers.
+    """
     config: LLMConfig
 
     @nn.compact
     def __call__(self, x, angles, segment_ids, decode: bool = False):
         cfg = self.config
-        layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat_policy)
         if cfg.scan_layers:
-            scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
-                              split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.depth,
-                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(cfg, decode, name="layers")(x, angles, segment_ids)
-            return x
+            return self._scanned(x, angles, segment_ids, decode)
+        layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat_policy)
         for i in range(cfg.depth):
-            x, _ = layer_cls(cfg, decode, name=f"layers_{i}")(x, angles, segment_ids)
+            x, _ = layer_cls(cfg, decode, cfg.is_moe_layer(i), name=f"layers_{i}")(x, angles, segment_ids)
+        return x
+
+    def _scanned(self, x, angles, segment_ids, decode):
+        cfg = self.config
+        if cfg.moe_num_experts and cfg.moe_every > 1:
+            unit, args, length = DecoderBlock, (cfg, decode), cfg.depth // cfg.moe_every
+        else:
+            unit, args, length = DecoderLayer, (cfg, decode, cfg.moe_num_experts > 0), cfg.depth
+        scanned = nn.scan(layers.maybe_remat(unit, cfg.remat_policy),
+                          variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(nn.broadcast, nn.broadcast), length=length,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(*args, name="layers")(x, angles, segment_ids)
         return x
 
 
@@ -241,9 +292,11 @@ def training_flops_per_token(config: LLMConfig, seq_len: int) -> float:
     embedding lookup is not a matmul), plus attention scores and the weighted
     sum of values: 2 matmuls of L·d_attn per token forward, ×3 for backward,
     = 12·depth·d_attn·L. Full (masked) L×L attention is what is computed, so
-    it is counted in full. Rematerialisation is not counted (MFU, not HFU).
+    it is counted in full. MoE layers count the router and the top-k experts a
+    token uses, not the dispatch/combine einsums. Rematerialisation is not
+    counted (MFU, not HFU).
     """
-    matmul_params = config.num_params(include_embedding=False) - (2 * config.depth + 1) * config.width
+    matmul_params = config.num_params(include_embedding=False, active=True) - (2 * config.depth + 1) * config.width
     if config.tie_embeddings:
         matmul_params += config.vocab_size * config.width
     attention = 12 * config.depth * config.num_heads * config.head_dim * seq_len
