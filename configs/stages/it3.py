@@ -1,0 +1,21 @@
+"""IT3 instruction tuning with dynamic adaptive balance, ~25% text.
+
+    m2omni-train --config=configs/stages/it3.py:tiny --workdir=/tmp/m2omni_stages/it3
+
+Every `balance.dynamic.interval_steps` steps a validation pass per modality
+updates the modality loss weights from the slopes of their recent
+normalised validation losses [paper]; the weights are checkpointed and
+logged to TensorBoard (balance/weight/<modality>).
+"""
+from configs.stages import common
+
+
+def get_config(size="tiny"):
+    config = common.sized_config(size, "it3", previous="it2")
+    common.mixture(config, image=0.45, video=0.15, interleaved=0.15, text=0.25)
+    config.data.shapes_world.tasks = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr",
+                                      "video_motion", "interleaved")
+    config.balance.strategy = "dynamic"
+    config.balance.modalities = ("text", "image", "video", "interleaved")
+    config.balance.dynamic.interval_steps = 10 if size == "tiny" else 500
+    return config

@@ -1,0 +1,20 @@
+"""PT3 joint pre-training: + video and interleaved documents, with step balance.
+
+    python -m m2omni_jax.calibrate --config=configs/stages/pt3.py:tiny --workdir=/tmp/m2omni_stages/calib
+    m2omni-train --config=configs/stages/pt3.py:tiny --workdir=/tmp/m2omni_stages/pt3 \
+        --config.balance.step.calibration_file=/tmp/m2omni_stages/calib/converged_losses.json
+
+Every optimizer step runs one single-modality micro-batch per modality and
+combines their gradients with wᵢ = α·(1/Lᵢ*)/Σⱼ(1/Lⱼ*), α = 10 [paper].
+Without a calibration file the weights are equal (α/M each).
+"""
+from configs.stages import common
+
+
+def get_config(size="tiny"):
+    config = common.sized_config(size, "pt3", previous="pt2")
+    common.mixture(config, text=0.25, image=0.35, video=0.2, interleaved=0.2)
+    config.data.shapes_world.tasks = ("caption", "ocr", "vqa_color", "vqa_shape", "video_motion", "interleaved")
+    config.balance.strategy = "step"
+    config.balance.modalities = ("text", "image", "video", "interleaved")
+    return config
