@@ -58,17 +58,7 @@ class DynamicBalancer:
 
     def validate(self, params) -> dict[str, float]:
         """Mean held-out loss of each balanced modality on its own batches."""
-        losses = {}
-        for name in self.adaptive.modalities:
-            ce_sum = count = 0.0
-            for batch in self.validation_batches[name]:
-                sums, counts = jax.device_get(self.validation_loss(params, batch))
-                ce_sum += float(sums[modality_id(name)])
-                count += float(counts[modality_id(name)])
-            if count == 0:
-                raise ValueError(f"balance.dynamic: the validation batches of {name!r} hold no trained tokens")
-            losses[name] = ce_sum / count
-        return losses
+        return heldout_losses(params, self.validation_batches, self.validation_loss)
 
     def update(self, params) -> dict[str, float]:
         """One validation pass; returns what to log (val losses and weights per modality)."""
@@ -87,6 +77,21 @@ class DynamicBalancer:
 
     def load_json(self, text: str) -> None:
         self.state = balance.state_from_json(text)
+
+
+def heldout_losses(params, batches_by_modality: Mapping[str, Sequence], validation_loss) -> dict[str, float]:
+    """Mean loss of each modality's trained tokens over its own held-out batches."""
+    losses = {}
+    for name, batches in batches_by_modality.items():
+        ce_sum = count = 0.0
+        for batch in batches:
+            sums, counts = jax.device_get(validation_loss(params, batch))
+            ce_sum += float(sums[modality_id(name)])
+            count += float(counts[modality_id(name)])
+        if count == 0:
+            raise ValueError(f"the held-out batches of {name!r} hold no trained tokens")
+        losses[name] = ce_sum / count
+    return losses
 
 
 def fixed_validation_batches(iterator, num_batches: int, to_global: Callable) -> list:
