@@ -39,5 +39,6 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["m2omni-train=m2omni_jax.main:run"]},
+    entry_points={"console_scripts": ["m2omni-train=m2omni_jax.main:run",
+                                     "m2omni-eval=m2omni_jax.evaluate:run"]},
 )

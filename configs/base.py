@@ -11,11 +11,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Llama-3 decoder with M-RoPE (m2omni_jax/models/llm.py: LLMConfig).
     config.model = ml_collections.ConfigDict()
+    config.model.kind = "llm"  # "llm": text only | "omni": + vision tower (models/omni.py)
     config.model.llm = ml_collections.ConfigDict(dict(
         vocab_size=1024, width=256, depth=4, num_heads=4, num_kv_heads=2, head_dim=64,
         mlp_dim=704, rope_theta=500_000.0, mrope_sections=(8, 12, 12), norm_eps=1e-5,
         tie_embeddings=False, dtype="float32", param_dtype="float32",
         remat_policy="none", scan_layers=True))
+    # NaViT vision tower (models/vision.py: VisionConfig) and its connector; read when kind="omni".
+    config.model.vision = ml_collections.ConfigDict(dict(
+        width=64, depth=2, num_heads=4, mlp_ratio=4.0, out_width=64, dtype="float32",
+        param_dtype="float32", remat_policy="none", scan=True))
+    # output_scale: 1 = the paper's unit-norm tokens (right for a pretrained Llama); ≈ √width
+    # for an LLM trained from scratch, whose N(0, 1) token embeddings have that norm.
+    config.model.connector = ml_collections.ConfigDict(dict(kind="linear", mlp=False, output_scale=1.0,
+                                                             position_frequencies=0))
 
     # Mesh axis sizes; one may be -1 (fills the remaining devices).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
@@ -39,6 +48,28 @@ def get_config() -> ml_collections.ConfigDict:
         num_workers=0,  # grain worker processes (0: in the main process)
         read_threads=2,
     ))
+    # Omni data (data/omni_pipeline.py), read when model.kind="omni".
+    config.data.shapes_world = ml_collections.ConfigDict(dict(
+        dir="",  # "": <data.dir>/shapes_world; written once
+        num_train=20_000, num_eval=1_000,
+        tasks=("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "video_motion",
+               "interleaved"),
+    ))
+    config.data.vision = ml_collections.ConfigDict(dict(
+        # Bounds off the 28-multiples: smart_resize's floor() of an exact multiple can land
+        # one step low in floating point (e.g. 96x96 with max 56·56 gives 28x28).
+        image_min_pixels=56 * 56, image_max_pixels=115 * 115,  # square images ≤ 112x112: ≤ 16 tokens
+        video_min_pixels=56 * 56, video_max_pixels=60 * 60,  # frames 56x56: 4 tokens per 2 frames
+        video_src_fps=2.0, video_fps=2.0, video_min_frames=4, video_max_frames=8,
+        patches_per_row=256,  # fixed patch pack per row (a multiple of 4): one compiled shape
+        pixel_norm="clip",  # "clip" (pretrained Qwen2-VL ViT) | "clip_centered" (tower from scratch)
+    ))
+    config.data.mixture = "omni"  # omni_pipeline.MIXTURE_PRESETS name ("mm1": 45/45/10) or "custom"
+    config.data.modality_weights = ml_collections.ConfigDict(dict(  # used when mixture="custom"
+        text=0.25, image=0.45, video=0.15, interleaved=0.15))
+    # Factor per task within its modality (tasks not listed: 1).
+    config.data.task_weights = ml_collections.ConfigDict(dict(
+        caption=1.0, vqa_color=1.0, vqa_shape=1.0, vqa_count=1.0, vqa_position=1.0, ocr=1.0))
 
     config.train = ml_collections.ConfigDict(dict(
         steps=200,
@@ -76,9 +107,31 @@ def get_config() -> ml_collections.ConfigDict:
         ),
     ))
 
+    # m2omni_jax/evaluate.py (m2omni-eval): greedy decoding on the held-out split.
+    config.eval = ml_collections.ConfigDict(dict(
+        num_samples=200,  # held-out records, round-robin over the tasks
+        batch_size=16,
+        max_new_tokens=48,
+        prompt_len=0,  # 0: data.seq_len
+    ))
+
     config.checkpoint = ml_collections.ConfigDict(dict(
         every=100,
         keep=3,
         async_save=True,
+    ))
+    # Stages (configs/stages/): the previous stage's workdir, relative to this workdir; its
+    # parameters initialise this run (optimizer state starts fresh; new towers stay random).
+    config.init_from = ""
+    config.data.split = "train"  # shapes-world split the pipeline reads ("eval": held out)
+    config.train.heldout_batches = 0  # >0: end with a held-out loss per balanced modality
+
+    # How modalities are combined (m2omni_jax/training/balance.py, DESIGN §2).
+    config.balance = ml_collections.ConfigDict(dict(
+        strategy="none",  # "none" | "step" | "size_proportional" | "round_robin" | "dynamic"
+        modalities=("text", "image", "video", "interleaved"),
+        step=dict(alpha=10.0, calibration_file=""),  # "": equal weights α/M
+        dynamic=dict(window=5, temperature=1.0, momentum=0.9, eps=1e-6,  # H, f
+                     interval_steps=500, val_batches=2, val_batch_size=8),  # K, Sᵢ, Bᵢ
     ))
     return config

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -10,11 +13,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from m2omni_jax.data import pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import balance_sources, omni_pipeline, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import MODALITIES, modality_id
 from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
+from m2omni_jax.models.omni import OmniConfig, OmniModel
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import checkpointing, metrics_logging, mfu, optimizers, train_step
+from m2omni_jax.training import (balance, balanced_step, checkpointing, dynamic_balance, metrics_logging, mfu,
+                                 optimizers, train_step)
+
+MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision tower
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
@@ -33,6 +40,49 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
         raise ValueError(f"config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds "
                          f"config.model.llm.vocab_size={config.model.llm.vocab_size}")
     LLMConfig.from_config(config.model.llm)
+    kind = config.model.get("kind", "llm")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r}; use one of {MODEL_KINDS}")
+    if kind == "omni":
+        OmniConfig.from_config(config.model, placeholder_ids=())
+        omni_pipeline.VisionOptions.from_config(config.data.vision)
+        omni_pipeline.modality_weights(config.data)
+
+
+def build_model(config, tokenizer) -> nn.Module:
+    if config.model.get("kind", "llm") == "omni":
+        return OmniModel(OmniConfig.from_config(config.model, omni_pipeline.placeholder_ids(tokenizer)))
+    return LLM(LLMConfig.from_config(config.model.llm))
+
+
+def example_batch_shapes(config) -> dict:
+    """Global batch shapes the model is initialised (and the step compiled) with."""
+    if config.model.get("kind", "llm") == "omni":
+        return {k: jax.ShapeDtypeStruct(shape, dtype)
+                for k, (shape, dtype) in omni_pipeline.example_batch_shapes(config).items()}
+    return {"tokens": (config.train.batch_size, config.data.seq_len)}
+
+
+def batch_keys(config) -> tuple[str, ...]:
+    return omni_pipeline.BATCH_KEYS if config.model.get("kind", "llm") == "omni" else train_step.BATCH_KEYS
+
+
+def make_train_iterator(config, tokenizer):
+    if config.model.get("kind", "llm") == "omni":
+        return omni_pipeline.make_train_iterator(config, tokenizer)
+    return pipeline.make_train_iterator(config, tokenizer)
+
+
+def make_model_and_optimizer(config, tokenizer):
+    """(model, optax chain, example batch shapes): the pieces a train state is built from."""
+    model = build_model(config, tokenizer)
+    shapes = example_batch_shapes(config)
+    abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes))
+    return model, optimizers.make_optimizer(config.opt, config.train.steps, abstract_params), shapes
+
+
+def llm_config(model) -> LLMConfig:
+    return model.config.llm if isinstance(model, OmniModel) else model.config
 
 
 def loss_weight_vector(config) -> np.ndarray:
@@ -76,72 +126,215 @@ def per_modality_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+BALANCE_STRATEGIES = ("none", "step", "size_proportional", "round_robin", "dynamic")
+
+
+def balance_strategy(config) -> str:
+    strategy = config.get("balance", {}).get("strategy", "none")
+    if strategy not in BALANCE_STRATEGIES:
+        raise ValueError(f"config.balance.strategy={strategy!r}; use one of {BALANCE_STRATEGIES}")
+    return strategy
+
+
+def single_modality_config(config, modality: str, *, split: str = "train", batch_size: int | None = None):
+    """The same data config reading one modality only (and optionally another split/batch)."""
+    config = config.copy_and_resolve_references()
+    if config.model.get("kind", "llm") == "omni":
+        config.data.mixture = "custom"
+        for name in config.data.modality_weights:
+            config.data.modality_weights[name] = 0.0
+        config.data.modality_weights[modality] = 1.0
+    elif modality != "text":
+        raise ValueError(f"config.balance.modalities has {modality!r} but model.kind='llm' reads text only")
+    config.data.split = split
+    if batch_size:
+        config.train.batch_size = batch_size
+    return config
+
+
+def make_batch_source(config, tokenizer):
+    """The checkpointable training iterator the balance strategy asks for."""
+    strategy = balance_strategy(config)
+    if strategy in ("none", "dynamic"):
+        return make_train_iterator(config, tokenizer)
+    modalities = tuple(config.balance.modalities)
+    iterators = {m: make_train_iterator(single_modality_config(config, m), tokenizer) for m in modalities}
+    if strategy == "step":
+        return balance_sources.StackedModalityBatches(iterators)
+    if strategy == "round_robin":
+        return balance_sources.PickedModalityBatches(iterators, balance.round_robin(modalities))
+    sizes = omni_pipeline.modality_weights(config.data) if config.model.get("kind") == "omni" else {"text": 1.0}
+    return balance_sources.PickedModalityBatches(
+        iterators, balance.size_proportional_sampler({m: sizes.get(m, 0.0) for m in modalities}, config.seed))
+
+
+def step_balance_weights(config) -> np.ndarray:
+    """wᵢ in config.balance.modalities order, from the calibration file (or equal: α/M)."""
+    modalities = tuple(config.balance.modalities)
+    path = config.balance.step.calibration_file
+    converged = balance.load_calibration(path) if path else {m: 1.0 for m in modalities}
+    missing = set(modalities) - set(converged)
+    if missing:
+        raise ValueError(f"calibration file {path} has no converged loss for {sorted(missing)}")
+    weights = balance.step_balance_weights({m: converged[m] for m in modalities}, config.balance.step.alpha)
+    return np.asarray([weights[m] for m in modalities], np.float32)
+
+
+def heldout_batches(config, tokenizer, mesh, modalities, num_batches: int, batch_size: int) -> dict:
+    """Fixed held-out batches per modality (the eval split), as global arrays."""
+    out = {}
+    for m in modalities:
+        it = make_train_iterator(single_modality_config(config, m, split="eval", batch_size=batch_size), tokenizer)
+        out[m] = dynamic_balance.fixed_validation_batches(
+            it, num_batches, lambda b: pipeline.make_global_batch(b, mesh))
+    return out
+
+
+def init_from_previous_stage(config, workdir, state, abstract_state, state_shardings):
+    """This run's fresh state with the parameters of config.init_from's latest checkpoint."""
+    path = config.init_from if os.path.isabs(config.init_from) else os.path.join(workdir, config.init_from)
+    abstract = abstract_state_with(abstract_state, state_shardings).params
+    loaded, missing = checkpointing.load_params(os.path.normpath(path), abstract)
+    if missing:
+        logging.warning("init_from %s: %d tensors not in the checkpoint keep their fresh init (%s...)",
+                        path, len(missing), missing[:3])
+    return state.replace(params=merge_params(state.params, loaded))
+
+
+def merge_params(fresh, loaded):
+    if not isinstance(fresh, dict):
+        return loaded
+    return {k: merge_params(v, loaded[k]) if k in loaded else v for k, v in fresh.items()}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     validate_config(config, jax.device_count(), jax.process_count())
+    strategy = balance_strategy(config)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh)
-    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    logging.info("mesh %s over %d devices; balance strategy %s", dict(mesh.shape), mesh.size, strategy)
 
     tokenizer = tokenizer_lib.get_tokenizer(config)
-    model = LLM(LLMConfig.from_config(config.model.llm))
-    data_iter = pipeline.make_train_iterator(config, tokenizer)
-
-    batch_shape = (config.train.batch_size, config.data.seq_len)
-    abstract_params = nn.unbox(train_step.abstract_boxed_params(model, {"tokens": batch_shape}))
-    tx = optimizers.make_optimizer(config.opt, config.train.steps, abstract_params)
+    model, tx, shapes = make_model_and_optimizer(config, tokenizer)
+    data_iter = make_batch_source(config, tokenizer)
     state, abstract_state, state_shardings = train_step.create_train_state(
-        model, tx, mesh, rules, {"tokens": batch_shape}, config.seed)
+        model, tx, mesh, rules, shapes, config.seed)
 
     checkpointer = checkpointing.Checkpointer(f"{workdir}/checkpoints", save_every=config.checkpoint.every,
                                               keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    loss_fn = functools.partial(train_step.loss_fn, model=model, z_loss_weight=config.train.z_loss_weight)
+    validation_loss = dynamic_balance.jit_validation_loss(loss_fn, mesh, rules, state_shardings.params)
+    balancer = None
+    if strategy == "dynamic":
+        dyn = config.balance.dynamic
+        adaptive = balance.AdaptiveBalance(tuple(config.balance.modalities), int(dyn.window),
+                                           float(dyn.temperature), float(dyn.momentum), float(dyn.eps))
+        batches = heldout_batches(config, tokenizer, mesh, adaptive.modalities, dyn.val_batches, dyn.val_batch_size)
+        balancer = dynamic_balance.DynamicBalancer(adaptive, batches, validation_loss, int(dyn.interval_steps))
+
     if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(abstract_state_with(abstract_state, state_shardings), data_iter)
+        state, extra = checkpointer.restore(abstract_state_with(abstract_state, state_shardings), data_iter)
+        if balancer is not None and "dynamic_balance" in extra:
+            balancer.load_json(extra["dynamic_balance"])
         logging.info("resumed from step %d", int(state.step))
+    elif config.get("init_from"):
+        state = init_from_previous_stage(config, workdir, state, abstract_state, state_shardings)
     start_step = int(state.step)
 
-    step_fn = train_step.jit_train_step(model, mesh, rules, state_shardings,
-                                        z_loss_weight=config.train.z_loss_weight)
-    loss_weights = loss_weight_vector(config)
+    if strategy == "step":
+        ndims = {k: train_step._BATCH_NDIM.get(k, 2) for k in batch_keys(config)}
+        balanced = balanced_step.jit_balanced_step(loss_fn, mesh, rules, state_shardings, ndims)
+        micro_weights = step_balance_weights(config)
+        logging.info("step balance weights %s", dict(zip(config.balance.modalities, micro_weights.tolist())))
+        step_fn = lambda st, batch, weights: balanced(st, batch, micro_weights)  # noqa: E731
+        to_global = functools.partial(stacked_global_batch, mesh=mesh)
+    else:
+        step_fn = train_step.jit_train_step(model, mesh, rules, state_shardings,
+                                            z_loss_weight=config.train.z_loss_weight,
+                                            batch_keys=batch_keys(config))
+        to_global = functools.partial(pipeline.make_global_batch, mesh=mesh)
+    micro_batches = len(config.balance.modalities) if strategy == "step" else 1
     throughput = Throughput(
-        flops_per_token=training_flops_per_token(model.config, config.data.seq_len),
+        # LLM FLOPs only: the vision tower is not counted (MFU is a lower bound for omni).
+        flops_per_token=training_flops_per_token(llm_config(model), config.data.seq_len),
         peak_flops=mfu.peak_flops_per_device(config.train.peak_flops_per_device) * jax.device_count(),
-        tokens_per_step=config.train.batch_size * config.data.seq_len)
+        tokens_per_step=micro_batches * config.train.batch_size * config.data.seq_len)
     schedule = optimizers.make_schedule_from_config(config.opt, config.train.steps)
     logger = metrics_logging.MetricLogger(workdir, config.train.steps, log_every=config.train.log_every,
                                           start_step=start_step)
+    loop = Loop(config, step_fn, to_global, data_iter, loss_weight_vector(config), throughput, schedule,
+                logger, checkpointer, balancer)
     with checkpointer, checkpointing.StopSignal() as stop:
-        last = run_steps(config, state, step_fn, data_iter, mesh, loss_weights, throughput, schedule,
-                         logger, checkpointer, stop)
-    logger.summary()
+        state, last = loop.run(state, stop)
+    if config.train.get("heldout_batches", 0) > 0:
+        modalities = tuple(config.balance.modalities) if config.model.get("kind") == "omni" else ("text",)
+        batches = heldout_batches(config, tokenizer, mesh, modalities, config.train.heldout_batches,
+                                  config.train.batch_size)
+        losses = dynamic_balance.heldout_losses(state.params, batches, validation_loss)
+        last.update({f"heldout_loss/{m}": v for m, v in losses.items()})
+    logger.summary({k: v for k, v in last.items() if k.startswith("heldout_loss/")})
     logger.close()
     return last
 
 
-def run_steps(config, state, step_fn, data_iter, mesh, loss_weights, throughput, schedule,
-              logger, checkpointer, stop) -> dict[str, float]:
+def stacked_global_batch(local_batch, mesh):
+    """(M, B_local, ...) micro-batches -> global arrays split over the batch axes on dim 1."""
+    out = {}
+    for k, v in local_batch.items():
+        spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES, *([None] * (np.ndim(v) - 2)))
+        global_shape = (v.shape[0], v.shape[1] * jax.process_count()) + v.shape[2:]
+        out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), v, global_shape)
+    return out
+
+
+@dataclasses.dataclass
+class Loop:
     """Steps until config.train.steps or a stop request; always leaves a checkpoint."""
-    step, last = int(state.step), {}
-    throughput.start()
-    while step < config.train.steps:
-        local_batch = next(data_iter)
-        batch = pipeline.make_global_batch(local_batch, mesh)
-        state, metrics = step_fn(state, batch, loss_weights)
-        step += 1
-        throughput.tick()
-        if logger.should_log(step):
-            last = per_modality_metrics(jax.device_get(metrics))
-            last.update(throughput.report(), lr=float(schedule(step - 1)),
-                        packing_efficiency=pipeline.packing_efficiency(local_batch))
-        logger.log(step, last)
-        if stop.should_stop(step):
-            logging.warning("stop requested: saving step %d and exiting", step)
-            break
-        if checkpointer.should_save(step):
-            checkpointer.save(step, state, data_iter)
-    if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, data_iter, force=True)
-    checkpointer.wait()
-    return last
+    config: ml_collections.ConfigDict
+    step_fn: Callable
+    to_global: Callable
+    data_iter: Any
+    loss_weights: np.ndarray
+    throughput: Throughput
+    schedule: Callable
+    logger: metrics_logging.MetricLogger
+    checkpointer: checkpointing.Checkpointer
+    balancer: dynamic_balance.DynamicBalancer | None = None
+
+    def extra(self) -> dict | None:
+        return None if self.balancer is None else {"dynamic_balance": self.balancer.to_json()}
+
+    def save(self, step, state, force=False):
+        self.checkpointer.save(step, state, self.data_iter, extra=self.extra(), force=force)
+
+    def run(self, state, stop):
+        step, last, balance_logs = int(state.step), {}, {}
+        weights = self.loss_weights if self.balancer is None else self.loss_weights * self.balancer.weights_vector()
+        self.throughput.start()
+        while step < self.config.train.steps:
+            local_batch = next(self.data_iter)
+            state, metrics = self.step_fn(state, self.to_global(local_batch), weights)
+            step += 1
+            self.throughput.tick()
+            if self.balancer is not None and self.balancer.due(step):
+                balance_logs = self.balancer.update(state.params)
+                weights = self.loss_weights * self.balancer.weights_vector()
+            if self.logger.should_log(step):
+                fetched = jax.device_get(metrics)
+                fetched.pop("micro_losses", None)
+                last = per_modality_metrics(fetched)
+                last.update(self.throughput.report(), lr=float(self.schedule(step - 1)),
+                            packing_efficiency=pipeline.packing_efficiency(local_batch), **balance_logs)
+            self.logger.log(step, last)
+            if stop.should_stop(step):
+                logging.warning("stop requested: saving step %d and exiting", step)
+                break
+            if self.checkpointer.should_save(step):
+                self.save(step, state)
+        if self.checkpointer.latest_step() != step:
+            self.save(step, state, force=True)
+        self.checkpointer.wait()
+        return state, last
 
 
 def abstract_state_with(abstract_state, shardings):

@@ -219,9 +219,18 @@ def make_text_dataset(paths: Sequence[str], tokenizer, *, seq_len: int, batch_si
     return _StatsDataset(it)
 
 
-def builtin_text_files(config) -> list[str]:
-    """Writes (once) and returns the built-in shapes-world corpus files."""
+HELDOUT_SEED_OFFSET = 7919  # the held-out corpus is generated from another seed
+
+
+def builtin_text_files(config, split: str = "train") -> list[str]:
+    """Writes (once) and returns the built-in corpus files of `split` ("train" or "eval")."""
     data = config.data
+    if split not in ("train", "eval"):
+        raise ValueError(f"text corpus split must be 'train' or 'eval', got {split!r}")
+    if split == "eval":
+        out_dir = os.path.join(os.path.expanduser(data.dir), "text_eval")
+        return text_corpus.write_text_corpus(out_dir, max(int(data.num_text_docs) // 20, 200),
+                                             int(data.seed) + HELDOUT_SEED_OFFSET, 1)
     out_dir = os.path.join(os.path.expanduser(data.dir), "text")
     return text_corpus.write_text_corpus(out_dir, int(data.num_text_docs), int(data.seed),
                                          int(data.get("num_shards", 4)))
@@ -242,7 +251,7 @@ def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
                          f"{process_count} processes")
     data = config.data
     ds = make_text_dataset(
-        builtin_text_files(config), tokenizer, seq_len=int(data.seq_len),
+        builtin_text_files(config, data.get("split", "train")), tokenizer, seq_len=int(data.seq_len),
         batch_size=global_batch // process_count, seed=int(data.seed),
         process_index=process_index, process_count=process_count, num_epochs=None,
         packing_bins=int(data.get("packing_bins", 0)), num_workers=int(data.get("num_workers", 0)),

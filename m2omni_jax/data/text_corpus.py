@@ -23,14 +23,16 @@ from typing import Iterator
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
-VERSION = 1
+from m2omni_jax.data import shapes_world
+
+VERSION = 2
 MANIFEST = "manifest.json"
 
-COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray", "cyan")
-SHAPES = ("circle", "square", "triangle", "star", "heart", "hexagon", "diamond", "rectangle", "pentagon", "oval")
-SIZES = ("small", "large")
-SIDES = {"triangle": 3, "square": 4, "rectangle": 4, "diamond": 4, "pentagon": 5, "hexagon": 6,
-         "star": 10, "circle": 0, "oval": 0, "heart": 0}
+# One vocabulary with the images: the shapes world's colours, shapes and sizes.
+COLORS = tuple(shapes_world.COLORS)
+SHAPES = shapes_world.SHAPES
+SIZES = shapes_world.SIZES
+SIDES = {"triangle": 3, "square": 4, "diamond": 4, "star": 10, "circle": 0}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # (column, row) on a 3x3 grid; names read naturally after "is".
 PLACES = {
@@ -38,8 +40,7 @@ PLACES = {
     (1, 1): "in the center", (0, 0): "at the top left", (2, 0): "at the top right",
     (0, 2): "at the bottom left", (2, 2): "at the bottom right",
 }
-MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("red", "blue"): "purple",
-         ("red", "white"): "pink", ("black", "white"): "gray"}
+MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("red", "blue"): "purple"}
 NAMES = ("Ana", "Ben", "Mia", "Tom", "Lea", "Sam", "Zoe", "Max")
 
 

@@ -19,9 +19,13 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m2omni_jax.modalities import NUM_MODALITIES
+from m2omni_jax.models import moe, omni
 from m2omni_jax.parallel import sharding
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "modality")
+# Extra inputs of the omni model (models/omni.py), passed through when a batch has them.
+MEDIA_KEYS = omni.MEDIA_KEYS
+_BATCH_NDIM = {"positions": 3, "vision_patches": 3, "vision_hw": 3}  # every other key: (B, T)
 
 
 @struct.dataclass
@@ -57,11 +61,23 @@ def weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight: float):
     return loss + z_loss, metrics
 
 
+def model_inputs(batch) -> dict:
+    """The model's keyword inputs: tokens, positions (3,B,T), segment ids, and any media keys."""
+    inputs = {"tokens": batch["tokens"]}
+    if "positions" in batch:
+        inputs["positions"] = jnp.moveaxis(batch["positions"], 1, 0)  # (B,3,T) -> (3,B,T)
+    if "segment_ids" in batch:
+        inputs["segment_ids"] = batch["segment_ids"]
+    inputs.update({k: batch[k] for k in MEDIA_KEYS if k in batch})
+    return inputs
+
+
 def loss_fn(params, batch, loss_weights, *, model: nn.Module, z_loss_weight: float):
-    positions = jnp.moveaxis(batch["positions"], 1, 0)  # (B,3,T) -> (3,B,T)
-    logits = model.apply({"params": params}, batch["tokens"], positions, batch["segment_ids"])
+    logits, intermediates = model.apply({"params": params}, **model_inputs(batch), mutable=["intermediates"])
     ce, log_z = cross_entropy_terms(logits, batch["targets"])
-    return weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight)
+    loss, metrics = weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight)
+    aux = jnp.asarray(moe.moe_aux_loss(intermediates), jnp.float32)  # 0 for dense models
+    return loss + aux, dict(metrics, moe_aux_loss=aux)
 
 
 def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: float = 0.0):
@@ -80,11 +96,19 @@ def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: 
 # Sharded construction
 # --------------------------------------------------------------------------
 
+def example_inputs(example_batch_shapes: dict) -> dict:
+    """Zero model inputs from {key: shape (int32) or jax.ShapeDtypeStruct}."""
+    def zeros(spec):
+        if isinstance(spec, jax.ShapeDtypeStruct):
+            return jnp.zeros(spec.shape, spec.dtype)
+        return jnp.zeros(spec, jnp.int32)
+    return model_inputs({k: zeros(v) for k, v in example_batch_shapes.items()})
+
+
 def abstract_boxed_params(model: nn.Module, example_batch_shapes: dict) -> Any:
     """Parameter shapes with their logical-axis boxes, without allocating."""
     def init(rng):
-        tokens = jnp.zeros(example_batch_shapes["tokens"], jnp.int32)
-        return model.init(rng, tokens)["params"]
+        return model.init(rng, **example_inputs(example_batch_shapes))["params"]
     return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -132,8 +156,7 @@ def create_train_state(model, tx, mesh, rules, example_batch_shapes, seed: int):
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        tokens = jnp.zeros(example_batch_shapes["tokens"], jnp.int32)
-        params = nn.unbox(model.init(init_rng, tokens)["params"])
+        params = nn.unbox(model.init(init_rng, **example_inputs(example_batch_shapes))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(state_rng), tx=tx)
 
@@ -142,15 +165,16 @@ def create_train_state(model, tx, mesh, rules, example_batch_shapes, seed: int):
     return state, abstract, shardings
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    return {k: sharding.batch_sharding(mesh, 3 if k == "positions" else 2) for k in BATCH_KEYS}
+def batch_shardings(mesh: Mesh, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
+    return {k: sharding.batch_sharding(mesh, _BATCH_NDIM.get(k, 2)) for k in keys}
 
 
-def jit_train_step(model, mesh, rules, shardings, *, z_loss_weight: float = 0.0) -> Callable:
+def jit_train_step(model, mesh, rules, shardings, *, z_loss_weight: float = 0.0,
+                   batch_keys=BATCH_KEYS) -> Callable:
     """The train step under jit with explicit in/out shardings; the state is donated."""
     step = functools.partial(train_step, model=model, z_loss_weight=z_loss_weight)
     rep = NamedSharding(mesh, P())
-    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh), rep),
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh, batch_keys), rep),
                      out_shardings=(shardings, rep), donate_argnums=(0,))
 
     def run(state, batch, loss_weights):

@@ -1,0 +1,459 @@
+"""grain input pipeline for the omni model: text + image + video + interleaved samples.
+
+    per task: shapes-world ArrayRecord[task::num_tasks][process::count] → shuffle → repeat
+              → decode → resize → patchify [→ centre colours] → chat template with expanded placeholders
+    text:     the text corpus of `pipeline.py` → tokenise
+    → MapDataset.mix(weights) → to_iter_dataset → drop bad records (counted)
+    → grain FirstFitPackIterDataset(tokens: seq_len, patches: patches_per_row)
+    → per-row finalise → batch → [mp_prefetch] → running stats (`pipeline.StatsIterator`)
+
+Sequence assembly (`assemble_chat`): each `<image>` / `<video>` in a message
+becomes `<image>` + N×`<imagePatch>` + `</image>` (N = merged tokens of that
+item); M-RoPE ids follow DESIGN.md §1: text t = h = w = running index; a
+patch block gets its (t, h/2, w/2) grid ids offset by the running index at
+the block start; the text after it resumes at the block's max + 1. Only
+assistant text (and its `<|eot_id|>`) is trained; prompt and media tokens
+are not.
+
+Batch = the text batch of `pipeline.py` plus, per row, a fixed-size patch pack
+(N = `patches_per_row`, so jit never recompiles):
+  vision_patches      float32 (B,N,1176)  packed patches of the row's images/frames, in order
+  vision_segment_ids  int32 (B,N)         one id per image / temporal frame of the row, 0 = padding
+  vision_hw           int32 (B,2,N)       (row, col) of each patch in its image
+Placeholder j of a row belongs to merged patch group j (4 consecutive patches).
+
+A sample with more than `seq_len` tokens or `patches_per_row` patches is
+skipped and counted as a bad record (text samples are truncated instead).
+Caption→image (`gen_image`) records are not read: the mixture has no
+image-generation modality yet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from m2omni_jax.data import image_preprocessing as ip
+from m2omni_jax.data import pipeline
+from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.data import write_shapes_world
+from m2omni_jax.modalities import modality_id
+from m2omni_jax.models import omni
+
+MEDIA_KEYS = omni.MEDIA_KEYS
+BATCH_KEYS = pipeline.BATCH_KEYS + MEDIA_KEYS
+PATCH_DIM = 3 * ip.TEMPORAL_PATCH_SIZE * ip.PATCH_SIZE ** 2
+_TOKEN_KEYS = ("tokens", "targets", "loss_mask", "modality", "positions")
+_PATCH_KEYS = ("vision_patches", "vision_hw", "vision_frames")
+_BAD = pipeline._BAD
+_PLACEHOLDER = re.compile(r"<(image|video)>")
+
+UNDERSTANDING_MODALITIES = ("text", "image", "video", "interleaved")
+PIXEL_NORMS = ("clip", "clip_centered")
+# Modality weights of the mixture presets; `config.data.mixture = "custom"`
+# takes `config.data.modality_weights` instead.
+MIXTURE_PRESETS = {
+    "mm1": {"interleaved": 0.45, "image": 0.45, "text": 0.10},  # MM1 pre-training [MM1]
+    "omni": {"image": 0.45, "video": 0.15, "interleaved": 0.15, "text": 0.25},  # ~25% text [paper]
+}
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionOptions:
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 115 * 115
+    video_min_pixels: int = 56 * 56
+    video_max_pixels: int = 60 * 60
+    video_src_fps: float = 2.0
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 8
+    patches_per_row: int = 256
+    # "clip": CLIP mean/std, as Qwen2-VL's pretrained ViT expects. "clip_centered" [ours]:
+    # then subtract each image's (video's) mean colour, for a tower trained from scratch:
+    # otherwise the background dominates every token and the random encoder's tokens
+    # look alike, so the LLM has nothing to latch on to (shapes world: no learning at all).
+    pixel_norm: str = "clip"
+
+    def __post_init__(self):
+        if self.patches_per_row <= 0 or self.patches_per_row % ip.MERGE_SIZE ** 2:
+            raise ValueError(f"data.vision.patches_per_row={self.patches_per_row} must be a positive "
+                             f"multiple of {ip.MERGE_SIZE ** 2} (merger groups)")
+        if self.pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"data.vision.pixel_norm={self.pixel_norm!r}; use one of {PIXEL_NORMS}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "VisionOptions":
+        values = dict(cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.data.vision has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class MediaItem:
+    kind: str  # "image" | "video"
+    patches: np.ndarray  # (t·h·w, PATCH_DIM) in merger order
+    grid_thw: tuple[int, int, int]  # in patches
+
+    @property
+    def merged_grid(self) -> tuple[int, int, int]:
+        t, h, w = self.grid_thw
+        return t, h // ip.MERGE_SIZE, w // ip.MERGE_SIZE
+
+    @property
+    def num_tokens(self) -> int:
+        return int(np.prod(self.merged_grid))
+
+
+def preprocess_media(kind: str, pixels, opts: VisionOptions) -> MediaItem:
+    """uint8 image (H,W,3) or frames [(H,W,3)] -> patches at the configured resolution."""
+    if kind == "image":
+        patches, grid = ip.preprocess_image(np.asarray(pixels), opts.image_min_pixels, opts.image_max_pixels)
+    else:
+        patches, grid = ip.preprocess_video(np.stack(pixels), opts.video_src_fps, opts.video_fps,
+                                            opts.video_min_pixels, opts.video_max_pixels,
+                                            opts.video_min_frames, opts.video_max_frames)
+    if opts.pixel_norm == "clip_centered":
+        patches = center_colors(patches)
+    return MediaItem(kind, patches, tuple(int(g) for g in grid))
+
+
+def center_colors(patches: np.ndarray) -> np.ndarray:
+    """Subtracts the per-channel mean over all patches (layout (C, T, P, P) per patch)."""
+    by_channel = patches.reshape(len(patches), 3, -1)
+    return (by_channel - by_channel.mean(axis=(0, 2), keepdims=True)).reshape(patches.shape)
+
+
+def record_media(record: dict, opts: VisionOptions, messages: Sequence[dict] | None = None
+                 ) -> list[MediaItem]:
+    """The media of a shapes-world record in the order their placeholders appear."""
+    images = iter(record["images"])
+    items = []
+    for message in record["messages"] if messages is None else messages:
+        for kind in _PLACEHOLDER.findall(message["content"]):
+            pixels = next(images) if kind == "image" else record["video"]
+            items.append(preprocess_media(kind, pixels, opts))
+    return items
+
+
+def expand_placeholders(messages: Sequence[dict], media: Sequence[MediaItem]) -> list[dict]:
+    """`<image>` -> `<image>` + N×`<imagePatch>` + `</image>` (same for video), in order."""
+    items = iter(media)
+
+    def block(match):
+        item = next(items)
+        if item.kind != match.group(1):
+            raise ValueError(f"placeholder <{match.group(1)}> but media item is a {item.kind}")
+        return f"<{item.kind}>" + f"<{item.kind}Patch>" * item.num_tokens + f"</{item.kind}>"
+    return [{**m, "content": _PLACEHOLDER.sub(block, m["content"])} for m in messages]
+
+
+def mrope_positions(ids: Sequence[int], merged_grids: Sequence[Sequence[int]],
+                    patch_ids: Sequence[int]) -> np.ndarray:
+    """(3, L) M-RoPE (t, h, w) ids; runs of patch tokens take the grids in order."""
+    ids = np.asarray(ids)
+    positions = np.zeros((3, len(ids)), np.int32)
+    grids = iter(merged_grids)
+    next_id, i = 0, 0
+    while i < len(ids):
+        if ids[i] not in patch_ids:
+            positions[:, i] = next_id
+            next_id, i = next_id + 1, i + 1
+            continue
+        t, h, w = next(grids)
+        n = t * h * w
+        if not np.isin(ids[i:i + n], patch_ids).all() or (i + n < len(ids) and ids[i + n] in patch_ids):
+            raise ValueError(f"patch run at {i} does not hold the {n} tokens of grid {(t, h, w)}")
+        block = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(3, n)
+        positions[:, i:i + n] = block + next_id
+        next_id, i = next_id + int(block.max()) + 1, i + n
+    return positions
+
+
+def media_token_ids(tokenizer) -> dict[str, int]:
+    return {name: tokenizer.special_id(f"<{name}>") for name in
+            ("image", "/image", "imagePatch", "video", "/video", "videoPatch")}
+
+
+def placeholder_ids(tokenizer) -> tuple[int, int]:
+    """The token ids whose embeddings the vision features replace."""
+    return tokenizer.special_id("<imagePatch>"), tokenizer.special_id("<videoPatch>")
+
+
+def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[MediaItem], *,
+                  add_generation_prompt: bool = False) -> dict:
+    """Chat + media -> ids, mask (1 = trained), positions (3,L), patches, hw (2,P), frames (P,).
+
+    `frames` numbers the images / temporal frames of the sample 1, 2, ...: the
+    attention segments of the vision tower.
+    """
+    ids, mask = tokenizer.apply_chat_template(expand_placeholders(messages, media), add_generation_prompt)
+    ids = np.asarray(ids, np.int32)
+    patch_ids = placeholder_ids(tokenizer)
+    if int(np.isin(ids, patch_ids).sum()) != sum(m.num_tokens for m in media):
+        raise ValueError("placeholder count does not match the media tokens")
+    mask = np.where(np.isin(ids, list(media_token_ids(tokenizer).values())), 0, np.asarray(mask, np.int32))
+    frames, first = [], 1
+    for item in media:
+        t, h, w = item.grid_thw
+        frames.append(first + np.repeat(np.arange(t, dtype=np.int32), h * w))
+        first += t
+    return {
+        "ids": ids, "mask": mask,
+        "positions": mrope_positions(ids, [m.merged_grid for m in media], patch_ids),
+        "patches": np.concatenate([m.patches for m in media] or [np.zeros((0, PATCH_DIM), np.float32)]),
+        "hw": np.concatenate([ip.hw_positions(m.grid_thw) for m in media] or [np.zeros((2, 0), np.int32)], 1),
+        "frames": np.concatenate(frames or [np.zeros(0, np.int32)]),
+    }
+
+
+def _sample_from_assembly(chat: dict, modality: int) -> dict:
+    sample = pipeline.make_sample(chat["ids"], chat["mask"], modality, len(chat["ids"]))
+    sample["positions"] = chat["positions"].T.copy()  # grain packs along axis 0
+    sample["vision_patches"] = chat["patches"].astype(np.float32)
+    sample["vision_hw"] = chat["hw"].T.copy()
+    sample["vision_frames"] = chat["frames"].astype(np.int32)
+    return sample
+
+
+class ShapesWorldSample:
+    """Shapes-world record bytes → packed-ready sample dict, or `{_BAD: 1}`."""
+
+    def __init__(self, tokenizer, seq_len: int, opts: VisionOptions):
+        self.tokenizer, self.seq_len, self.opts = tokenizer, seq_len, opts
+
+    def __call__(self, raw: bytes) -> dict:
+        try:
+            record = sw.decode_record(raw)
+            media = record_media(record, self.opts)
+            chat = assemble_chat(self.tokenizer, record["messages"], media)
+            modality = modality_id(record["modality"])
+        except (ValueError, KeyError, TypeError, AttributeError, StopIteration, OSError):
+            return {_BAD: 1}
+        if len(chat["ids"]) > self.seq_len or len(chat["patches"]) > self.opts.patches_per_row:
+            return {_BAD: 1}  # cutting a media block would break the placeholder/feature pairing
+        return _sample_from_assembly(chat, modality)
+
+
+class TextSample:
+    """Text-corpus record → the text sample of `pipeline.TokenizeRecord` with empty media."""
+
+    def __init__(self, tokenizer, seq_len: int):
+        self.tokenize = pipeline.TokenizeRecord(tokenizer, seq_len)
+
+    def __call__(self, raw: bytes) -> dict:
+        sample = self.tokenize(raw)
+        if _BAD in sample:
+            return sample
+        sample["positions"] = np.repeat(np.arange(len(sample["tokens"]), dtype=np.int32)[:, None], 3, 1)
+        sample["vision_patches"] = np.zeros((0, PATCH_DIM), np.float32)
+        sample["vision_hw"] = np.zeros((0, 2), np.int32)
+        sample["vision_frames"] = np.zeros(0, np.int32)
+        return sample
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def vision_segment_ids(sample_ids: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """One id per (packed sample, frame) in the row, numbered 1, 2, ...; padding stays 0."""
+    valid = sample_ids > 0
+    key = sample_ids.astype(np.int64) * (int(frames.max(initial=0)) + 1) + frames
+    starts = valid & (key != np.concatenate([[-1], key[:-1]]))
+    return (np.cumsum(starts) * valid).astype(np.int32)
+
+
+def finalize_row(row: dict) -> dict:
+    """grain's packed row → the omni row format (+ the two counts, summed)."""
+    out = {k: row[k] for k in ("tokens", "targets", "loss_mask", "modality")}
+    out["segment_ids"] = row["tokens_segment_ids"]
+    out["positions"] = row["positions"].T.copy()
+    out["vision_patches"] = row["vision_patches"]
+    out["vision_segment_ids"] = vision_segment_ids(row["vision_patches_segment_ids"], row["vision_frames"])
+    out["vision_hw"] = row["vision_hw"].T.copy()
+    for k in pipeline._COUNT_KEYS:
+        out[k] = np.int32(sum(row[k]))
+    return out
+
+
+# ----------------------------------------------------------------------------- mixture
+
+
+def modality_weights(data_cfg) -> dict[str, float]:
+    """The mixture's modality weights (a preset, or `modality_weights` when "custom")."""
+    name = data_cfg.get("mixture", "custom")
+    if name != "custom" and name not in MIXTURE_PRESETS:
+        raise ValueError(f"config.data.mixture={name!r}; use 'custom' or one of {sorted(MIXTURE_PRESETS)}")
+    weights = dict(MIXTURE_PRESETS[name] if name != "custom" else data_cfg.modality_weights)
+    unknown = set(weights) - set(UNDERSTANDING_MODALITIES)
+    if unknown:
+        raise ValueError(f"mixture weights name unknown modalities {sorted(unknown)}; "
+                         f"known: {UNDERSTANDING_MODALITIES}")
+    return {k: float(v) for k, v in weights.items() if v > 0}
+
+
+def source_weights(data_cfg, tasks: Sequence[str]) -> dict[str, float]:
+    """Weight per source ("text" or a shapes-world task); a modality's weight is split
+    over its tasks by `task_weights` factors (default equal)."""
+    factors = dict(data_cfg.get("task_weights", {}) or {})
+    unknown = set(factors) - set(sw.TASKS)
+    if unknown:
+        raise ValueError(f"config.data.task_weights names unknown tasks {sorted(unknown)}; "
+                         f"known: {sw.TASKS}")
+    out = {}
+    for modality, weight in modality_weights(data_cfg).items():
+        if modality == "text":
+            out["text"] = weight
+            continue
+        members = [t for t in tasks if sw.TASK_MODALITY[t] == modality]
+        if not members:
+            raise ValueError(f"mixture weights modality {modality!r} but data.shapes_world.tasks "
+                             f"{tuple(tasks)} has no {modality} task")
+        total = sum(float(factors.get(t, 1.0)) for t in members)
+        out.update({t: weight * float(factors.get(t, 1.0)) / total for t in members})
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def shapes_world_dir(config) -> str:
+    return os.path.expanduser(config.data.shapes_world.dir or os.path.join(config.data.dir, "shapes_world"))
+
+
+def write_builtin_shapes_world(config, progress: bool = False) -> tuple[str, tuple[str, ...]]:
+    """Writes (once) the shapes-world splits; returns (dir, the tasks in file order)."""
+    cfg = config.data.shapes_world
+    out_dir = shapes_world_dir(config)
+    manifest = write_shapes_world.write_shapes_world(
+        out_dir, seed=int(config.data.seed), num_train=int(cfg.num_train), num_eval=int(cfg.num_eval),
+        tasks=tuple(cfg.tasks), progress=progress)
+    return out_dir, tuple(manifest["tasks"])
+
+
+def _task_records(path: str, task_index: int, num_tasks: int, *, seed: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+    """One task's records (tasks are assigned round-robin), this process's shard, shuffled, repeated."""
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path]))
+    ds = ds[task_index::num_tasks][process_index::process_count]
+    return ds.shuffle(seed).repeat(None)
+
+
+def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int = 0,
+                      process_count: int = 1) -> grain.IterDataset:
+    """The mixed, packed, batched omni pipeline; iterate it for `pipeline.StatsIterator`s."""
+    data = config.data
+    seed, seq_len = int(data.seed), int(data.seq_len)
+    opts = VisionOptions.from_config(data.vision)
+    shapes_dir, file_tasks = write_builtin_shapes_world(config)
+    weights = source_weights(data, file_tasks)
+    split = data.get("split", "train")
+    sources = []
+    for k, name in enumerate(sorted(weights)):
+        if name == "text":
+            ds = pipeline.make_record_dataset(pipeline.builtin_text_files(config, split), seed=seed + k,
+                                              process_index=process_index, process_count=process_count)
+            sources.append(ds.repeat(None).map(TextSample(tokenizer, seq_len)))
+        else:
+            ds = _task_records(write_shapes_world.split_path(shapes_dir, split), file_tasks.index(name),
+                               len(file_tasks), seed=seed + k, process_index=process_index,
+                               process_count=process_count)
+            sources.append(ds.map(ShapesWorldSample(tokenizer, seq_len, opts)))
+    mixed = grain.MapDataset.mix(sources, [weights[name] for name in sorted(weights)])
+    it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 2)),
+                                                 prefetch_buffer_size=64))
+    it = pipeline._SkipBadDataset(it)
+    lengths = {**{k: seq_len for k in _TOKEN_KEYS}, **{k: opts.patches_per_row for k in _PATCH_KEYS}}
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct=lengths, num_packing_bins=int(data.get("packing_bins", 0)) or max(16, batch_size),
+        seed=seed, shuffle_bins=True, meta_features=pipeline._COUNT_KEYS)
+    it = it.map(finalize_row).batch(batch_size, drop_remainder=True)
+    num_workers = int(data.get("num_workers", 0))
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # see pipeline.make_text_dataset
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return pipeline._StatsDataset(it)
+
+
+def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
+                        process_count: int | None = None) -> pipeline.StatsIterator:
+    """Infinite omni training iterator for this process; `get_state()`/`set_state()` resume exactly."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    global_batch = int(config.train.batch_size)
+    if global_batch % process_count:
+        raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the "
+                         f"{process_count} processes")
+    return iter(make_omni_dataset(config, tokenizer, batch_size=global_batch // process_count,
+                                  process_index=process_index, process_count=process_count))
+
+
+def example_batch_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every key of a global omni batch."""
+    batch, seq_len = int(config.train.batch_size), int(config.data.seq_len)
+    patches = int(config.data.vision.patches_per_row)
+    return {"tokens": ((batch, seq_len), np.int32), "targets": ((batch, seq_len), np.int32),
+            "loss_mask": ((batch, seq_len), np.float32), "segment_ids": ((batch, seq_len), np.int32),
+            "positions": ((batch, 3, seq_len), np.int32), "modality": ((batch, seq_len), np.int32),
+            "vision_patches": ((batch, patches, PATCH_DIM), np.float32),
+            "vision_segment_ids": ((batch, patches), np.int32),
+            "vision_hw": ((batch, 2, patches), np.int32)}
+
+
+# ----------------------------------------------------------------------------- evaluation prompts
+
+
+def eval_prompt(record: dict, tokenizer, opts: VisionOptions) -> dict:
+    """The first user turn of a record, ready for generation (assistant header open)."""
+    messages = record["messages"][:1]
+    return assemble_chat(tokenizer, messages, record_media(record, opts, messages),
+                         add_generation_prompt=True)
+
+
+def batch_prompts(prompts: Sequence[dict], prompt_len: int, patches_per_row: int) -> dict:
+    """Left-pads prompts to `prompt_len` (segment 0) and packs each row's patches to the fixed size."""
+    rows = len(prompts)
+    out = {"tokens": np.zeros((rows, prompt_len), np.int32),
+           "segment_ids": np.zeros((rows, prompt_len), np.int32),
+           "positions": np.zeros((rows, 3, prompt_len), np.int32),
+           "vision_patches": np.zeros((rows, patches_per_row, PATCH_DIM), np.float32),
+           "vision_segment_ids": np.zeros((rows, patches_per_row), np.int32),
+           "vision_hw": np.zeros((rows, 2, patches_per_row), np.int32),
+           "next_position": np.zeros(rows, np.int32)}
+    for r, p in enumerate(prompts):
+        n, num_patches = len(p["ids"]), len(p["patches"])
+        if n > prompt_len or num_patches > patches_per_row:
+            raise ValueError(f"prompt of {n} tokens / {num_patches} patches exceeds "
+                             f"{prompt_len} / {patches_per_row}")
+        out["tokens"][r, prompt_len - n:] = p["ids"]
+        out["segment_ids"][r, prompt_len - n:] = 1
+        out["positions"][r, :, prompt_len - n:] = p["positions"]
+        out["next_position"][r] = int(p["positions"].max()) + 1
+        out["vision_patches"][r, :num_patches] = p["patches"]
+        out["vision_segment_ids"][r, :num_patches] = p["frames"]
+        out["vision_hw"][r, :, :num_patches] = p["hw"]
+    return out
+
+
+def eval_records(config, num_samples: int, tasks: Sequence[str] | None = None) -> Iterator[dict]:
+    """The first `num_samples` held-out records of the given tasks (default: all understanding tasks)."""
+    shapes_dir, file_tasks = write_builtin_shapes_world(config)
+    wanted = [t for t in (tasks or file_tasks) if t in file_tasks]
+    source = write_shapes_world.open_split(shapes_dir, "eval")
+    count = 0
+    for index in range(len(source)):
+        if count >= num_samples:
+            return
+        if file_tasks[index % len(file_tasks)] in wanted:
+            count += 1
+            yield sw.decode_record(source[index])

@@ -1,0 +1,223 @@
+"""Held-out evaluation: greedy decoding with the KV cache on the shapes-world eval split.
+
+    m2omni-eval --config=configs/tiny.py --workdir=/tmp/m2omni_tiny
+
+Restores the latest checkpoint of `workdir/checkpoints`, answers the first
+`config.eval.num_samples` held-out records (round-robin over the data set's
+tasks; interleaved chats are asked their first turn) and reports
+  vqa_accuracy                 normalised exact match per question type
+                               (color, shape, count, position, relation, ocr) and overall
+  caption_attribute_accuracy   fraction of a scene's (colour, shape) pairs the caption names
+  video_motion_accuracy        fraction of moving objects with colour, shape and direction right
+as `workdir/eval.json` and one printed table.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, logging
+
+from m2omni_jax import train
+from m2omni_jax.data import omni_pipeline, shapes_world as sw, tokenizer as tokenizer_lib
+from m2omni_jax.models.omni import init_cache
+from m2omni_jax.parallel import sharding
+from m2omni_jax.training import checkpointing, train_step
+
+VQA_TASKS = ("vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr")
+NUM_EXAMPLES_SAVED = 24
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def make_greedy_decoder(model, max_len: int):
+    """Returns decode(params, prompt_inputs, next_position, num_new) -> (B, num_new) token ids.
+
+    prompt_inputs: the model's inputs for the (left-padded) prompts, tokens (B,L),
+    positions (3,B,L), segment_ids (B,L) (+ media keys). The prompt is one
+    prefill call writing the cache; each new token is one cached call at
+    M-RoPE position next_position + i (t = h = w, as text after the prompt).
+    """
+    def apply(params, cache, inputs):
+        return model.apply({"params": params, "cache": cache}, **inputs, decode=True, mutable=["cache"])
+
+    @jax.jit
+    def prefill(params, inputs):
+        cache = init_cache(model, inputs["tokens"].shape[0], max_len)
+        logits, variables = apply(params, cache, inputs)
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), variables["cache"]
+
+    @jax.jit
+    def step(params, cache, token, position):
+        inputs = {"tokens": token[:, None], "positions": jnp.broadcast_to(position[None, :, None], (3,) + token.shape + (1,)),
+                  "segment_ids": jnp.ones((token.shape[0], 1), jnp.int32)}
+        logits, variables = apply(params, cache, inputs)
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), variables["cache"]
+
+    def decode(params, prompt_inputs, next_position, num_new: int, stop_ids: Sequence[int] = ()):
+        token, cache = prefill(params, prompt_inputs)
+        out = [np.asarray(token)]
+        done = np.isin(out[-1], stop_ids)
+        for i in range(1, num_new):
+            if done.all():
+                break
+            token, cache = step(params, cache, token, jnp.asarray(next_position + i - 1, jnp.int32))
+            out.append(np.asarray(token))
+            done |= np.isin(out[-1], stop_ids)
+        tokens = np.stack(out, 1)
+        return np.pad(tokens, ((0, 0), (0, num_new - tokens.shape[1])))
+    return decode
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    ids = list(ids)
+    stops = [i for i, t in enumerate(ids) if t in stop_ids]
+    return ids[:stops[0]] if stops else ids
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def question_type(record: dict) -> str:
+    return "ocr" if record["task"] == "ocr" else record["attributes"]["question_type"]
+
+
+def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
+    """The metrics of the module docstring, plus per-metric sample counts."""
+    by_task: dict[str, list[tuple[str, dict]]] = {}
+    for prediction, record in zip(predictions, records, strict=True):
+        by_task.setdefault(record["task"], []).append((prediction, record))
+    result, counts = {}, {}
+    vqa = [(p, dict(r, task=question_type(r))) for t in VQA_TASKS for p, r in by_task.get(t, [])]
+    if vqa:
+        result["vqa_accuracy"] = sw.vqa_accuracy([p for p, _ in vqa], [r for _, r in vqa])
+        counts["vqa"] = {t: sum(r["task"] == t for _, r in vqa) for t in result["vqa_accuracy"] if t != "overall"}
+    captions = by_task.get("caption", [])
+    if captions:
+        result["caption_attribute_accuracy"] = float(np.mean(
+            [sw.caption_attribute_accuracy(p, r["attributes"]) for p, r in captions]))
+        counts["caption"] = len(captions)
+    first_turns = by_task.get("interleaved", [])
+    if first_turns:  # the first reply describes the first scene
+        result["interleaved_caption_attribute_accuracy"] = float(np.mean(
+            [sw.caption_attribute_accuracy(p, r["attributes"]["scenes"][0]) for p, r in first_turns]))
+        counts["interleaved"] = len(first_turns)
+    videos = by_task.get("video_motion", [])
+    if videos:
+        result["video_motion_accuracy"] = sw.video_motion_accuracy([p for p, _ in videos], [r for _, r in videos])
+        counts["video_motion"] = len(videos)
+    result["counts"] = counts
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [("metric", "value", "n")]
+    counts = result.get("counts", {})
+    for qtype, value in result.get("vqa_accuracy", {}).items():
+        n = sum(counts.get("vqa", {}).values()) if qtype == "overall" else counts.get("vqa", {}).get(qtype, "")
+        rows.append((f"vqa_accuracy/{qtype}", f"{value:.3f}", str(n)))
+    for name, count_key in (("caption_attribute_accuracy", "caption"),
+                            ("interleaved_caption_attribute_accuracy", "interleaved"),
+                            ("video_motion_accuracy", "video_motion")):
+        if name in result:
+            rows.append((name, f"{result[name]:.3f}", str(counts.get(count_key, ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def generate_answers(config, model, params, tokenizer, records: Sequence[dict], mesh, rules) -> list[str]:
+    """Greedy answers to the first user turn of each record, batched and left-padded."""
+    opts = omni_pipeline.VisionOptions.from_config(config.data.vision)
+    prompts = [omni_pipeline.eval_prompt(r, tokenizer, opts) for r in records]
+    prompt_len = int(config.eval.prompt_len) or -(-max(len(p["ids"]) for p in prompts) // 8) * 8
+    max_new = int(config.eval.max_new_tokens)
+    batch_size = _eval_batch_size(config, mesh)
+    decode = make_greedy_decoder(model, prompt_len + max_new)
+    stop_ids = (tokenizer.special_id("<|eot_id|>"), tokenizer.eos_id)
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled batch shape
+        batch = omni_pipeline.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row))
+        next_position = batch.pop("next_position")
+        inputs = {k: v for k, v in batch.items() if k in _input_keys(config)}
+        inputs["positions"] = np.moveaxis(inputs["positions"], 1, 0)
+        with sharding.activate(mesh, rules):
+            tokens = decode(params, inputs, next_position, max_new, stop_ids)
+        answers += [tokenizer.decode(cut_at_stop(row, stop_ids)) for row in tokens[:len(chunk)]]
+    return answers
+
+
+def _input_keys(config) -> tuple[str, ...]:
+    text_keys = ("tokens", "segment_ids", "positions")
+    return text_keys + (omni_pipeline.MEDIA_KEYS if config.model.get("kind", "llm") == "omni" else ())
+
+
+def _eval_batch_size(config, mesh) -> int:
+    ways = sharding.batch_axis_size(mesh)
+    return -(-int(config.eval.batch_size) // ways) * ways  # a multiple of the batch mesh axes
+
+
+def evaluate_params(config, model, params, tokenizer, mesh, rules) -> dict:
+    """Scores `params` on the held-out records; returns the metrics plus example answers."""
+    records = list(omni_pipeline.eval_records(config, int(config.eval.num_samples)))
+    answers = generate_answers(config, model, params, tokenizer, records, mesh, rules)
+    result = score(answers, records)
+    result["examples"] = [{"id": r["id"], "task": r["task"], "question": r["messages"][0]["content"],
+                           "answer": r["messages"][1]["content"], "prediction": a}
+                          for r, a in list(zip(records, answers))[:NUM_EXAMPLES_SAVED]]
+    return result
+
+
+def restore_params(config, workdir: str, tokenizer, mesh, rules):
+    """(model, params, step) from the latest checkpoint in `workdir/checkpoints`."""
+    # The model and optimizer of training, so the restored state tree matches.
+    model, tx, shapes = train.make_model_and_optimizer(config, tokenizer)
+    abstract, shardings = train_step.state_shardings(model, tx, mesh, rules, shapes)
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              save_every=int(config.checkpoint.every),
+                                              keep=int(config.checkpoint.keep), async_save=False)
+    with checkpointer:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
+        state, _ = checkpointer.restore(train.abstract_state_with(abstract, shardings), step=step)
+    return model, state.params, step
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Restores the latest checkpoint, evaluates, writes `workdir/eval.json`, prints the table."""
+    rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
+    mesh = sharding.make_mesh(config.mesh)
+    tokenizer = tokenizer_lib.get_tokenizer(config)
+    model, params, step = restore_params(config, workdir, tokenizer, mesh, rules)
+    result = {"step": step, **evaluate_params(config, model, params, tokenizer, mesh, rules)}
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"eval at step {step} ({os.path.join(workdir, 'eval.json')}):\n{format_table(result)}")
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from m2omni_jax import main as main_lib
+    evaluate(main_lib.FLAGS.config, os.path.abspath(main_lib.FLAGS.workdir))
+
+
+def run():
+    from m2omni_jax import main as main_lib  # shares its --config / --workdir flags
+    logging.set_verbosity(logging.WARNING)
+    app.run(main, flags_parser=main_lib.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

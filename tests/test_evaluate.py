@@ -1,0 +1,118 @@
+"""Evaluation: cached greedy decoding equals the full forward's argmax; scoring; eval.json end to end."""
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from m2omni_jax import evaluate, train
+from m2omni_jax.data import image_preprocessing as ip
+from m2omni_jax.data import omni_pipeline as op
+from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.data.tokenizer import get_tokenizer
+from m2omni_jax.models.llm import LLMConfig
+from m2omni_jax.models.omni import ConnectorConfig, OmniConfig, OmniModel
+from m2omni_jax.models.vision import VisionConfig
+from m2omni_jax.parallel import sharding
+from m2omni_jax.training import checkpointing, train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMG, PATCH, END = 4, 6, 5
+TINY_LLM = dict(vocab_size=512, width=32, depth=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
+                mrope_sections=(2, 3, 3))
+TINY_VISION = dict(width=16, depth=1, num_heads=2, out_width=16)
+
+
+def synthetic_prompt(seed, num_text):
+    """bos-like text, a 56x84 image (2x3 merged tokens), more text."""
+    rng = np.random.default_rng(seed)
+    patches, grid = ip.patchify(rng.normal(size=(56, 84, 3)).astype(np.float32))
+    ids = np.concatenate([[2, 30, IMG], [PATCH] * 6, [END], rng.integers(10, 500, num_text)]).astype(np.int32)
+    return {"ids": ids, "positions": op.mrope_positions(ids, [(1, 2, 3)], (PATCH,)), "patches": patches,
+            "hw": ip.hw_positions(grid), "frames": np.ones(len(patches), np.int32)}
+
+
+def test_greedy_decode_equals_argmax_of_the_full_forward():
+    config = OmniConfig(llm=LLMConfig(**TINY_LLM), vision=VisionConfig.tiny(**TINY_VISION),
+                        connector=ConnectorConfig(), placeholder_ids=(PATCH,))
+    model = OmniModel(config)
+    prompt_len, num_new, patches = 20, 6, 32
+    batch = op.batch_prompts([synthetic_prompt(0, 5), synthetic_prompt(1, 9)], prompt_len, patches)
+    next_position = batch.pop("next_position")
+    inputs = dict(batch, positions=np.moveaxis(batch["positions"], 1, 0))
+    params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
+    # Sharper logits than at init, so argmax ties cannot flip between the two computations.
+    params["llm"]["lm_head"]["kernel"] = params["llm"]["lm_head"]["kernel"] * 30
+    decode = evaluate.make_greedy_decoder(model, prompt_len + num_new)
+    generated = decode(params, inputs, next_position, num_new)
+
+    full = dict(inputs)
+    full["tokens"] = np.concatenate([batch["tokens"], generated[:, :-1]], 1)
+    full["segment_ids"] = np.concatenate([batch["segment_ids"], np.ones((2, num_new - 1), np.int32)], 1)
+    new_positions = next_position[:, None] + np.arange(num_new - 1)
+    full["positions"] = np.concatenate([inputs["positions"], np.broadcast_to(new_positions, (3, 2, num_new - 1))], 2)
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, **x))(params, full)
+    np.testing.assert_array_equal(np.argmax(logits[:, prompt_len - 1:], -1), generated)
+
+
+def test_cut_at_stop():
+    assert evaluate.cut_at_stop([5, 6, 9, 7, 9], (9,)) == [5, 6]
+    assert evaluate.cut_at_stop([5, 6], (9,)) == [5, 6]
+
+
+def test_score_per_question_type():
+    records = [sw.make_record(0, "eval", i, ("vqa_color", "vqa_shape", "caption", "video_motion"))
+               for i in range(8)]
+    perfect = evaluate.score([r["answer"] for r in records], records)
+    assert perfect["vqa_accuracy"] == {"color": 1.0, "shape": 1.0, "overall": 1.0}
+    assert perfect["caption_attribute_accuracy"] == 1.0 and perfect["video_motion_accuracy"] == 1.0
+    assert perfect["counts"] == {"vqa": {"color": 2, "shape": 2}, "caption": 2, "video_motion": 2}
+    wrong = evaluate.score(["nothing"] * 8, records)
+    assert wrong["vqa_accuracy"]["overall"] == 0.0 and wrong["caption_attribute_accuracy"] == 0.0
+    assert "vqa_accuracy/color" in evaluate.format_table(perfect)
+
+
+@pytest.fixture(scope="module")
+def eval_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    sys.path.insert(0, REPO)
+    from configs import tiny
+    config = tiny.get_config()
+    config.model.llm.update(TINY_LLM)
+    config.model.vision.update(TINY_VISION)
+    config.data.update(dict(dir=str(root / "data"), num_text_docs=200, seq_len=128))
+    config.data.shapes_world.update(dict(num_train=70, num_eval=35))
+    config.data.vision.patches_per_row = 128
+    config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=200, vocab_size=512))
+    config.train.batch_size = 8
+    config.eval.update(dict(num_samples=10, batch_size=8, max_new_tokens=5))
+    return config
+
+
+def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path):
+    config = eval_config
+    tokenizer = get_tokenizer(config)
+    mesh = sharding.make_mesh(config.mesh)
+    model, tx, shapes = train.make_model_and_optimizer(config, tokenizer)
+    state, _, _ = train_step.create_train_state(model, tx, mesh, sharding.LOGICAL_AXIS_RULES, shapes, seed=0)
+    with checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=10, keep=1, async_save=False) as ckpt:
+        ckpt.save(3, state, force=True)
+
+    result = evaluate.evaluate(config, str(tmp_path))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["step"] == result["step"] == 3
+    assert set(saved["vqa_accuracy"]) >= {"color", "shape", "overall"}
+    for key in ("caption_attribute_accuracy", "video_motion_accuracy", "interleaved_caption_attribute_accuracy"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert len(saved["examples"]) == 10 and all(isinstance(e["prediction"], str) for e in saved["examples"])
+    assert sum(sum(c.values()) if isinstance(c, dict) else c for c in saved["counts"].values()) == 10
+
+
+def test_eval_batch_is_a_multiple_of_the_batch_axes(eval_config):
+    mesh = sharding.make_mesh({"data": -1})
+    config = eval_config.copy_and_resolve_references()
+    config.eval.batch_size = 5
+    assert evaluate._eval_batch_size(config, mesh) == 8

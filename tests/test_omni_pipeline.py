@@ -1,0 +1,199 @@
+"""Omni sequence assembly (placeholders, M-RoPE ids, loss mask) and the packed grain pipeline."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from m2omni_jax.data import omni_pipeline as op
+from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.data.tokenizer import get_tokenizer
+from m2omni_jax.modalities import modality_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN, BATCH, PATCHES = 128, 4, 128
+
+
+def small_config(root):
+    sys.path.insert(0, REPO)
+    from configs import base
+    config = base.get_config()
+    config.model.kind = "omni"
+    config.data.update(dict(dir=str(root / "data"), num_text_docs=300, seq_len=SEQ_LEN))
+    config.data.shapes_world.update(dict(num_train=280, num_eval=70))
+    config.data.vision.patches_per_row = PATCHES
+    config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=300, vocab_size=512))
+    config.train.batch_size = BATCH
+    return config
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return small_config(tmp_path_factory.mktemp("omni_pipeline"))
+
+
+@pytest.fixture(scope="module")
+def tok(config):
+    return get_tokenizer(config)
+
+
+@pytest.fixture(scope="module")
+def batches(config, tok):
+    it = op.make_train_iterator(config, tok, process_index=0, process_count=1)
+    return [next(it) for _ in range(5)], it.stats
+
+
+def test_mrope_positions_hand_worked():
+    IMG, P, END = 4, 6, 5
+    # text, text, <image>, 1x2x3 merged grid, </image>, text, text
+    ids = [100, 101, IMG] + [P] * 6 + [END, 102, 103]
+    positions = op.mrope_positions(ids, [(1, 2, 3)], patch_ids=(P,))
+    # The block starts at running index 3: t = 3; h = 3 + row; w = 3 + col; max 5 -> </image> at 6.
+    np.testing.assert_array_equal(positions, [
+        [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7, 8],
+        [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7, 8],
+        [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8],
+    ])
+
+
+def test_mrope_positions_video_advances_time():
+    V = 9
+    positions = op.mrope_positions([1, V, V, V, V, 2], [(2, 1, 2)], patch_ids=(V,))
+    np.testing.assert_array_equal(positions, [[0, 1, 1, 2, 2, 3], [0, 1, 1, 1, 1, 3], [0, 1, 2, 1, 2, 3]])
+
+
+def test_chat_assembly_expands_placeholders_and_masks_the_prompt(tok):
+    image = sw.render_scene(sw.sample_scene(np.random.default_rng(0), size=(112, 56)))
+    media = [op.preprocess_media("image", image, op.VisionOptions())]
+    assert media[0].grid_thw == (1, 4, 8) and media[0].num_tokens == 8  # 56 rows x 112 cols
+    messages = [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red"}]
+    chat = op.assemble_chat(tok, messages, media)
+    ids, mask, positions = chat["ids"], chat["mask"], chat["positions"]
+    start = int(np.flatnonzero(ids == tok.special_id("<image>"))[0])
+    assert list(ids[start + 1:start + 9]) == [tok.special_id("<imagePatch>")] * 8
+    assert ids[start + 9] == tok.special_id("</image>")
+    np.testing.assert_array_equal(positions[:, :start + 1], np.tile(np.arange(start + 1), (3, 1)))
+    first = start + 1
+    np.testing.assert_array_equal(positions[0, first:first + 8], [first] * 8)
+    np.testing.assert_array_equal(positions[1, first:first + 8], first + np.repeat([0, 1], 4))
+    np.testing.assert_array_equal(positions[2, first:first + 8], first + np.tile([0, 1, 2, 3], 2))
+    after = first + 8  # </image>: the block's max (first + 3) + 1
+    np.testing.assert_array_equal(positions[:, after:], np.tile(np.arange(first + 4, first + 4 + len(ids) - after), (3, 1)))
+    assert tok.decode(ids[mask == 1]) == "red<|eot_id|>"
+    assert chat["patches"].shape == (32, op.PATCH_DIM) and chat["hw"].shape == (2, 32)
+    np.testing.assert_array_equal(chat["frames"], np.ones(32))
+
+
+def test_centered_pixels_have_zero_mean_colour():
+    image = sw.render_scene(sw.sample_scene(np.random.default_rng(1), size=(84, 84)))
+    plain = op.preprocess_media("image", image, op.VisionOptions())
+    centered = op.preprocess_media("image", image, op.VisionOptions(pixel_norm="clip_centered"))
+    by_channel = centered.patches.reshape(len(centered.patches), 3, -1)
+    np.testing.assert_allclose(by_channel.mean(axis=(0, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(np.diff(centered.patches - plain.patches, axis=0), 0, atol=1e-5)  # a shift only
+    with pytest.raises(ValueError, match="pixel_norm='none'"):
+        op.VisionOptions(pixel_norm="none")
+
+
+def test_video_assembly_numbers_frames(tok):
+    record = sw.make_record(0, "train", 0, ("video_motion",))
+    media = op.record_media(record, op.VisionOptions())
+    chat = op.assemble_chat(tok, record["messages"], media)
+    t, h, w = media[0].grid_thw
+    assert (h, w) == (4, 4) and t >= 2  # 56x56 frames, 2 frames per temporal patch
+    np.testing.assert_array_equal(chat["frames"], np.repeat(np.arange(1, t + 1), 16))
+    assert (ids := chat["ids"]).tolist().count(tok.special_id("<videoPatch>")) == t * 4
+    assert tok.decode(ids[chat["mask"] == 1]) == record["answer"] + "<|eot_id|>"
+
+
+def test_vision_segment_ids_one_per_sample_frame():
+    samples = np.array([1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0, 0])
+    frames = np.array([1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 0, 0])
+    np.testing.assert_array_equal(op.vision_segment_ids(samples, frames), [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 0, 0])
+
+
+def test_batch_format(config, batches):
+    expected = op.example_batch_shapes(config)
+    for batch in batches[0]:  # every batch has the same shapes: one compiled step
+        assert set(batch) == set(op.BATCH_KEYS) == set(expected)
+        for key, value in batch.items():
+            assert (value.shape, value.dtype) == expected[key], key
+
+
+def test_rows_pair_placeholders_with_patch_groups(batches, tok):
+    media_ids = list(op.media_token_ids(tok).values())
+    modalities = set()
+    for batch in batches[0]:
+        for row in range(BATCH):
+            tokens, seg, vseg = batch["tokens"][row], batch["segment_ids"][row], batch["vision_segment_ids"][row]
+            groups = vseg.reshape(-1, 4)
+            assert (groups == groups[:, :1]).all(), "a merger group never straddles two frames"
+            n_placeholders = int(np.isin(tokens, op.placeholder_ids(tok)).sum())
+            assert n_placeholders == int((groups[:, 0] > 0).sum())
+            trained_targets = batch["targets"][row][batch["loss_mask"][row] == 1]
+            assert not np.isin(trained_targets, media_ids).any(), "media tokens are never trained"
+            pos = batch["positions"][row]
+            for s in np.unique(seg[seg > 0]):
+                idx = np.flatnonzero(seg == s)
+                assert pos[0, idx[0]] == 0, "positions restart per sample"
+                text = ~np.isin(tokens[idx], op.placeholder_ids(tok))
+                assert (pos[0, idx][text] == pos[1, idx][text]).all() and (pos[1, idx][text] == pos[2, idx][text]).all()
+                assert (np.diff(pos[0, idx][text]) > 0).all(), "text positions increase"
+                modalities.add(int(batch["modality"][row][idx[0]]))
+    assert modalities >= {modality_id(m) for m in ("text", "image")}
+
+
+def test_stats_count_oversized_samples(batches):
+    stats = batches[1]
+    assert stats["batches"] == len(batches[0])
+    assert stats["bad_records"] > 0  # some interleaved chats exceed 128 tokens and are skipped
+
+
+def test_iterator_state_resume_is_bitwise(config, tok):
+    it = op.make_train_iterator(config, tok, process_index=0, process_count=1)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(2)]
+    resumed = op.make_train_iterator(config, tok, process_index=0, process_count=1)
+    resumed.set_state(state)
+    for a, b in zip(expected, [next(resumed) for _ in range(2)]):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert resumed.stats == it.stats
+
+
+def test_mixture_weights_and_presets(config):
+    import ml_collections
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.mixture = "mm1"
+    weights = op.source_weights(data, sw.TASKS)
+    assert weights["text"] == pytest.approx(0.10) and weights["interleaved"] == pytest.approx(0.45)
+    image_tasks = [t for t in sw.TASKS if sw.TASK_MODALITY[t] == "image"]
+    assert sum(weights[t] for t in image_tasks) == pytest.approx(0.45)
+    data.mixture = "custom"
+    data.modality_weights = ml_collections.ConfigDict(dict(text=1.0, image=3.0, video=0.0, interleaved=0.0))
+    data.task_weights = ml_collections.ConfigDict(dict(vqa_color=2.0))
+    weights = op.source_weights(data, ("caption", "vqa_color", "video_motion"))
+    assert weights == pytest.approx({"text": 1.0, "caption": 1.0, "vqa_color": 2.0})
+    data.mixture = "mm2"
+    with pytest.raises(ValueError, match="mixture='mm2'"):
+        op.source_weights(data, sw.TASKS)
+    data.mixture = "mm1"
+    with pytest.raises(ValueError, match="no interleaved task"):
+        op.source_weights(data, ("caption",))
+
+
+def test_eval_prompts_are_left_padded(config, tok):
+    records = list(op.eval_records(config, 3, tasks=("vqa_color", "video_motion")))
+    assert [r["task"] for r in records] == ["vqa_color", "video_motion", "vqa_color"]
+    opts = op.VisionOptions.from_config(config.data.vision)
+    prompts = [op.eval_prompt(r, tok, opts) for r in records]
+    batch = op.batch_prompts(prompts, 64, PATCHES)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt["ids"])
+        np.testing.assert_array_equal(batch["tokens"][row, -n:], prompt["ids"])
+        assert (batch["segment_ids"][row, :64 - n] == 0).all() and (batch["segment_ids"][row, -n:] == 1).all()
+        assert batch["next_position"][row] == prompt["positions"].max() + 1
+        header = tok.apply_chat_template([], add_generation_prompt=True)[0][1:]
+        assert list(prompt["ids"][-len(header):]) == header  # ends with the open assistant header
