@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank"],
+    "experiments": ["matplotlib"],  # benchmarks/balance_comparison.py plots
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],
 }
