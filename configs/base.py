@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_samples=200,  # held-out records, round-robin over the tasks
         batch_size=16,
         max_new_tokens=48,
-        prompt_len=0,  # 0: data.seq_len
+        prompt_len=0,  # left-padded prompt length; 0: the longest held-out prompt (one compile)
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(

@@ -51,7 +51,7 @@ def shapes(batch):
 def model_and_params():
     model = OmniModel(CONFIG)
     inputs = train_step.model_inputs(make_batch())
-    params = model.init(jax.random.key(0), **inputs)["params"]
+    params = jax.jit(lambda x: model.init(jax.random.key(0), **x)["params"])(inputs)
     return model, jax.tree.map(np.asarray, nn.unbox(params))
 
 
@@ -79,9 +79,10 @@ def test_text_rows_equal_the_llm_alone(model_and_params):
     model, params = model_and_params
     batch = make_batch()
     batch["tokens"][:, 3:7] = 11  # no placeholders: the vision tower must not matter
-    omni_logits = model.apply({"params": params}, **train_step.model_inputs(batch))
-    positions = jnp.moveaxis(batch["positions"], 1, 0)
-    llm_logits = LLM(LLM_CONFIG).apply({"params": params["llm"]}, batch["tokens"], positions, batch["segment_ids"])
+    omni_logits = jax.jit(lambda p, b: model.apply({"params": p}, **train_step.model_inputs(b)))(params, batch)
+    llm = LLM(LLM_CONFIG)
+    llm_logits = jax.jit(lambda p, b: llm.apply({"params": p}, b["tokens"], jnp.moveaxis(b["positions"], 1, 0),
+                                                b["segment_ids"]))(params["llm"], batch)
     np.testing.assert_allclose(omni_logits, llm_logits, atol=1e-5, rtol=1e-5)
 
 
