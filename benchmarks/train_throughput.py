@@ -68,7 +68,6 @@ def benchmark(config, steps: int) -> dict:
     flops_per_token = training_flops_per_token(llm_config, shape[1])
     peak = mfu.peak_flops_per_device(config.train.peak_flops_per_device) * jax.device_count()
     return {
-        "config": FLAGS["config"].value if "config" in FLAGS else "",
         "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
         "host": platform.processor() or platform.machine(),
         "params": llm_config.num_params(), "batch": shape,
@@ -84,7 +83,7 @@ def benchmark(config, steps: int) -> dict:
 def main(argv):
     del argv
     results = benchmark(FLAGS.config, FLAGS.steps)
-    results["config"] = FLAGS["config"].value if isinstance(FLAGS["config"].value, str) else ""
+    results["config"] = config_flags.get_config_filename(FLAGS["config"])
     print(f"{results['params'] / 1e6:.1f}M params, batch {results['batch']}: "
           f"{results['tokens_per_s']:.0f} tokens/s, step {results['step_time_s'] * 1e3:.0f} ms, "
           f"{results['achieved_gflops_per_s']:.1f} GFLOP/s of {results['peak_gflops_per_s']:.1f} peak, "

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from m2omni_jax.models.connectors import make_connector
 from m2omni_jax.models.layers import kernel_init, zeros_init
 from m2omni_jax.models.llm import LLM, LLMConfig
-from m2omni_jax.models.vision import VisionConfig, VisionEncoder
+from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
 
 MEDIA_KEYS = ("vision_patches", "vision_segment_ids", "vision_hw")
 
@@ -157,6 +157,15 @@ class OmniModel(nn.Module):
         x = self.embed(tokens, vision_patches, vision_segment_ids, vision_hw)
         return self.llm(positions=positions, segment_ids=segment_ids, inputs_embeds=x,
                         decode=decode, return_hidden=return_hidden)
+
+
+def vision_training_flops_per_pack(config: OmniConfig, pack_size: int) -> float:
+    """Model FLOPs (forward + backward) of one row's patch pack through the vision
+    tower, the position features and the connector (see vision.training_flops_per_pack)."""
+    merged = pack_size // config.vision.spatial_merge_size ** 2
+    per_merged = config.vision.out_width * config.llm.width + (config.llm.width ** 2 if config.connector.mlp else 0)
+    per_merged += 4 * config.connector.position_frequencies * config.vision.out_width
+    return training_flops_per_pack(config.vision, pack_size) + 6.0 * per_merged * merged
 
 
 def init_cache(model: nn.Module, batch_size: int, max_len: int) -> Any:

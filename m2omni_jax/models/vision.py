@@ -74,6 +74,21 @@ class VisionConfig:
         return cls(**{**defaults, **overrides})
 
 
+def training_flops_per_pack(config: VisionConfig, pack_size: int) -> float:
+    """Model FLOPs (forward + backward) of one row's pack of `pack_size` patches.
+
+    6·N per patch for the patch embedding and each block's matmuls, plus the
+    masked pack-wide attention as computed (12·depth·width·pack_size per
+    patch, like the LLM's full L×L count), plus the PatchMerger's two matmuls
+    per merged token. Padding patches are computed, so they are counted.
+    """
+    w, group = config.width, config.spatial_merge_size ** 2
+    per_patch = config.patch_dim * w + config.depth * (4 * w * w + 2 * w * config.mlp_dim)
+    per_merged = group * w * group * w + group * w * config.out_width
+    attention = 12 * config.depth * w * pack_size
+    return 6.0 * (per_patch * pack_size + per_merged * pack_size // group) + attention * pack_size
+
+
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
