@@ -5,7 +5,9 @@
 
 Trains the same model on the same mixture for the same number of steps with
 (a) one mixed stream and equal loss weights, (b) step balance (one micro-batch
-per modality per step, weights from `--calibration_file` or equal), and
+per modality per step, weights from `--calibration_file` or equal; with
+`--equal_tokens`, the default, each micro-batch is batch_size / M sequences so
+every arm sees the same tokens per step), and
 (c) dynamic adaptive balance; each run ends with a held-out loss per modality
 (`heldout_loss/<modality>`, fixed held-out batches). Prints a table, writes
 `<workdir>/balance_comparison.json` and `<workdir>/balance_comparison.png`
@@ -27,6 +29,9 @@ flags.DEFINE_string("workdir", None, "Parent directory of the three runs.")
 flags.DEFINE_integer("steps", 300, "Optimizer steps per run.")
 flags.DEFINE_string("calibration_file", "", "Converged losses for step balance (empty: equal weights).")
 flags.DEFINE_integer("dynamic_interval", 10, "Steps between dynamic-balance validation passes.")
+flags.DEFINE_integer("heldout_batches", 4, "Held-out batches per modality scored at the end of each run.")
+flags.DEFINE_bool("equal_tokens", True, "Step balance's micro-batches hold batch_size / M sequences each, "
+                  "so every arm trains on the same number of tokens per step (else M times more).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -40,8 +45,16 @@ def run_config(base, strategy: str, steps: int):
     config.train.steps = steps
     config.train.log_every = 5
     config.train.loss_weights = {}
+    config.train.heldout_batches = FLAGS.heldout_batches
+    config.train.heldout_batch_size = base.train.batch_size  # the same held-out set for every arm
     if strategy == "step" and FLAGS.calibration_file:
         config.balance.step.calibration_file = FLAGS.calibration_file
+    if strategy == "step" and FLAGS.equal_tokens:
+        num_modalities = len(config.balance.modalities)
+        if config.train.batch_size % num_modalities:
+            raise ValueError(f"--equal_tokens: config.train.batch_size={config.train.batch_size} is not a "
+                             f"multiple of the {num_modalities} balanced modalities")
+        config.train.batch_size //= num_modalities
     config.balance.dynamic.interval_steps = FLAGS.dynamic_interval
     return config
 

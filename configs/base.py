@@ -125,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""
     config.data.split = "train"  # shapes-world split the pipeline reads ("eval": held out)
     config.train.heldout_batches = 0  # >0: end with a held-out loss per balanced modality
+    config.train.heldout_batch_size = 0  # sequences per held-out batch; 0: train.batch_size
 
     # How modalities are combined (m2omni_jax/training/balance.py, DESIGN §2).
     config.balance = ml_collections.ConfigDict(dict(

@@ -269,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.train.get("heldout_batches", 0) > 0:
         modalities = tuple(config.balance.modalities) if config.model.get("kind") == "omni" else ("text",)
         batches = heldout_batches(config, tokenizer, mesh, modalities, config.train.heldout_batches,
-                                  config.train.batch_size)
+                                  config.train.get("heldout_batch_size", 0) or config.train.batch_size)
         losses = dynamic_balance.heldout_losses(state.params, batches, validation_loss)
         last.update({f"heldout_loss/{m}": v for m, v in losses.items()})
     logger.summary({k: v for k, v in last.items() if k.startswith("heldout_loss/")})
