@@ -2,19 +2,25 @@
 
     python -m m2omni_jax.align --config=configs/stages/alignment.py:tiny --workdir=/tmp/m2omni_stages/align
 
-The LLM's parameters come from the previous stage (`config.init_from`; an
-omni checkpoint's `llm/` subtree or a text-only one) and stay frozen: they
-are the policy's base and the DPO reference at once. Only the LoRA tree
-(q, k, v, o, gate, up, down; rank for ~5% of the LLM, alpha 2r, dropout 0.05)
-is trained, on 1:1 preference and instruction batches from the shapes world.
-Checkpoints hold the LoRA tree and its optimizer state (the batches are a
-function of the step, so resume is exact); at the end the adapters are merged
-into the base and held-out reward accuracy is reported.
+The model (`config.model.kind`: "omni", the LLM with its vision tower and
+connector, or "llm", the LLM alone) starts from the previous stage's
+checkpoint (`config.init_from`: IT3's workdir; the whole omni tree `llm/`,
+`vision/`, `connector/`, ... or, for "llm", an omni checkpoint's `llm/`
+subtree or a text-only one) and stays frozen: it is the policy's base and
+the DPO reference at once. Only the LoRA tree on the LLM's q, k, v, o, gate,
+up, down (rank for ~5% of the LLM, alpha 2r, dropout 0.05) is trained, on 1:1
+preference and instruction batches from the shapes world; for "omni" every
+row carries its image's patches (data/preference.py), so the policy sees the
+image it is asked about. Checkpoints hold the frozen base, the LoRA tree and
+its optimizer state (the batches are a function of the step, so resume is
+exact); at the end the held-out reward accuracy (eval split, adapters in
+eval mode) is reported.
 """
 from __future__ import annotations
 
 import functools
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -24,8 +30,8 @@ from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from m2omni_jax.data import preference, tokenizer as tokenizer_lib
-from m2omni_jax.models.llm import LLM, LLMConfig
+from m2omni_jax import train
+from m2omni_jax.data import omni_pipeline, preference, tokenizer as tokenizer_lib
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, dpo, lora, metrics_logging, optimizers, train_step
 
@@ -34,6 +40,20 @@ def lora_config(config) -> lora.LoRAConfig:
     cfg = config.alignment
     return lora.LoRAConfig(rank=cfg.lora_rank or None, alpha=cfg.lora_alpha or None,
                            dropout=cfg.lora_dropout, target_fraction=cfg.lora_target_fraction)
+
+
+def model_kind(config) -> str:
+    kind = config.model.get("kind", "llm")
+    if kind not in train.MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r}; use one of {train.MODEL_KINDS}")
+    return kind
+
+
+def vision_options(config) -> omni_pipeline.VisionOptions | None:
+    """The image preprocessing of the rows (None: text-only rows for model.kind="llm")."""
+    if model_kind(config) != "omni":
+        return None
+    return omni_pipeline.VisionOptions.from_config(config.data.vision)
 
 
 def resolve_init_from(config, workdir: str) -> str:
@@ -54,16 +74,35 @@ def load_llm_params(directory: str, abstract_params):
     return loaded
 
 
-def build(config, workdir: str):
+def load_omni_params(directory: str, abstract_params):
+    """The whole omni tree (llm/, vision/, connector/, ...) from an omni checkpoint, in its shardings."""
+    loaded, missing = checkpointing.load_params(directory, abstract_params)
+    if missing:
+        raise ValueError(f"init_from {directory}: {len(missing)} omni parameters ({missing[:5]}…) are not in "
+                         "the checkpoint (or have other shapes); it must come from an omni run with the same "
+                         "config.model, or set config.model.kind='llm' to align the LLM alone")
+    return loaded
+
+
+def check_batch_size(config, mesh) -> None:
+    ways = sharding.batch_axis_size(mesh)
+    if config.alignment.batch_size <= 0 or config.alignment.batch_size % ways:
+        raise ValueError(f"config.alignment.batch_size={config.alignment.batch_size} must be a positive "
+                         f"multiple of the batch mesh axes' size {ways}")
+
+
+def build(config, workdir: str, tokenizer):
+    """(mesh, rules, model, LoRA config, sharded AlignmentState, its shardings)."""
     mesh = sharding.make_mesh(config.mesh)
+    check_batch_size(config, mesh)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
-    model = LLM(LLMConfig.from_config(config.model.llm))
-    shape = (config.alignment.batch_size, config.data.seq_len)
-    boxed = train_step.abstract_boxed_params(model, {"tokens": shape})
+    model = train.build_model(config, tokenizer)
+    boxed = train_step.abstract_boxed_params(model, train.example_batch_shapes(config))
     param_shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.unbox(boxed), param_shardings)
-    params = load_llm_params(resolve_init_from(config, workdir), abstract)
+    load = load_omni_params if model_kind(config) == "omni" else load_llm_params
+    params = load(resolve_init_from(config, workdir), abstract)
 
     lcfg = lora_config(config)
     boxed_lora = jax.eval_shape(lambda p: lora.init_lora(p, lcfg, boxed=True), nn.unbox(boxed))
@@ -81,12 +120,15 @@ def build(config, workdir: str):
     return mesh, rules, model, lcfg, jax.device_put(state, state_shardings), state_shardings
 
 
+def batch_shardings(mesh, vision: bool) -> dict[str, NamedSharding]:
+    return {k: sharding.batch_sharding(mesh, ndim) for k, ndim in preference.batch_ndims(vision).items()}
+
+
 def jit_alignment_step(model, lcfg, config, mesh, rules, state_shardings):
     step = functools.partial(dpo.alignment_step, model=model, lora_config=lcfg, beta=config.alignment.beta,
                              instruction_weight=config.alignment.instruction_weight)
-    batch_shardings = {f"{part}_{k}": sharding.batch_sharding(mesh, 3 if k == "positions" else 2)
-                       for part in ("chosen", "rejected", "instruction") for k in dpo.SAMPLE_KEYS}
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+    in_shardings = (state_shardings, batch_shardings(mesh, vision=vision_options(config) is not None))
+    jitted = jax.jit(step, in_shardings=in_shardings,
                      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
     def run(state, batch):
@@ -95,19 +137,26 @@ def jit_alignment_step(model, lcfg, config, mesh, rules, state_shardings):
     return run
 
 
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), v)
+            for k, v in batch.items()}
+
+
 def held_out_reward_accuracy(state, model, lcfg, config, tokenizer, mesh, rules) -> dict[str, float]:
+    """DPO metrics on the eval split's first batch (with its images for "omni"), no adapter dropout."""
     batch = preference.alignment_batch(tokenizer, seed=config.data.seed, split="eval", step=0,
-                                       batch_size=config.alignment.batch_size, seq_len=config.data.seq_len)
+                                       batch_size=config.alignment.batch_size, seq_len=config.data.seq_len,
+                                       vision=vision_options(config))
     loss = functools.partial(dpo.alignment_loss, model=model, lora_config=lcfg, beta=config.alignment.beta,
                              instruction_weight=config.alignment.instruction_weight, deterministic=True)
     with sharding.activate(mesh, rules):
-        _, metrics = jax.jit(loss)(state.lora_params, state.params, batch)
+        _, metrics = jax.jit(loss)(state.lora_params, state.params, global_batch(batch, mesh))
     return {f"eval/{k}": float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def align(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tokenizer = tokenizer_lib.get_tokenizer(config)
-    mesh, rules, model, lcfg, state, state_shardings = build(config, workdir)
+    mesh, rules, model, lcfg, state, state_shardings = build(config, workdir, tokenizer)
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                               save_every=config.checkpoint.every, keep=config.checkpoint.keep)
     if checkpointer.latest_step() is not None:
@@ -116,18 +165,21 @@ def align(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         logging.info("resumed alignment from step %d", int(state.step))
     step_fn = jit_alignment_step(model, lcfg, config, mesh, rules, state_shardings)
     batches = preference.alignment_batches(tokenizer, seed=config.data.seed, batch_size=config.alignment.batch_size,
-                                           seq_len=config.data.seq_len, first_step=int(state.step))
+                                           seq_len=config.data.seq_len, first_step=int(state.step),
+                                           vision=vision_options(config))
     logger = metrics_logging.MetricLogger(workdir, config.train.steps, log_every=config.train.log_every,
                                           start_step=int(state.step))
     step, last = int(state.step), {}
     with checkpointer, checkpointing.StopSignal() as stop:
+        window_start, window_steps = time.perf_counter(), 0
         while step < config.train.steps:
-            batch = {k: jax.make_array_from_process_local_data(
-                sharding.batch_sharding(mesh, np.ndim(v)), v) for k, v in next(batches).items()}
-            state, metrics = step_fn(state, batch)
-            step += 1
+            state, metrics = step_fn(state, global_batch(next(batches), mesh))
+            step, window_steps = step + 1, window_steps + 1
             if logger.should_log(step):
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                # Wall time per step since the last log (batch building included; the first holds the compile).
+                last["step_time_s"] = (time.perf_counter() - window_start) / window_steps
+                window_start, window_steps = time.perf_counter(), 0
             logger.log(step, last)
             if stop.should_stop(step):
                 break

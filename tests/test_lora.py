@@ -1,4 +1,5 @@
-"""LoRA: fresh adapters are a no-op, merged = adapted, dropout only in training, the ~5% rank.
+"""LoRA: fresh adapters are a no-op, merged = adapted (LLM alone and inside the omni model, with
+images), dropout only in training, the ~5% rank.
 
 That a training step moves only the LoRA tree is tested with the real step, in test_dpo.py.
 """
@@ -9,9 +10,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from m2omni_jax.data import image_preprocessing as ip
+from m2omni_jax.data import omni_pipeline
 from m2omni_jax.models.llm import LLM, LLMConfig
+from m2omni_jax.models.omni import ConnectorConfig, OmniConfig, OmniModel
+from m2omni_jax.models.vision import VisionConfig
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import lora
+from m2omni_jax.training import lora, train_step
 
 TINY = dict(vocab_size=97, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=64,
             mrope_sections=(2, 3, 3), rope_theta=10_000.0)
@@ -88,6 +93,54 @@ def test_fresh_is_base_and_merged_is_adapted_unrolled(scanned):
     params = unrolled(jax.tree.map(lambda x: x, params))
     assert "layers_1" in lora.init_lora(params, CONFIG)["decoder"]
     check_fresh_and_merged(model, params, tokens, adapted(model), jax.jit(model.apply))
+
+
+PATCH = 6  # the placeholder id (the tokenizer's <imagePatch>)
+
+
+def omni_inputs(seed=0):
+    """Two rows: text, a 56x56 image (16 patches, 4 placeholders at 2..5), text; pack of 32 patches."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(10, TINY["vocab_size"], (2, 12)).astype(np.int32)
+    tokens[:, 2:6] = PATCH
+    image, grid = ip.patchify(rng.normal(size=(56, 56, 3)).astype(np.float32))
+    patches = np.zeros((2, 32, image.shape[1]), np.float32)
+    patches[:, :16] = image[None] + np.arange(2, dtype=np.float32)[:, None, None]  # a different image per row
+    segments = np.zeros((2, 32), np.int32)
+    segments[:, :16] = 1
+    hw = np.zeros((2, 2, 32), np.int32)
+    hw[:, :, :16] = ip.hw_positions(grid)
+    positions = np.stack([omni_pipeline.mrope_positions(row, [(1, 2, 2)], (PATCH,)) for row in tokens])
+    return train_step.model_inputs({"tokens": tokens, "positions": positions, "segment_ids": np.ones_like(tokens),
+                                    "vision_patches": patches, "vision_segment_ids": segments, "vision_hw": hw})
+
+
+def test_omni_fresh_is_base_and_merged_is_adapted_with_images():
+    model = OmniModel(OmniConfig(llm=LLMConfig(**TINY, remat_policy="none"),
+                                 vision=VisionConfig.tiny(width=16, depth=1, num_heads=2, out_width=16),
+                                 connector=ConnectorConfig(output_scale=4.0, position_frequencies=2),
+                                 placeholder_ids=(PATCH,)))
+    inputs = omni_inputs()
+    params = jax.jit(lambda x: nn.unbox(model.init(rbg_key(0), **x)["params"]))(inputs)
+    assert {"llm", "vision", "connector", "position_embedding"} <= set(params)
+    lp = lora.init_lora(params, CONFIG)
+    assert set(lp) == {"llm"}  # adapters on the LLM's decoder only: no vision / connector kernels
+    jax.tree.map(np.testing.assert_array_equal, lp["llm"], lora.init_lora(params["llm"], CONFIG))
+    assert lora.rank_for_fraction(params) == lora.rank_for_fraction(params["llm"])  # ~5% of the LLM
+
+    forward = jax.jit(lambda p, lp, x: lora.apply_with_lora(model, p, lp, config=CONFIG, **x))
+    base_forward = jax.jit(lambda p, x: model.apply({"params": p}, **x))
+    base = base_forward(params, inputs)
+    np.testing.assert_array_equal(np.asarray(forward(params, lp, inputs)), np.asarray(base))
+    other_images = dict(inputs, vision_patches=inputs["vision_patches"][::-1])
+    assert float(jnp.abs(base_forward(params, other_images) - base).max()) > 1e-3  # the images are seen
+    lp = trained_like(lp)
+    out = forward(params, lp, inputs)
+    assert float(jnp.abs(out - base).max()) > 0.1
+    merged = lora.merge_lora(params, lp, CONFIG)
+    for tower in ("vision", "connector", "position_embedding"):
+        jax.tree.map(np.testing.assert_array_equal, merged[tower], params[tower])
+    np.testing.assert_allclose(np.asarray(base_forward(merged, inputs)), np.asarray(out), atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_in_training_only(scanned):

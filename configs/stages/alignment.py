@@ -2,8 +2,9 @@
 
     python -m m2omni_jax.align --config=configs/stages/alignment.py:tiny --workdir=/tmp/m2omni_stages/align
 
-Starts from IT3's parameters (config.init_from = ../it3); preference pairs
-(the correct answer chosen over a wrong one of the same type) and
+Starts from IT3's omni parameters (config.init_from = ../it3: LLM, vision
+tower, connector, all frozen); preference pairs (the correct answer about an
+image chosen over a wrong one of the same type, the image in both) and
 instruction samples 1:1 [paper].
 """
 import ml_collections
@@ -13,7 +14,10 @@ from configs.stages import common
 
 def get_config(size="tiny"):
     config = common.sized_config(size, "alignment", previous="it3")
-    config.model.kind = "llm"  # the preference data is text-only for now: align the LLM
+    # One sample per row: one image of ≤ data.vision.image_max_pixels (115², i.e. ≤ 8x8 patches).
+    config.data.vision.patches_per_row = 64
+    if size == "tiny":
+        config.data.seq_len = 128  # the longest shapes-world chat with its image block is ~80 tokens
     config.alignment = ml_collections.ConfigDict(dict(
         beta=0.1,  # DPO temperature
         instruction_weight=0.3,  # [paper]

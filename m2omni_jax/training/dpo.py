@@ -14,8 +14,12 @@ CE is the mean over trained instruction tokens. β = 0.1 is DPO's usual value
 
 A batch holds B pairs and B instruction samples (see data/preference.py):
 `chosen_*`, `rejected_*`, `instruction_*` with * in tokens, targets,
-loss_mask, segment_ids (B,T) and positions (B,3,T), all of one length T
-(the policy sees the three as one batch of 3B).
+loss_mask, segment_ids (B,T) and positions (B,3,T), all of one length T,
+and for the omni model the media keys vision_patches (B,N,D),
+vision_segment_ids (B,N) and vision_hw (B,2,N), all of one pack size N.
+The policy sees the three as one batch of 3B rows; chosen and rejected
+carry the same image, which the frozen vision tower encodes identically
+for the policy and the reference.
 
 Only the LoRA tree is in the optimizer, so the base weights are frozen by
 construction; build `tx` with plain optax or with
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from m2omni_jax.training import lora
+from m2omni_jax.training import lora, train_step
 
 DEFAULT_BETA = 0.1
 DEFAULT_INSTRUCTION_WEIGHT = 0.3
@@ -72,15 +76,12 @@ def instruction_loss(logits, targets, loss_mask):
     return -jnp.sum(token_logprobs(logits, targets) * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
-SAMPLE_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+PARTS = ("chosen", "rejected", "instruction")
 
 
 def _part(batch, prefix: str) -> dict:
-    return {k: batch[f"{prefix}_{k}"] for k in SAMPLE_KEYS}
-
-
-def _model_args(x: dict):
-    return x["tokens"], jnp.moveaxis(x["positions"], 1, 0), x["segment_ids"]  # (B,3,T) -> (3,B,T)
+    """The `prefix_*` arrays of the batch, keyed by `*` (text keys, and media keys when present)."""
+    return {k[len(prefix) + 1:]: v for k, v in batch.items() if k.startswith(prefix + "_")}
 
 
 def alignment_loss(lora_params, params, batch, *, model: nn.Module, lora_config=lora.LoRAConfig(),
@@ -89,15 +90,17 @@ def alignment_loss(lora_params, params, batch, *, model: nn.Module, lora_config=
     """DPO on the pairs + instruction_weight · CE on the instruction samples; (loss, metrics).
 
     One policy forward over [chosen; rejected; instruction] (so all three share
-    one padded length) and one reference forward over [chosen; rejected].
+    one padded length and patch pack) and one reference forward over
+    [chosen; rejected]. `model` is an `LLM` or an `OmniModel` (the batch then
+    holds the media keys); `params` is its whole tree, `lora_params` the adapters.
     """
-    parts = [_part(batch, p) for p in ("chosen", "rejected", "instruction")]
-    joined = {k: jnp.concatenate([p[k] for p in parts]) for k in SAMPLE_KEYS}
+    parts = [_part(batch, p) for p in PARTS]
+    joined = {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
     n = parts[0]["tokens"].shape[0]
-    logits = lora.apply_with_lora(model, params, lora_params, *_model_args(joined), rng=rng,
-                                  deterministic=deterministic, config=lora_config)
+    logits = lora.apply_with_lora(model, params, lora_params, rng=rng, deterministic=deterministic,
+                                  config=lora_config, **train_step.model_inputs(joined))
     pairs = {k: v[:2 * n] for k, v in joined.items()}
-    ref_logits = model.apply({"params": params}, *_model_args(pairs))
+    ref_logits = model.apply({"params": params}, **train_step.model_inputs(pairs))
 
     policy_logps = sequence_logprobs(logits[:2 * n], pairs["targets"], pairs["loss_mask"])
     ref_logps = jax.lax.stop_gradient(sequence_logprobs(ref_logits, pairs["targets"], pairs["loss_mask"]))

@@ -21,10 +21,16 @@ slices their leading layer axis exactly as it slices the kernels, and
 eval and export; training keeps the activation branch because the dropout
 acts on the adapter's input.
 
+Omni model. The LoRA tree mirrors whatever tree it is made from: from the
+omni model's params the adapters sit under `llm/decoder/...`, the vision
+tower and connector get none (the target regex names the decoder's kernels
+only), and `apply_with_lora` / `merge_lora` take the whole omni tree.
+
 Rank. The default (`rank=None`) is the rank whose adapters hold
-`target_fraction` (5%) of the LLM's parameters, embeddings and head
-included, rounded to the nearest integer (`rank_for_fraction`). Per layer
-and per unit of rank the adapters hold Σ (fan_in + fan_out) over the kernels:
+`target_fraction` (5%) of the LLM's parameters (the `llm/` subtree of an
+omni tree; embeddings and head included, towers not), rounded to the
+nearest integer (`rank_for_fraction`). Per layer and per unit of rank the
+adapters hold Σ (fan_in + fan_out) over the kernels:
   q, o: width + heads·head_dim each; k, v: width + kv_heads·head_dim each;
   gate, up, down: width + mlp_dim each.
 Llama-3.1-8B dims (width 4096, 32 layers, 32/8 heads of 128, mlp 14336,
@@ -144,13 +150,20 @@ def count_params(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree)))
 
 
+def llm_params(params):
+    """The LLM's tree: the `llm/` subtree of an omni model's params, or `params` itself."""
+    params = nn.unbox(params)
+    return params["llm"] if "llm" in params else params
+
+
 def rank_for_fraction(params, fraction: float = DEFAULT_TARGET_FRACTION, targets=tuple(TARGETS)) -> int:
-    """The rank (>= 1) whose adapters come nearest `fraction` of all parameters in `params`."""
+    """The rank (>= 1) whose adapters come nearest `fraction` of the LLM's parameters in `params`."""
+    params = llm_params(params)
     return max(1, round(fraction * count_params(params) / params_per_rank(params, targets)))
 
 
 def init_lora(params, config: LoRAConfig = LoRAConfig(), rng=None, *, boxed: bool = False):
-    """LoRA tree {…/<target>/lora_a, lora_b} for `params` (the LLM's, or a tree holding it).
+    """LoRA tree {…/<target>/lora_a, lora_b} for `params` (the LLM's, or the omni tree holding it).
 
     `rng` defaults to key(config.seed). Works under `jax.eval_shape` too. With
     `boxed`, leaves are `nn.Partitioned` with logical axis names (for shardings).
@@ -192,8 +205,8 @@ def box(lora_params):
 
 
 def lora_fraction(params, lora_params) -> float:
-    """LoRA parameters / parameters of `params` (pass the LLM's tree for DESIGN's ~5%)."""
-    return count_params(lora_params) / count_params(params)
+    """LoRA parameters / the LLM's parameters in `params` (DESIGN's ~5%)."""
+    return count_params(lora_params) / count_params(llm_params(params))
 
 
 def combine(params, lora_params):
