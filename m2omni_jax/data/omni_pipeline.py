@@ -327,7 +327,11 @@ def source_weights(data_cfg, tasks: Sequence[str]) -> dict[str, float]:
 
 
 def shapes_world_dir(config) -> str:
-    return os.path.expanduser(config.data.shapes_world.dir or os.path.join(config.data.dir, "shapes_world"))
+    """config.data.shapes_world.dir, or a directory of its own per variant under data.dir."""
+    cfg = config.data.shapes_world
+    key = write_shapes_world.dataset_key(int(config.data.seed), int(cfg.num_train), int(cfg.num_eval),
+                                         tuple(cfg.tasks))
+    return os.path.expanduser(cfg.dir or os.path.join(config.data.dir, "shapes_world", key))
 
 
 def write_builtin_shapes_world(config, progress: bool = False) -> tuple[str, tuple[str, ...]]:

@@ -9,6 +9,7 @@ Each record is `shapes_world.encode_record(...)` bytes; read them back with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from typing import Iterable, Sequence
@@ -47,8 +48,15 @@ def _read_manifest(out_dir: str) -> dict | None:
         return None
 
 
+def dataset_key(seed: int, num_train: int, num_eval: int, tasks: Sequence[str]) -> str:
+    """A directory name per generated variant, so configs that differ in seed, counts or
+    tasks (or a new DATA_VERSION) never rewrite the files another run is reading."""
+    digest = hashlib.sha1(json.dumps([sw.DATA_VERSION, list(tasks)]).encode()).hexdigest()[:8]
+    return f"v{sw.DATA_VERSION}-seed{seed}-train{num_train}-eval{num_eval}-{digest}"
+
+
 def _write_split(path: str, records: Iterable[bytes], total: int, progress: bool) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # concurrent writers of one variant do not collide
     writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     try:
         for data in tqdm(records, total=total, desc=os.path.basename(path), disable=not progress):
@@ -77,9 +85,9 @@ def write_shapes_world(out_dir: str, *, seed: int = 0, num_train: int, num_eval:
         total = manifest["num_examples"][split]
         records = (sw.encode_record(sw.make_record(seed, split, i, tasks)) for i in range(total))
         _write_split(path, records, total, progress)
-    with open(manifest_path + ".tmp", "w") as f:
+    with open(f"{manifest_path}.tmp{os.getpid()}", "w") as f:
         json.dump(manifest, f, indent=2)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    os.replace(f"{manifest_path}.tmp{os.getpid()}", manifest_path)
     return manifest
 
 
