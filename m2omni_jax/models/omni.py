@@ -1,23 +1,26 @@
-"""The omni model: vision tower + connector scattered into the LLM's embedding sequence.
+"""The omni model: vision and audio towers scattered into the LLM's embedding sequence.
 
-    tokens ──embed──────────────────────────────┐
-    vision_patches ─ NaViT ─ PatchMerger ─ proj ─┤ replace the placeholder
-                                                ┘ embeddings ─ LLM ─ logits
+    tokens ──embed───────────────────────────────────────┐
+    vision_patches ─ NaViT ─ PatchMerger ─ proj ──────────┤ replace the placeholder
+    audio_features ─ SAN-M ─ 3-frame concat ─ proj ─ L2 ──┤ embeddings ─ LLM ─ logits
+                                                         ┘
 
 Every row of a batch carries its own fixed-size patch pack (see
 `data/omni_pipeline.py`); placeholder j of a row (an `<imagePatch>` or
 `<videoPatch>` token, in order) takes that row's valid merged feature j, so
 images and videos of any size share one compiled program.
 
-Audio hook: the audio tower (`models/audio.py`, SAN-M) joins the same way,
-one more `scatter_features` call with its own placeholder id
-(`<audioPatch>`) and its (B, num_audio_tokens, width) output. It is not
-wired in here yet, because the batch format for audio is not fixed; until
-then `OmniConfig` has no audio field, and placeholders without features keep
-their token embedding.
+Audio goes the same way, with a second `scatter_features` call and its own
+placeholder id (`<audioPatch>`): a row holds `clips_per_row` clip slots of
+fixed size, audio_features (B, C, F, 560) LFR+CMVN frames and audio_lengths
+(B, C) (0 = empty slot). The SAN-M tower (`models/audio.py`) turns each clip
+into exactly `num_audio_tokens` tokens (those past the audio are the LLM's
+`<end_of_audio>` embedding), so a clip's N `<audioPatch>` placeholders take
+its N tokens, clip after clip in row order. The audio tower exists only when
+`OmniConfig.audio` is set (`config.model.audio.enabled`).
 
-Parameters live under `llm/`, `vision/` and `connector/`, so a tower is
-frozen by an `opt.frozen` path regex such as `^vision/`.
+Parameters live under `llm/`, `vision/`, `connector/` and `audio/`, so a tower
+is frozen by an `opt.frozen` path regex such as `^vision/` or `^audio/`.
 """
 from __future__ import annotations
 
@@ -28,12 +31,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2omni_jax.models.audio import AudioConfig, AudioEncoder
 from m2omni_jax.models.connectors import make_connector
 from m2omni_jax.models.layers import kernel_init, zeros_init
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
 
-MEDIA_KEYS = ("vision_patches", "vision_segment_ids", "vision_hw")
+VISION_KEYS = ("vision_patches", "vision_segment_ids", "vision_hw")
+AUDIO_KEYS = ("audio_features", "audio_lengths")
+MEDIA_KEYS = VISION_KEYS + AUDIO_KEYS  # the model's media inputs; a batch has the audio keys when audio is on
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +72,49 @@ class OmniConfig:
     vision: VisionConfig
     connector: ConnectorConfig
     placeholder_ids: tuple[int, ...]  # token ids replaced by vision features, e.g. <imagePatch>, <videoPatch>
+    audio: AudioConfig | None = None  # None: no audio tower; <audioPatch> keeps its token embedding
+    # Multiplies the L2-normalised audio tokens, as ConnectorConfig.output_scale does image tokens.
+    audio_output_scale: float = 1.0
+    audio_placeholder_id: int = -1  # <audioPatch>
+    end_of_audio_id: int = -1  # <end_of_audio>: its LLM embedding fills the tokens past a clip
+
+    def __post_init__(self):
+        if self.audio is not None and self.audio.out_width != self.llm.width:
+            raise ValueError(f"config.model.audio.out_width={self.audio.out_width} must equal "
+                             f"config.model.llm.width={self.llm.width} (leave it out to take the LLM width)")
 
     @classmethod
-    def from_config(cls, model_cfg, placeholder_ids) -> "OmniConfig":
-        """From `config.model` (llm, vision, connector sections), naming unknown fields."""
-        return cls(llm=LLMConfig.from_config(model_cfg.llm),
+    def from_config(cls, model_cfg, placeholder_ids, *, audio_placeholder_id: int = -1,
+                    end_of_audio_id: int = -1) -> "OmniConfig":
+        """From `config.model` (llm, vision, connector, audio sections), naming unknown fields."""
+        llm = LLMConfig.from_config(model_cfg.llm)
+        audio, audio_output_scale = audio_from_config(model_cfg.get("audio"), llm.width)
+        return cls(llm=llm,
                    vision=_dataclass_from(VisionConfig, model_cfg.vision, "model.vision"),
                    connector=_dataclass_from(ConnectorConfig, model_cfg.connector, "model.connector"),
-                   placeholder_ids=tuple(int(i) for i in placeholder_ids))
+                   placeholder_ids=tuple(int(i) for i in placeholder_ids), audio=audio,
+                   audio_output_scale=audio_output_scale, audio_placeholder_id=int(audio_placeholder_id),
+                   end_of_audio_id=int(end_of_audio_id))
+
+
+def audio_from_config(audio_cfg, llm_width: int) -> tuple[AudioConfig | None, float]:
+    """(the tower's AudioConfig, or None unless `enabled`; output scale) from `config.model.audio`.
+
+    The section holds `enabled`, `output_scale` and AudioConfig's fields; `out_width`
+    defaults to the LLM width. Fields are checked even when the tower is off.
+    """
+    if audio_cfg is None:
+        return None, 1.0
+    values = dict(audio_cfg)
+    enabled, scale = bool(values.pop("enabled", False)), float(values.pop("output_scale", 1.0))
+    values.setdefault("out_width", llm_width)
+    audio = AudioConfig.from_config(values)
+    return (audio if enabled else None), scale
+
+
+def audio_enabled(config) -> bool:
+    """Whether an experiment config has the audio tower (omni model, `model.audio.enabled`)."""
+    return config.model.get("kind", "llm") == "omni" and bool(config.model.get("audio", {}).get("enabled", False))
 
 
 def _dataclass_from(cls, cfg, name: str):
@@ -133,12 +175,23 @@ class OmniModel(nn.Module):
         if cfg.connector.position_frequencies:
             self.position_embedding = nn.Dense(cfg.vision.out_width, kernel_init=kernel_init((None, "embed")),
                                                bias_init=zeros_init(("embed",)))
+        if cfg.audio is not None:
+            if min(cfg.audio_placeholder_id, cfg.end_of_audio_id) < 0:
+                raise ValueError("OmniConfig.audio needs audio_placeholder_id and end_of_audio_id "
+                                 "(the tokenizer's <audioPatch> and <end_of_audio>)")
+            self.audio = AudioEncoder(cfg.audio)
 
-    def embed(self, tokens, vision_patches=None, vision_segment_ids=None, vision_hw=None):
-        """Token embeddings with the vision features in the placeholder slots."""
+    def embed(self, tokens, vision_patches=None, vision_segment_ids=None, vision_hw=None,
+              audio_features=None, audio_lengths=None):
+        """Token embeddings with the vision and audio features in their placeholder slots."""
         x = self.llm.embed_tokens(tokens)
-        if vision_patches is None:  # decode steps and text-only calls
-            return x
+        if vision_patches is not None:  # absent in decode steps and text-only calls
+            x = self.scatter_vision(x, tokens, vision_patches, vision_segment_ids, vision_hw)
+        if audio_features is not None:
+            x = self.scatter_audio(x, tokens, audio_features, audio_lengths)
+        return x
+
+    def scatter_vision(self, x, tokens, vision_patches, vision_segment_ids, vision_hw):
         features, merged_segment_ids = self.vision(vision_patches, vision_segment_ids, vision_hw)
         if self.config.connector.position_frequencies:
             fractions = grid_fractions(vision_hw, merged_segment_ids, self.config.vision.spatial_merge_size)
@@ -148,13 +201,36 @@ class OmniModel(nn.Module):
         is_placeholder = jnp.isin(tokens, jnp.asarray(self.config.placeholder_ids, tokens.dtype))
         return scatter_features(x, is_placeholder, features, merged_segment_ids > 0)
 
+    def scatter_audio(self, x, tokens, audio_features, audio_lengths):
+        if self.config.audio is None:
+            raise ValueError("audio_features given, but the model has no audio tower "
+                             "(config.model.audio.enabled=False)")
+        features, present = self.audio_tokens(audio_features, audio_lengths)
+        return scatter_features(x, tokens == self.config.audio_placeholder_id, features, present)
+
+    def audio_tokens(self, audio_features, audio_lengths):
+        """(B, C, F, 560) clips, (B, C) lengths -> tokens (B, C·N, width) and (B, C·N) bool:
+        the token belongs to a present clip (length > 0), N = num_audio_tokens."""
+        cfg = self.config
+        batch, clips = audio_lengths.shape
+        scale = cfg.audio_output_scale
+        # The encoder fills a clip's tokens past its audio with this; dividing by the scale
+        # here leaves the LLM's own <end_of_audio> embedding after the multiplication below.
+        end_of_audio = self.llm.embedding[cfg.end_of_audio_id] / scale
+        tokens, _ = self.audio(audio_features.reshape((batch * clips,) + audio_features.shape[2:]),
+                               audio_lengths.reshape(batch * clips), end_of_audio)
+        tokens = nn.with_logical_constraint(tokens.reshape(batch, clips * cfg.audio.num_audio_tokens, -1) * scale,
+                                            ACTIVATION)
+        return tokens, jnp.repeat(audio_lengths > 0, cfg.audio.num_audio_tokens, axis=1)
+
     def __call__(self, tokens, positions=None, segment_ids=None, vision_patches=None,
-                 vision_segment_ids=None, vision_hw=None, *, decode: bool = False,
-                 return_hidden: bool = False):
+                 vision_segment_ids=None, vision_hw=None, audio_features=None, audio_lengths=None, *,
+                 decode: bool = False, return_hidden: bool = False):
         """tokens (B,L); positions (3,B,L) M-RoPE ids; segment_ids (B,L); vision_patches
         (B,N,patch_dim), vision_segment_ids (B,N) (one id per image/frame, 0 = padding),
-        vision_hw (B,2,N). Returns logits (B,L,vocab) (and the final hidden states)."""
-        x = self.embed(tokens, vision_patches, vision_segment_ids, vision_hw)
+        vision_hw (B,2,N); audio_features (B,C,F,560), audio_lengths (B,C) (0 = no clip).
+        Returns logits (B,L,vocab) (and the final hidden states)."""
+        x = self.embed(tokens, vision_patches, vision_segment_ids, vision_hw, audio_features, audio_lengths)
         return self.llm(positions=positions, segment_ids=segment_ids, inputs_embeds=x,
                         decode=decode, return_hidden=return_hidden)
 

@@ -25,7 +25,8 @@ from m2omni_jax.parallel import sharding
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "modality")
 # Extra inputs of the omni model (models/omni.py), passed through when a batch has them.
 MEDIA_KEYS = omni.MEDIA_KEYS
-_BATCH_NDIM = {"positions": 3, "vision_patches": 3, "vision_hw": 3}  # every other key: (B, T)
+_BATCH_NDIM = {"positions": 3, "vision_patches": 3, "vision_hw": 3,  # every other key: (B, T)
+               "audio_features": 4}
 
 
 @struct.dataclass
