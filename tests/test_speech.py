@@ -1,8 +1,10 @@
+import os
 import threading
 
 import numpy as np
 import pytest
 
+from m2omni_jax.data import audio
 from m2omni_jax.data import shapes_world as sw
 from m2omni_jax.data import speech
 
@@ -105,3 +107,27 @@ def test_word_error_rate():
         speech.word_error_rate(["a"], ["a", "b"])
     with pytest.raises(ValueError):
         speech.word_error_rate([" ... "], ["a"])
+
+
+def test_speech_world_is_written_once(tmp_path):
+    manifest = speech.write_speech_world(str(tmp_path), seed=2, num_train=4, num_eval=2, progress=False)
+    assert manifest["num_examples"] == {"train": 4, "eval": 2} and manifest["tasks"] == list(speech.TASKS)
+    path = speech.speech_split_path(str(tmp_path), "train")
+    written = os.stat(path).st_mtime_ns
+    assert speech.write_speech_world(str(tmp_path), seed=2, num_train=4, num_eval=2, progress=False) == manifest
+    assert os.stat(path).st_mtime_ns == written  # cached
+    speech.write_speech_world(str(tmp_path), seed=2, num_train=5, num_eval=2, progress=False)
+    assert len(speech.open_speech_split(str(tmp_path), "train")) == 5  # another config: rewritten
+    with pytest.raises(ValueError, match="config.data.speech.tasks"):
+        speech.write_speech_world(str(tmp_path), seed=2, num_train=4, num_eval=2, tasks=("tts",))
+
+
+def test_cmvn_of_the_training_speech(tmp_path):
+    speech.write_speech_world(str(tmp_path), seed=0, num_train=3, num_eval=1, progress=False)
+    stats = speech.compute_cmvn(str(tmp_path), num_records=2)
+    clips = [audio.audio_features(speech.make_record(0, "train", i)["audio"][0]) for i in range(2)]
+    expected = audio.compute_cmvn_stats(clips)
+    assert stats["count"] == sum(len(c) for c in clips) == expected["count"]
+    np.testing.assert_allclose(stats["mean"], expected["mean"], rtol=1e-6)
+    normalised = np.concatenate([audio.apply_cmvn(c, stats) for c in clips])
+    np.testing.assert_allclose(normalised.mean(0), 0, atol=1e-3)

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import soxr
+from etils import epath
 
 SAMPLE_RATE = 16_000
 NUM_MEL_BINS = 80
@@ -133,15 +134,14 @@ def apply_cmvn(feats: np.ndarray, stats: dict) -> np.ndarray:
 
 
 def save_cmvn(path: str, stats: dict) -> None:
-    """JSON file of the stats (kept next to the checkpoint)."""
-    with open(path, "w") as f:
-        json.dump({"mean": np.asarray(stats["mean"]).tolist(), "std": np.asarray(stats["std"]).tolist(),
-                   "count": int(stats.get("count", 0))}, f)
+    """JSON file of the stats (kept next to the checkpoint; local or gs:// paths)."""
+    epath.Path(path).write_text(json.dumps({"mean": np.asarray(stats["mean"]).tolist(),
+                                            "std": np.asarray(stats["std"]).tolist(),
+                                            "count": int(stats.get("count", 0))}))
 
 
 def load_cmvn(path: str) -> dict:
-    with open(path) as f:
-        raw = json.load(f)
+    raw = json.loads(epath.Path(path).read_text())
     return {"mean": np.asarray(raw["mean"], np.float32), "std": np.asarray(raw["std"], np.float32),
             "count": int(raw.get("count", 0))}
 

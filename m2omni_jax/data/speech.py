@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import re
 import threading
@@ -273,6 +274,45 @@ def open_speech_split(out_dir: str, split: str):
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
     return ArrayRecordDataSource(speech_split_path(out_dir, split))
+
+
+def write_speech_world(out_dir: str, *, seed: int, num_train: int, num_eval: int,
+                       tasks: Sequence[str] = TASKS, progress: bool = True) -> dict:
+    """Writes the `train`/`eval` speech splits; a no-op when `out_dir` already holds the
+    same version, seed, counts and tasks (its manifest.json). Returns the manifest."""
+    from m2omni_jax.data import write_shapes_world as wsw
+
+    unknown = set(tasks) - set(TASKS)
+    if unknown or not tasks:
+        raise ValueError(f"config.data.speech.tasks={tuple(tasks)}: unknown {sorted(unknown)}; known tasks "
+                         f"are {TASKS}")
+    manifest = {"name": "shapes_speech", "version": sw.DATA_VERSION, "seed": seed, "tasks": list(tasks),
+                "num_examples": {"train": num_train, "eval": num_eval},
+                "encoding": "msgpack map, audio as int16 PCM: m2omni_jax.data.speech.decode_record"}
+    paths = [speech_split_path(out_dir, split) for split in sw.SPLITS]
+    if wsw._read_manifest(out_dir) == manifest and all(map(os.path.exists, paths)):
+        return manifest
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, wsw.MANIFEST)
+    if os.path.exists(manifest_path):  # an interrupted rewrite must not look complete
+        os.remove(manifest_path)
+    for split in sw.SPLITS:
+        write_speech_split(out_dir, split, seed, manifest["num_examples"][split], progress, tasks)
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    return manifest
+
+
+def compute_cmvn(out_dir: str, num_records: int, split: str = "train") -> dict:
+    """CMVN statistics (`audio.compute_cmvn_stats`) over every clip of the first
+    `num_records` records of a written split, features without CMVN."""
+    source = open_speech_split(out_dir, split)
+    feats = []
+    for index in range(min(num_records, len(source))):
+        record = decode_record(source[index])
+        feats += [audio_frontend.audio_features(clip, record["sample_rate"]) for clip in record["audio"]]
+    return audio_frontend.compute_cmvn_stats(feats)
 
 
 # ---------------------------------------------------------------- metrics
