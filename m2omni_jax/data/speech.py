@@ -259,13 +259,14 @@ def write_speech_split(out_dir: str, split: str, seed: int, num: int, progress: 
 
     os.makedirs(out_dir, exist_ok=True)
     path = speech_split_path(out_dir, split)
-    writer = ArrayRecordWriter(path + ".tmp", "group_size:1")  # one record per chunk: random access
+    tmp = f"{path}.tmp{os.getpid()}"  # concurrent writers of one variant do not collide
+    writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: random access
     try:
         for index in tqdm(range(num), desc=os.path.basename(path), disable=not progress):
             writer.write(encode_record(make_record(seed, split, index, tasks)))
     finally:
         writer.close()
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return path
 
 
@@ -298,9 +299,9 @@ def write_speech_world(out_dir: str, *, seed: int, num_train: int, num_eval: int
         os.remove(manifest_path)
     for split in sw.SPLITS:
         write_speech_split(out_dir, split, seed, manifest["num_examples"][split], progress, tasks)
-    with open(manifest_path + ".tmp", "w") as f:
+    with open(f"{manifest_path}.tmp{os.getpid()}", "w") as f:
         json.dump(manifest, f, indent=2)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    os.replace(f"{manifest_path}.tmp{os.getpid()}", manifest_path)
     return manifest
 
 
