@@ -79,9 +79,11 @@ class VisionOptions:
     video_max_frames: int = 8
     patches_per_row: int = 256
     # "clip": CLIP mean/std, as Qwen2-VL's pretrained ViT expects. "clip_centered" [ours]:
-    # then subtract each image's (video's) mean colour, for a tower trained from scratch:
+    # then subtract each image's (video's) median colour, for a tower trained from scratch:
     # otherwise the background dominates every token and the random encoder's tokens
     # look alike, so the LLM has nothing to latch on to (shapes world: no learning at all).
+    # The median is the background's colour, whatever the objects are; a mean would
+    # shift every background token with the objects' colours.
     pixel_norm: str = "clip"
 
     def __post_init__(self):
@@ -131,9 +133,10 @@ def preprocess_media(kind: str, pixels, opts: VisionOptions) -> MediaItem:
 
 
 def center_colors(patches: np.ndarray) -> np.ndarray:
-    """Subtracts the per-channel mean over all patches (layout (C, T, P, P) per patch)."""
-    by_channel = patches.reshape(len(patches), 3, -1)
-    return (by_channel - by_channel.mean(axis=(0, 2), keepdims=True)).reshape(patches.shape)
+    """Subtracts the per-channel median over all patches (layout (C, T, P, P) per patch)."""
+    by_channel = np.moveaxis(patches.reshape(len(patches), 3, -1), 1, 0).reshape(3, -1)
+    median = np.median(by_channel, axis=1).astype(patches.dtype)
+    return (patches.reshape(len(patches), 3, -1) - median[None, :, None]).reshape(patches.shape)
 
 
 def record_media(record: dict, opts: VisionOptions, messages: Sequence[dict] | None = None
