@@ -25,6 +25,15 @@ def get_config() -> ml_collections.ConfigDict:
     # for an LLM trained from scratch, whose N(0, 1) token embeddings have that norm.
     config.model.connector = ml_collections.ConfigDict(dict(kind="linear", mlp=False, output_scale=1.0,
                                                              position_frequencies=0))
+    # SAN-M audio tower (models/audio.py: AudioConfig fields; its out_width is the LLM width),
+    # read when kind="omni" and enabled. Each clip becomes num_audio_tokens tokens (180 ms
+    # each; 48 cover the longest built-in speech clip, 8.1 s), padded with <end_of_audio>.
+    config.model.audio = ml_collections.ConfigDict(dict(
+        enabled=False,  # off: no audio tower, no audio batch keys (text + vision configs unchanged)
+        output_scale=1.0,  # multiplies the L2-normalised audio tokens, as connector.output_scale
+        width=64, depth=2, num_heads=4, mlp_dim=128, fsmn_kernel=11, fsmn_shift=0,
+        layer_norm_epsilon=1e-12, frames_per_token=3, num_audio_tokens=48, projector="linear",
+        dtype="float32", param_dtype="float32", remat_policy="none", scan=True))
 
     # Mesh axis sizes; one may be -1 (fills the remaining devices).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
@@ -64,9 +73,19 @@ def get_config() -> ml_collections.ConfigDict:
         patches_per_row=256,  # fixed patch pack per row (a multiple of 4): one compiled shape
         pixel_norm="clip",  # "clip" (pretrained Qwen2-VL ViT) | "clip_centered" (tower from scratch)
     ))
+    # Spoken shapes-world tasks (data/speech.py, eSpeak NG), modality "audio"; read when
+    # model.audio.enabled.
+    config.data.speech = ml_collections.ConfigDict(dict(
+        dir="",  # "": <data.dir>/shapes_speech/<variant>; written once (progress bar), then reused
+        num_train=20_000, num_eval=1_000,
+        tasks=("asr", "spoken_vqa", "spoken_scene_qa", "spoken_caption_qa"),
+        clips_per_row=2,  # fixed clip slots per row (each model.audio.num_audio_tokens·3 frames): one shape
+        cmvn_file="",  # "": <workdir>/cmvn.json, measured on the training speech by the first run
+        cmvn_samples=500,  # training speech records the CMVN statistics are measured on
+    ))
     config.data.mixture = "omni"  # omni_pipeline.MIXTURE_PRESETS name ("mm1": 45/45/10) or "custom"
     config.data.modality_weights = ml_collections.ConfigDict(dict(  # used when mixture="custom"
-        text=0.25, image=0.45, video=0.15, interleaved=0.15))
+        text=0.25, image=0.45, video=0.15, interleaved=0.15, audio=0.0))  # audio: needs model.audio.enabled
     # Factor per task within its modality (tasks not listed: 1).
     config.data.task_weights = ml_collections.ConfigDict(dict(
         caption=1.0, vqa_color=1.0, vqa_shape=1.0, vqa_count=1.0, vqa_position=1.0, ocr=1.0))
@@ -112,6 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_samples=200,  # held-out records, round-robin over the tasks
         batch_size=16,
         max_new_tokens=48,
+        num_speech_samples=100,  # held-out speech records (with model.audio.enabled): ASR WER, spoken QA
         prompt_len=0,  # left-padded prompt length; 0: the longest held-out prompt (one compile)
     ))
 

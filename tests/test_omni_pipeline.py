@@ -6,8 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+from m2omni_jax.data import audio as audio_frontend
 from m2omni_jax.data import omni_pipeline as op
 from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.data import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.modalities import modality_id
 
@@ -197,3 +199,120 @@ def test_eval_prompts_are_left_padded(config, tok):
         assert batch["next_position"][row] == prompt["positions"].max() + 1
         header = tok.apply_chat_template([], add_generation_prompt=True)[0][1:]
         assert list(prompt["ids"][-len(header):]) == header  # ends with the open assistant header
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def test_chat_assembly_mixes_audio_image_and_text(tok):
+    image = op.MediaItem("image", np.ones((16, op.PATCH_DIM), np.float32), (1, 4, 4))  # 2x2 merged tokens
+    clip = op.AudioClip(np.ones((5, 560), np.float32), num_tokens=3)
+    messages = [{"role": "user", "content": "<image><audio>What color?"}, {"role": "assistant", "content": "red"}]
+    chat = op.assemble_chat(tok, messages, [image, clip])
+    ids, mask, positions = chat["ids"], chat["mask"], chat["positions"]
+    IMG, END_IMG, P, AUD, END_AUD, A = (tok.special_id(f"<{n}>") for n in
+                                        ("image", "/image", "imagePatch", "audio", "/audio", "audioPatch"))
+    s = int(np.flatnonzero(ids == IMG)[0])
+    assert ids[s:s + 11].tolist() == [IMG, P, P, P, P, END_IMG, AUD, A, A, A, END_AUD]
+    np.testing.assert_array_equal(positions[:, :s], np.tile(np.arange(s), (3, 1)))  # text: t = h = w
+    # The 2x2 grid at s+1 (t = s+1, h/w = s+1 + row/col), </image> at its max + 1 = s+3; the
+    # audio block is 1-D like text: <audio> s+4, placeholders s+5..s+7, </audio> s+8.
+    np.testing.assert_array_equal(positions[:, s:s + 11], s + np.array([
+        [0, 1, 1, 1, 1, 3, 4, 5, 6, 7, 8],
+        [0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8],
+        [0, 1, 2, 1, 2, 3, 4, 5, 6, 7, 8]]))
+    np.testing.assert_array_equal(positions[:, s + 11:], np.tile(s + 9 + np.arange(len(ids) - s - 11), (3, 1)))
+    assert tok.decode(ids[mask == 1]) == "red<|eot_id|>"  # placeholders and the prompt are not trained
+
+    sample = op._sample_from_assembly(chat, modality_id("audio"), op.AudioOptions(3, 9, clips_per_row=2))
+    assert sample["audio_features"].shape == (1, 9, 560) and sample["audio_lengths"].tolist() == [5]
+    assert (sample["audio_features"][0, :5] == 1).all() and (sample["audio_features"][0, 5:] == 0).all()
+    assert sample["vision_patches"].shape == (16, op.PATCH_DIM) and (sample["modality"] == modality_id("audio")).all()
+
+
+def test_spoken_vqa_record_media_in_placeholder_order():
+    record = speech.make_record(0, "train", 1)  # spoken_vqa: "<image>\n<audio>"
+    opts = op.AudioOptions(48, 144, clips_per_row=2)
+    media = op.record_media(record, op.VisionOptions(), audio_opts=opts)
+    assert [m.kind for m in media] == ["image", "audio"] and media[1].num_tokens == 48
+    np.testing.assert_allclose(media[1].features, audio_frontend.audio_features(record["audio"][0]))
+    with pytest.raises(ValueError, match="config.model.audio.enabled"):
+        op.record_media(record, op.VisionOptions())
+    with pytest.raises(ValueError, match="num_audio_tokens=2"):
+        op.record_media(record, op.VisionOptions(), audio_opts=op.AudioOptions(2, 6, clips_per_row=2))
+
+
+@pytest.fixture(scope="module")
+def audio_config(config, tmp_path_factory):
+    """Omni with the audio tower, 256-token rows (room for two clips), audio-heavy mixture."""
+    config = config.copy_and_resolve_references()
+    config.model.audio.enabled = True
+    config.data.seq_len = 256
+    config.data.speech.update(dict(num_train=24, num_eval=8, cmvn_samples=12))
+    config.data.mixture = "custom"
+    config.data.modality_weights.update(dict(text=1.0, image=1.0, video=0.5, interleaved=0.5, audio=3.0))
+    return op.with_cmvn(config, str(tmp_path_factory.mktemp("workdir")))
+
+
+def test_rows_pair_audio_placeholders_with_clips(audio_config, tok):
+    it = op.make_train_iterator(audio_config, tok, process_index=0, process_count=1)
+    expected = op.example_batch_shapes(audio_config)
+    audio_patch, audio = tok.special_id("<audioPatch>"), modality_id("audio")
+    mixed_rows = 0
+    for _ in range(4):
+        batch = next(it)
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected  # one compiled shape
+        assert set(batch) == set(op.batch_keys(audio_config))
+        for row in range(BATCH):
+            tokens, lengths = batch["tokens"][row], batch["audio_lengths"][row]
+            clips = int(np.count_nonzero(lengths))
+            assert (lengths[:clips] > 0).all() and (lengths[clips:] == 0).all(), "clips fill the slots in order"
+            assert int(np.sum(tokens == audio_patch)) == 48 * clips
+            assert not batch["audio_features"][row, clips:].any()
+            for clip in range(clips):
+                assert not batch["audio_features"][row, clip, lengths[clip]:].any()
+            seg = batch["segment_ids"][row]
+            samples = {int(batch["modality"][row][seg == s][0]) for s in np.unique(seg[seg > 0])}
+            mixed_rows += audio in samples and len(samples) > 1
+            idx = np.flatnonzero(tokens == audio_patch)
+            pos = batch["positions"][row][:, idx]
+            assert (pos[0] == pos[1]).all() and (pos[1] == pos[2]).all(), "audio positions are 1-D"
+    assert mixed_rows > 0, "audio samples share rows with other modalities"
+
+
+def test_cmvn_is_computed_once_and_read_back(audio_config, tmp_path):
+    path = audio_config.data.speech.cmvn_file
+    stats = audio_frontend.load_cmvn(path)
+    assert stats["mean"].shape == stats["std"].shape == (560,) and stats["count"] > 0
+    before = os.stat(path).st_mtime_ns
+    again = audio_config.copy_and_resolve_references()
+    again.data.speech.cmvn_file = ""
+    assert op.with_cmvn(again, os.path.dirname(path)).data.speech.cmvn_file == path
+    assert os.stat(path).st_mtime_ns == before  # read back, not recomputed
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        op.with_cmvn(again, str(tmp_path), compute=False)
+    with pytest.raises(ValueError, match="cmvn_file is empty"):
+        op.AudioOptions.from_config(again)
+
+
+def test_audio_in_the_mixture_needs_the_tower(audio_config):
+    config = audio_config.copy_and_resolve_references()
+    config.model.audio.enabled = False
+    with pytest.raises(ValueError, match="'audio' weight 3.0, but config.model.audio.enabled=False"):
+        op.check_audio_mixture(config)
+    assert op.AudioOptions.from_config(config) is None and set(op.batch_keys(config)) == set(op.BATCH_KEYS)
+
+
+def test_speech_eval_prompts_carry_their_clips(audio_config, tok):
+    records = list(op.speech_eval_records(audio_config, 4))
+    assert [r["task"] for r in records] == list(speech.TASKS)
+    opts = op.VisionOptions.from_config(audio_config.data.vision)
+    audio_opts = op.AudioOptions.from_config(audio_config)
+    prompts = [op.eval_prompt(r, tok, opts, audio_opts) for r in records]
+    batch = op.batch_prompts(prompts, 192, PATCHES, audio_opts)
+    assert batch["audio_features"].shape == (4, 2, 144, 560)
+    for row, prompt in enumerate(prompts):
+        length = len(prompt["audio"][0])
+        assert batch["audio_lengths"][row].tolist() == [length, 0]
+        np.testing.assert_array_equal(batch["audio_features"][row, 0, :length], prompt["audio"][0])
+        assert int(np.sum(batch["tokens"][row] == tok.special_id("<audioPatch>"))) == 48

@@ -1,7 +1,8 @@
-"""grain input pipeline for the omni model: text + image + video + interleaved samples.
+"""grain input pipeline for the omni model: text + image + video + interleaved + audio samples.
 
-    per task: shapes-world ArrayRecord[task::num_tasks][process::count] → shuffle → repeat
-              → decode → resize → patchify [→ centre colours] → chat template with expanded placeholders
+    per task: shapes-world (or speech) ArrayRecord[task::num_tasks][process::count] → shuffle → repeat
+              → decode → resize → patchify [→ centre colours]; audio → fbank → LFR → CMVN
+              → chat template with expanded placeholders
     text:     the text corpus of `pipeline.py` → tokenise
     → MapDataset.mix(weights) → to_iter_dataset → drop bad records (counted)
     → grain FirstFitPackIterDataset(tokens: seq_len, patches: patches_per_row)
@@ -9,11 +10,13 @@
 
 Sequence assembly (`assemble_chat`): each `<image>` / `<video>` in a message
 becomes `<image>` + N×`<imagePatch>` + `</image>` (N = merged tokens of that
-item); M-RoPE ids follow DESIGN.md §1: text t = h = w = running index; a
-patch block gets its (t, h/2, w/2) grid ids offset by the running index at
-the block start; the text after it resumes at the block's max + 1. Only
-assistant text (and its `<|eot_id|>`) is trained; prompt and media tokens
-are not.
+item), each `<audio>` becomes `<audio>` + N×`<audioPatch>` + `</audio>` (N =
+the audio encoder's fixed `model.audio.num_audio_tokens`); M-RoPE ids follow
+DESIGN.md §1: text t = h = w = running index; a patch block gets its
+(t, h/2, w/2) grid ids offset by the running index at the block start; the
+text after it resumes at the block's max + 1; audio placeholders count as
+text (1-D positions). Only assistant text (and its `<|eot_id|>`) is trained;
+prompt and media tokens are not.
 
 Batch = the text batch of `pipeline.py` plus, per row, a fixed-size patch pack
 (N = `patches_per_row`, so jit never recompiles):
@@ -21,8 +24,16 @@ Batch = the text batch of `pipeline.py` plus, per row, a fixed-size patch pack
   vision_segment_ids  int32 (B,N)         one id per image / temporal frame of the row, 0 = padding
   vision_hw           int32 (B,2,N)       (row, col) of each patch in its image
 Placeholder j of a row belongs to merged patch group j (4 consecutive patches).
+With the audio tower on (`model.audio.enabled`), each row also has C =
+`data.speech.clips_per_row` clip slots (F = the encoder's `max_frames`):
+  audio_features      float32 (B,C,F,560) LFR+CMVN frames of the row's clips, in order, zero-padded
+  audio_lengths       int32 (B,C)         valid frames per clip, 0 = empty slot
+Audio placeholder block j of a row (N tokens) belongs to clip j. The CMVN
+statistics come from `data.speech.cmvn_file` (`with_cmvn` computes them
+from the training speech once and stores them in the workdir).
 
-A sample with more than `seq_len` tokens or `patches_per_row` patches is
+A sample with more than `seq_len` tokens, `patches_per_row` patches,
+`clips_per_row` clips or a clip longer than the encoder's `max_frames` is
 skipped and counted as a bad record (text samples are truncated instead).
 Caption→image (`gen_image`) records are not read: the mixture has no
 image-generation modality yet.
@@ -38,23 +49,27 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+from etils import epath
+from jax.experimental import multihost_utils
 
+from m2omni_jax.data import audio as audio_frontend
 from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import pipeline
+from m2omni_jax.data import pipeline, speech
 from m2omni_jax.data import shapes_world as sw
 from m2omni_jax.data import write_shapes_world
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.models import omni
 
 MEDIA_KEYS = omni.MEDIA_KEYS
-BATCH_KEYS = pipeline.BATCH_KEYS + MEDIA_KEYS
+BATCH_KEYS = pipeline.BATCH_KEYS + omni.VISION_KEYS  # + omni.AUDIO_KEYS with audio: `batch_keys(config)`
 PATCH_DIM = 3 * ip.TEMPORAL_PATCH_SIZE * ip.PATCH_SIZE ** 2
 _TOKEN_KEYS = ("tokens", "targets", "loss_mask", "modality", "positions")
 _PATCH_KEYS = ("vision_patches", "vision_hw", "vision_frames")
 _BAD = pipeline._BAD
-_PLACEHOLDER = re.compile(r"<(image|video)>")
+_PLACEHOLDER = re.compile(r"<(image|video|audio)>")
+CMVN_FILE = "cmvn.json"  # in the workdir, beside checkpoints/
 
-UNDERSTANDING_MODALITIES = ("text", "image", "video", "interleaved")
+UNDERSTANDING_MODALITIES = ("text", "image", "video", "interleaved", "audio")
 PIXEL_NORMS = ("clip", "clip_centered")
 # Modality weights of the mixture presets; `config.data.mixture = "custom"`
 # takes `config.data.modality_weights` instead.
@@ -103,6 +118,59 @@ class VisionOptions:
         return cls(**values)
 
 
+@dataclasses.dataclass(frozen=True)
+class AudioOptions:
+    """How clips enter a batch: `num_audio_tokens` placeholders each, at most `max_frames`
+    LFR frames (the encoder's budget), `clips_per_row` slots per row, CMVN statistics."""
+    num_audio_tokens: int
+    max_frames: int
+    clips_per_row: int
+    cmvn: dict | None = None  # `audio.compute_cmvn_stats`; None: features without CMVN
+
+    def __post_init__(self):
+        if self.clips_per_row <= 0:
+            raise ValueError(f"config.data.speech.clips_per_row={self.clips_per_row} must be positive")
+
+    @classmethod
+    def from_config(cls, config, *, read_cmvn: bool = True) -> "AudioOptions | None":
+        """From `model.audio` and `data.speech`; None when the audio tower is off."""
+        if not omni.audio_enabled(config):
+            return None
+        audio, _ = omni.audio_from_config(config.model.audio, int(config.model.llm.width))
+        cmvn = None
+        if read_cmvn:
+            if not config.data.speech.cmvn_file:
+                raise ValueError("config.data.speech.cmvn_file is empty; m2omni-train and m2omni-eval set it "
+                                 f"to <workdir>/{CMVN_FILE} (omni_pipeline.with_cmvn)")
+            cmvn = audio_frontend.load_cmvn(config.data.speech.cmvn_file)
+        return cls(audio.num_audio_tokens, audio.max_frames, int(config.data.speech.clips_per_row), cmvn)
+
+
+@dataclasses.dataclass
+class AudioClip:
+    features: np.ndarray  # (frames, 560) LFR (+ CMVN) frames
+    num_tokens: int  # its <audioPatch> placeholders: the encoder's fixed token count
+    kind: str = "audio"
+
+
+def preprocess_audio(waveform: np.ndarray, sample_rate: int, opts: AudioOptions) -> AudioClip:
+    """Waveform -> encoder features; a clip the encoder cannot read whole is a ValueError."""
+    features = audio_frontend.audio_features(waveform, sample_rate, cmvn=opts.cmvn)
+    if not 0 < len(features) <= opts.max_frames:
+        raise ValueError(f"audio clip of {len(features)} LFR frames; the encoder reads 1 to {opts.max_frames} "
+                         f"(model.audio.num_audio_tokens={opts.num_audio_tokens})")
+    return AudioClip(features, opts.num_audio_tokens)
+
+
+def clip_arrays(clips: Sequence[np.ndarray], max_frames: int) -> dict[str, np.ndarray]:
+    """Feature matrices -> audio_features (n, max_frames, 560) zero-padded, audio_lengths (n,)."""
+    if not clips:
+        return {"audio_features": np.zeros((0, max_frames, audio_frontend.FEATURE_DIM), np.float32),
+                "audio_lengths": np.zeros(0, np.int32)}
+    features, lengths = audio_frontend.pad_features(clips, max_frames)
+    return {"audio_features": features, "audio_lengths": lengths}
+
+
 @dataclasses.dataclass
 class MediaItem:
     kind: str  # "image" | "video"
@@ -139,20 +207,26 @@ def center_colors(patches: np.ndarray) -> np.ndarray:
     return (patches.reshape(len(patches), 3, -1) - median[None, :, None]).reshape(patches.shape)
 
 
-def record_media(record: dict, opts: VisionOptions, messages: Sequence[dict] | None = None
-                 ) -> list[MediaItem]:
-    """The media of a shapes-world record in the order their placeholders appear."""
-    images = iter(record["images"])
+def record_media(record: dict, opts: VisionOptions, messages: Sequence[dict] | None = None,
+                 audio_opts: AudioOptions | None = None) -> list[MediaItem | AudioClip]:
+    """The media of a shapes-world (or speech) record in the order their placeholders appear."""
+    images, clips = iter(record["images"]), iter(record.get("audio", []))
     items = []
     for message in record["messages"] if messages is None else messages:
         for kind in _PLACEHOLDER.findall(message["content"]):
+            if kind == "audio":
+                if audio_opts is None:
+                    raise ValueError("a record with <audio> needs the audio tower (config.model.audio.enabled)")
+                items.append(preprocess_audio(next(clips), record.get("sample_rate", audio_frontend.SAMPLE_RATE),
+                                              audio_opts))
+                continue
             pixels = next(images) if kind == "image" else record["video"]
             items.append(preprocess_media(kind, pixels, opts))
     return items
 
 
-def expand_placeholders(messages: Sequence[dict], media: Sequence[MediaItem]) -> list[dict]:
-    """`<image>` -> `<image>` + N×`<imagePatch>` + `</image>` (same for video), in order."""
+def expand_placeholders(messages: Sequence[dict], media: Sequence[MediaItem | AudioClip]) -> list[dict]:
+    """`<image>` -> `<image>` + N×`<imagePatch>` + `</image>` (same for video and audio), in order."""
     items = iter(media)
 
     def block(match):
@@ -187,7 +261,7 @@ def mrope_positions(ids: Sequence[int], merged_grids: Sequence[Sequence[int]],
 
 def media_token_ids(tokenizer) -> dict[str, int]:
     return {name: tokenizer.special_id(f"<{name}>") for name in
-            ("image", "/image", "imagePatch", "video", "/video", "videoPatch")}
+            ("image", "/image", "imagePatch", "video", "/video", "videoPatch", "audio", "/audio", "audioPatch")}
 
 
 def placeholder_ids(tokenizer) -> tuple[int, int]:
@@ -195,9 +269,10 @@ def placeholder_ids(tokenizer) -> tuple[int, int]:
     return tokenizer.special_id("<imagePatch>"), tokenizer.special_id("<videoPatch>")
 
 
-def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[MediaItem], *,
+def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[MediaItem | AudioClip], *,
                   add_generation_prompt: bool = False) -> dict:
-    """Chat + media -> ids, mask (1 = trained), positions (3,L), patches, hw (2,P), frames (P,).
+    """Chat + media -> ids, mask (1 = trained), positions (3,L), patches, hw (2,P), frames (P,),
+    audio (the clips' feature matrices, in order).
 
     `frames` numbers the images / temporal frames of the sample 1, 2, ...: the
     attention segments of the vision tower.
@@ -205,56 +280,67 @@ def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[MediaItem
     ids, mask = tokenizer.apply_chat_template(expand_placeholders(messages, media), add_generation_prompt)
     ids = np.asarray(ids, np.int32)
     patch_ids = placeholder_ids(tokenizer)
-    if int(np.isin(ids, patch_ids).sum()) != sum(m.num_tokens for m in media):
+    visual = [m for m in media if m.kind != "audio"]
+    clips = [m for m in media if m.kind == "audio"]
+    if int(np.isin(ids, patch_ids).sum()) != sum(m.num_tokens for m in visual):
         raise ValueError("placeholder count does not match the media tokens")
+    if int(np.sum(ids == tokenizer.special_id("<audioPatch>"))) != sum(c.num_tokens for c in clips):
+        raise ValueError("<audioPatch> count does not match the audio clips' tokens")
     mask = np.where(np.isin(ids, list(media_token_ids(tokenizer).values())), 0, np.asarray(mask, np.int32))
     frames, first = [], 1
-    for item in media:
+    for item in visual:
         t, h, w = item.grid_thw
         frames.append(first + np.repeat(np.arange(t, dtype=np.int32), h * w))
         first += t
     return {
         "ids": ids, "mask": mask,
-        "positions": mrope_positions(ids, [m.merged_grid for m in media], patch_ids),
-        "patches": np.concatenate([m.patches for m in media] or [np.zeros((0, PATCH_DIM), np.float32)]),
-        "hw": np.concatenate([ip.hw_positions(m.grid_thw) for m in media] or [np.zeros((2, 0), np.int32)], 1),
+        "positions": mrope_positions(ids, [m.merged_grid for m in visual], patch_ids),
+        "patches": np.concatenate([m.patches for m in visual] or [np.zeros((0, PATCH_DIM), np.float32)]),
+        "hw": np.concatenate([ip.hw_positions(m.grid_thw) for m in visual] or [np.zeros((2, 0), np.int32)], 1),
         "frames": np.concatenate(frames or [np.zeros(0, np.int32)]),
+        "audio": [c.features for c in clips],
     }
 
 
-def _sample_from_assembly(chat: dict, modality: int) -> dict:
+def _sample_from_assembly(chat: dict, modality: int, audio_opts: AudioOptions | None) -> dict:
     sample = pipeline.make_sample(chat["ids"], chat["mask"], modality, len(chat["ids"]))
     sample["positions"] = chat["positions"].T.copy()  # grain packs along axis 0
     sample["vision_patches"] = chat["patches"].astype(np.float32)
     sample["vision_hw"] = chat["hw"].T.copy()
     sample["vision_frames"] = chat["frames"].astype(np.int32)
+    if audio_opts is not None:
+        sample.update(clip_arrays(chat["audio"], audio_opts.max_frames))
     return sample
 
 
 class ShapesWorldSample:
-    """Shapes-world record bytes → packed-ready sample dict, or `{_BAD: 1}`."""
+    """Shapes-world or speech record bytes → packed-ready sample dict, or `{_BAD: 1}`."""
 
-    def __init__(self, tokenizer, seq_len: int, opts: VisionOptions):
-        self.tokenizer, self.seq_len, self.opts = tokenizer, seq_len, opts
+    def __init__(self, tokenizer, seq_len: int, opts: VisionOptions, audio_opts: AudioOptions | None = None):
+        self.tokenizer, self.seq_len, self.opts, self.audio_opts = tokenizer, seq_len, opts, audio_opts
 
     def __call__(self, raw: bytes) -> dict:
         try:
-            record = sw.decode_record(raw)
-            media = record_media(record, self.opts)
+            record = speech.decode_record(raw)  # a shapes-world record is a speech record without audio
+            media = record_media(record, self.opts, audio_opts=self.audio_opts)
             chat = assemble_chat(self.tokenizer, record["messages"], media)
             modality = modality_id(record["modality"])
         except (ValueError, KeyError, TypeError, AttributeError, StopIteration, OSError):
             return {_BAD: 1}
+        # Cutting a media block would break the placeholder/feature pairing.
         if len(chat["ids"]) > self.seq_len or len(chat["patches"]) > self.opts.patches_per_row:
-            return {_BAD: 1}  # cutting a media block would break the placeholder/feature pairing
-        return _sample_from_assembly(chat, modality)
+            return {_BAD: 1}
+        if chat["audio"] and len(chat["audio"]) > self.audio_opts.clips_per_row:
+            return {_BAD: 1}
+        return _sample_from_assembly(chat, modality, self.audio_opts)
 
 
 class TextSample:
     """Text-corpus record → the text sample of `pipeline.TokenizeRecord` with empty media."""
 
-    def __init__(self, tokenizer, seq_len: int):
+    def __init__(self, tokenizer, seq_len: int, audio_opts: AudioOptions | None = None):
         self.tokenize = pipeline.TokenizeRecord(tokenizer, seq_len)
+        self.audio_opts = audio_opts
 
     def __call__(self, raw: bytes) -> dict:
         sample = self.tokenize(raw)
@@ -264,6 +350,8 @@ class TextSample:
         sample["vision_patches"] = np.zeros((0, PATCH_DIM), np.float32)
         sample["vision_hw"] = np.zeros((0, 2), np.int32)
         sample["vision_frames"] = np.zeros(0, np.int32)
+        if self.audio_opts is not None:
+            sample.update(clip_arrays([], self.audio_opts.max_frames))
         return sample
 
 
@@ -286,6 +374,7 @@ def finalize_row(row: dict) -> dict:
     out["vision_patches"] = row["vision_patches"]
     out["vision_segment_ids"] = vision_segment_ids(row["vision_patches_segment_ids"], row["vision_frames"])
     out["vision_hw"] = row["vision_hw"].T.copy()
+    out.update({k: row[k] for k in omni.AUDIO_KEYS if k in row})
     for k in pipeline._COUNT_KEYS:
         out[k] = np.int32(sum(row[k]))
     return out
@@ -308,25 +397,42 @@ def modality_weights(data_cfg) -> dict[str, float]:
 
 
 def source_weights(data_cfg, tasks: Sequence[str]) -> dict[str, float]:
-    """Weight per source ("text" or a shapes-world task); a modality's weight is split
-    over its tasks by `task_weights` factors (default equal)."""
+    """Weight per source ("text", a shapes-world or a speech task); a modality's weight is
+    split over its tasks by `task_weights` factors (default equal)."""
     factors = dict(data_cfg.get("task_weights", {}) or {})
-    unknown = set(factors) - set(sw.TASKS)
+    unknown = set(factors) - set(sw.TASKS) - set(speech.TASKS)
     if unknown:
         raise ValueError(f"config.data.task_weights names unknown tasks {sorted(unknown)}; "
-                         f"known: {sw.TASKS}")
+                         f"known: {sw.TASKS + speech.TASKS}")
     out = {}
     for modality, weight in modality_weights(data_cfg).items():
         if modality == "text":
             out["text"] = weight
             continue
-        members = [t for t in tasks if sw.TASK_MODALITY[t] == modality]
+        members = [t for t in tasks if task_modality(t) == modality]
         if not members:
-            raise ValueError(f"mixture weights modality {modality!r} but data.shapes_world.tasks "
-                             f"{tuple(tasks)} has no {modality} task")
+            raise ValueError(f"mixture weights modality {modality!r} but the tasks {tuple(tasks)} "
+                             f"(data.shapes_world.tasks, data.speech.tasks) have no {modality} task")
         total = sum(float(factors.get(t, 1.0)) for t in members)
         out.update({t: weight * float(factors.get(t, 1.0)) / total for t in members})
     return {k: v for k, v in out.items() if v > 0}
+
+
+def task_modality(task: str) -> str:
+    return "audio" if task in speech.TASKS else sw.TASK_MODALITY[task]
+
+
+def check_audio_mixture(config) -> None:
+    """Audio in the mixture needs the audio tower."""
+    weight = modality_weights(config.data).get("audio", 0.0)
+    if weight > 0 and not omni.audio_enabled(config):
+        raise ValueError(f"the data mixture (config.data.mixture={config.data.get('mixture', 'custom')!r}) "
+                         f"gives modality 'audio' weight {weight}, but config.model.audio.enabled=False")
+
+
+def speech_tasks(config) -> tuple[str, ...]:
+    """The speech tasks in file order; () without the audio tower."""
+    return tuple(config.data.speech.tasks) if omni.audio_enabled(config) else ()
 
 
 def shapes_world_dir(config) -> str:
@@ -347,6 +453,55 @@ def write_builtin_shapes_world(config, progress: bool = False) -> tuple[str, tup
     return out_dir, tuple(manifest["tasks"])
 
 
+def speech_dir(config) -> str:
+    """config.data.speech.dir, or a directory of its own per variant under data.dir."""
+    cfg = config.data.speech
+    key = write_shapes_world.dataset_key(int(config.data.seed), int(cfg.num_train), int(cfg.num_eval),
+                                         tuple(cfg.tasks))
+    return os.path.expanduser(cfg.dir or os.path.join(config.data.dir, "shapes_speech", key))
+
+
+def write_builtin_speech(config, progress: bool = True) -> tuple[str, tuple[str, ...]]:
+    """Writes (once, with a progress bar) the speech splits; returns (dir, the tasks in file order)."""
+    cfg = config.data.speech
+    manifest = speech.write_speech_world(
+        speech_dir(config), seed=int(config.data.seed), num_train=int(cfg.num_train), num_eval=int(cfg.num_eval),
+        tasks=tuple(cfg.tasks), progress=progress)
+    return speech_dir(config), tuple(manifest["tasks"])
+
+
+def task_file(config, task: str, split: str) -> tuple[str, tuple[str, ...]]:
+    """(the ArrayRecord file holding `task`'s records of `split`, that file's tasks in order)."""
+    if task in speech.TASKS:
+        out_dir, tasks = write_builtin_speech(config)
+        return speech.speech_split_path(out_dir, split), tasks
+    out_dir, tasks = write_builtin_shapes_world(config)
+    return write_shapes_world.split_path(out_dir, split), tasks
+
+
+def with_cmvn(config, workdir: str, *, compute: bool = True):
+    """A copy of `config` whose `data.speech.cmvn_file` names existing CMVN statistics:
+    the configured file, or `<workdir>/cmvn.json`. A missing file is computed (when
+    `compute`) from the first `data.speech.cmvn_samples` training speech records,
+    once; a resumed run and m2omni-eval read the same file back."""
+    path = config.data.speech.cmvn_file or os.path.join(workdir, CMVN_FILE)
+    if not epath.Path(path).exists():
+        if not compute:
+            raise FileNotFoundError(f"no CMVN statistics at {path} (config.data.speech.cmvn_file="
+                                    f"{config.data.speech.cmvn_file!r}); m2omni-train writes them to its workdir")
+        out_dir, _ = write_builtin_speech(config)
+        stats = speech.compute_cmvn(out_dir, int(config.data.speech.cmvn_samples))
+        if jax.process_index() == 0:
+            epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+            audio_frontend.save_cmvn(path + ".tmp", stats)
+            epath.Path(path + ".tmp").rename(path)  # a killed run leaves no half-written file
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("cmvn written")
+    config = config.copy_and_resolve_references()
+    config.data.speech.cmvn_file = path
+    return config
+
+
 def _task_records(path: str, task_index: int, num_tasks: int, *, seed: int, process_index: int,
                   process_count: int) -> grain.MapDataset:
     """One task's records (tasks are assigned round-robin), this process's shard, shuffled, repeated."""
@@ -361,25 +516,30 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     data = config.data
     seed, seq_len = int(data.seed), int(data.seq_len)
     opts = VisionOptions.from_config(data.vision)
-    shapes_dir, file_tasks = write_builtin_shapes_world(config)
-    weights = source_weights(data, file_tasks)
+    check_audio_mixture(config)
+    _, file_tasks = write_builtin_shapes_world(config)
+    weights = source_weights(data, file_tasks + speech_tasks(config))
+    # Rows always carry the clip slots; the CMVN statistics are needed only to read speech.
+    audio_opts = AudioOptions.from_config(config, read_cmvn=bool(set(weights) & set(speech.TASKS)))
     split = data.get("split", "train")
     sources = []
     for k, name in enumerate(sorted(weights)):
         if name == "text":
             ds = pipeline.make_record_dataset(pipeline.builtin_text_files(config, split), seed=seed + k,
                                               process_index=process_index, process_count=process_count)
-            sources.append(ds.repeat(None).map(TextSample(tokenizer, seq_len)))
+            sources.append(ds.repeat(None).map(TextSample(tokenizer, seq_len, audio_opts)))
         else:
-            ds = _task_records(write_shapes_world.split_path(shapes_dir, split), file_tasks.index(name),
-                               len(file_tasks), seed=seed + k, process_index=process_index,
+            path, tasks = task_file(config, name, split)
+            ds = _task_records(path, tasks.index(name), len(tasks), seed=seed + k, process_index=process_index,
                                process_count=process_count)
-            sources.append(ds.map(ShapesWorldSample(tokenizer, seq_len, opts)))
+            sources.append(ds.map(ShapesWorldSample(tokenizer, seq_len, opts, audio_opts)))
     mixed = grain.MapDataset.mix(sources, [weights[name] for name in sorted(weights)])
     it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 2)),
                                                  prefetch_buffer_size=64))
     it = pipeline._SkipBadDataset(it)
     lengths = {**{k: seq_len for k in _TOKEN_KEYS}, **{k: opts.patches_per_row for k in _PATCH_KEYS}}
+    if audio_opts is not None:
+        lengths.update({k: audio_opts.clips_per_row for k in omni.AUDIO_KEYS})
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct=lengths, num_packing_bins=int(data.get("packing_bins", 0)) or max(16, batch_size),
         seed=seed, shuffle_bins=True, meta_features=pipeline._COUNT_KEYS)
@@ -409,26 +569,39 @@ def example_batch_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of every key of a global omni batch."""
     batch, seq_len = int(config.train.batch_size), int(config.data.seq_len)
     patches = int(config.data.vision.patches_per_row)
-    return {"tokens": ((batch, seq_len), np.int32), "targets": ((batch, seq_len), np.int32),
-            "loss_mask": ((batch, seq_len), np.float32), "segment_ids": ((batch, seq_len), np.int32),
-            "positions": ((batch, 3, seq_len), np.int32), "modality": ((batch, seq_len), np.int32),
-            "vision_patches": ((batch, patches, PATCH_DIM), np.float32),
-            "vision_segment_ids": ((batch, patches), np.int32),
-            "vision_hw": ((batch, 2, patches), np.int32)}
+    shapes = {"tokens": ((batch, seq_len), np.int32), "targets": ((batch, seq_len), np.int32),
+              "loss_mask": ((batch, seq_len), np.float32), "segment_ids": ((batch, seq_len), np.int32),
+              "positions": ((batch, 3, seq_len), np.int32), "modality": ((batch, seq_len), np.int32),
+              "vision_patches": ((batch, patches, PATCH_DIM), np.float32),
+              "vision_segment_ids": ((batch, patches), np.int32),
+              "vision_hw": ((batch, 2, patches), np.int32)}
+    audio = AudioOptions.from_config(config, read_cmvn=False)
+    if audio is not None:
+        clips = (batch, audio.clips_per_row)
+        shapes["audio_features"] = (clips + (audio.max_frames, audio_frontend.FEATURE_DIM), np.float32)
+        shapes["audio_lengths"] = (clips, np.int32)
+    return shapes
+
+
+def batch_keys(config) -> tuple[str, ...]:
+    """The keys of an omni batch: the audio keys only with the audio tower."""
+    return BATCH_KEYS + (omni.AUDIO_KEYS if omni.audio_enabled(config) else ())
 
 
 # ----------------------------------------------------------------------------- evaluation prompts
 
 
-def eval_prompt(record: dict, tokenizer, opts: VisionOptions) -> dict:
+def eval_prompt(record: dict, tokenizer, opts: VisionOptions, audio_opts: AudioOptions | None = None) -> dict:
     """The first user turn of a record, ready for generation (assistant header open)."""
     messages = record["messages"][:1]
-    return assemble_chat(tokenizer, messages, record_media(record, opts, messages),
+    return assemble_chat(tokenizer, messages, record_media(record, opts, messages, audio_opts),
                          add_generation_prompt=True)
 
 
-def batch_prompts(prompts: Sequence[dict], prompt_len: int, patches_per_row: int) -> dict:
-    """Left-pads prompts to `prompt_len` (segment 0) and packs each row's patches to the fixed size."""
+def batch_prompts(prompts: Sequence[dict], prompt_len: int, patches_per_row: int,
+                  audio_opts: AudioOptions | None = None) -> dict:
+    """Left-pads prompts to `prompt_len` (segment 0) and packs each row's patches (and, with
+    `audio_opts`, its clips) to the fixed sizes."""
     rows = len(prompts)
     out = {"tokens": np.zeros((rows, prompt_len), np.int32),
            "segment_ids": np.zeros((rows, prompt_len), np.int32),
@@ -449,6 +622,24 @@ def batch_prompts(prompts: Sequence[dict], prompt_len: int, patches_per_row: int
         out["vision_patches"][r, :num_patches] = p["patches"]
         out["vision_segment_ids"][r, :num_patches] = p["frames"]
         out["vision_hw"][r, :, :num_patches] = p["hw"]
+    if audio_opts is not None:
+        out.update(_batch_clips([p["audio"] for p in prompts], audio_opts))
+    return out
+
+
+def _batch_clips(clips_per_prompt: Sequence[Sequence[np.ndarray]], opts: AudioOptions) -> dict[str, np.ndarray]:
+    """Each prompt's clips in its row's `clips_per_row` slots."""
+    rows = len(clips_per_prompt)
+    out = {"audio_features": np.zeros((rows, opts.clips_per_row, opts.max_frames, audio_frontend.FEATURE_DIM),
+                                      np.float32),
+           "audio_lengths": np.zeros((rows, opts.clips_per_row), np.int32)}
+    for r, clips in enumerate(clips_per_prompt):
+        if len(clips) > opts.clips_per_row:
+            raise ValueError(f"prompt with {len(clips)} audio clips exceeds data.speech.clips_per_row="
+                             f"{opts.clips_per_row}")
+        arrays = clip_arrays(clips, opts.max_frames)
+        out["audio_features"][r, :len(clips)] = arrays["audio_features"]
+        out["audio_lengths"][r, :len(clips)] = arrays["audio_lengths"]
     return out
 
 
@@ -464,3 +655,10 @@ def eval_records(config, num_samples: int, tasks: Sequence[str] | None = None) -
         if file_tasks[index % len(file_tasks)] in wanted:
             count += 1
             yield sw.decode_record(source[index])
+
+
+def speech_eval_records(config, num_samples: int) -> Iterator[dict]:
+    """The first `num_samples` held-out speech records (round-robin over data.speech.tasks)."""
+    source = speech.open_speech_split(write_builtin_speech(config)[0], "eval")
+    for index in range(min(num_samples, len(source))):
+        yield speech.decode_record(source[index])
