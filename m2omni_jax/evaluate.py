@@ -4,11 +4,17 @@
 
 Restores the latest checkpoint of `workdir/checkpoints`, answers the first
 `config.eval.num_samples` held-out records (round-robin over the data set's
-tasks; interleaved chats are asked their first turn) and reports
+tasks; interleaved chats are asked their first turn) and, with the audio
+tower, the first `config.eval.num_speech_samples` held-out speech records
+(features normalised with the run's `workdir/cmvn.json`), and reports
   vqa_accuracy                 normalised exact match per question type
                                (color, shape, count, position, relation, ocr) and overall
   caption_attribute_accuracy   fraction of a scene's (colour, shape) pairs the caption names
   video_motion_accuracy        fraction of moving objects with colour, shape and direction right
+  asr_wer                      corpus word error rate of the transcripts (jiwer)
+  spoken_vqa_accuracy          image + spoken question: exact match per question type and overall
+  audio_qa_accuracy            spoken question about a described scene, or text question about
+                               a spoken caption (no image): exact match per question type and overall
 as `workdir/eval.json` and one printed table.
 """
 from __future__ import annotations
@@ -23,13 +29,15 @@ import numpy as np
 from absl import app, logging
 
 from m2omni_jax import train
-from m2omni_jax.data import omni_pipeline, shapes_world as sw, tokenizer as tokenizer_lib
-from m2omni_jax.models.omni import init_cache
+from m2omni_jax.data import omni_pipeline, shapes_world as sw, speech, tokenizer as tokenizer_lib
+from m2omni_jax.models.omni import audio_enabled, init_cache
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
 
 VQA_TASKS = ("vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr")
+AUDIO_QA_TASKS = ("spoken_scene_qa", "spoken_caption_qa")  # answered from audio and text alone
 NUM_EXAMPLES_SAVED = 24
+NUM_SPEECH_EXAMPLES_SAVED = 8
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -87,16 +95,27 @@ def question_type(record: dict) -> str:
     return "ocr" if record["task"] == "ocr" else record["attributes"]["question_type"]
 
 
+def accuracy_by_question_type(answered: Sequence[tuple[str, dict]]) -> tuple[dict, dict]:
+    """(exact match per question type and overall, count per question type) of (prediction, record)s."""
+    typed = [(p, dict(r, task=question_type(r))) for p, r in answered]
+    accuracy = sw.vqa_accuracy([p for p, _ in typed], [r for _, r in typed])
+    return accuracy, {t: sum(r["task"] == t for _, r in typed) for t in accuracy if t != "overall"}
+
+
 def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
     """The metrics of the module docstring, plus per-metric sample counts."""
     by_task: dict[str, list[tuple[str, dict]]] = {}
     for prediction, record in zip(predictions, records, strict=True):
         by_task.setdefault(record["task"], []).append((prediction, record))
     result, counts = {}, {}
-    vqa = [(p, dict(r, task=question_type(r))) for t in VQA_TASKS for p, r in by_task.get(t, [])]
-    if vqa:
-        result["vqa_accuracy"] = sw.vqa_accuracy([p for p, _ in vqa], [r for _, r in vqa])
-        counts["vqa"] = {t: sum(r["task"] == t for _, r in vqa) for t in result["vqa_accuracy"] if t != "overall"}
+    for name, tasks in (("vqa", VQA_TASKS), ("spoken_vqa", ("spoken_vqa",)), ("audio_qa", AUDIO_QA_TASKS)):
+        answered = [pair for t in tasks for pair in by_task.get(t, [])]
+        if answered:
+            result[f"{name}_accuracy"], counts[name] = accuracy_by_question_type(answered)
+    transcripts = by_task.get("asr", [])
+    if transcripts:
+        result["asr_wer"] = speech.word_error_rate([r["answer"] for _, r in transcripts], [p for p, _ in transcripts])
+        counts["asr"] = len(transcripts)
     captions = by_task.get("caption", [])
     if captions:
         result["caption_attribute_accuracy"] = float(np.mean(
@@ -118,12 +137,14 @@ def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
 def format_table(result: dict) -> str:
     rows = [("metric", "value", "n")]
     counts = result.get("counts", {})
-    for qtype, value in result.get("vqa_accuracy", {}).items():
-        n = sum(counts.get("vqa", {}).values()) if qtype == "overall" else counts.get("vqa", {}).get(qtype, "")
-        rows.append((f"vqa_accuracy/{qtype}", f"{value:.3f}", str(n)))
+    for name in ("vqa", "spoken_vqa", "audio_qa"):
+        by_type = counts.get(name, {})
+        for qtype, value in result.get(f"{name}_accuracy", {}).items():
+            n = sum(by_type.values()) if qtype == "overall" else by_type.get(qtype, "")
+            rows.append((f"{name}_accuracy/{qtype}", f"{value:.3f}", str(n)))
     for name, count_key in (("caption_attribute_accuracy", "caption"),
                             ("interleaved_caption_attribute_accuracy", "interleaved"),
-                            ("video_motion_accuracy", "video_motion")):
+                            ("video_motion_accuracy", "video_motion"), ("asr_wer", "asr")):
         if name in result:
             rows.append((name, f"{result[name]:.3f}", str(counts.get(count_key, ""))))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -136,7 +157,8 @@ def format_table(result: dict) -> str:
 def generate_answers(config, model, params, tokenizer, records: Sequence[dict], mesh, rules) -> list[str]:
     """Greedy answers to the first user turn of each record, batched and left-padded."""
     opts = omni_pipeline.VisionOptions.from_config(config.data.vision)
-    prompts = [omni_pipeline.eval_prompt(r, tokenizer, opts) for r in records]
+    audio_opts = omni_pipeline.AudioOptions.from_config(config)
+    prompts = [omni_pipeline.eval_prompt(r, tokenizer, opts, audio_opts) for r in records]
     prompt_len = int(config.eval.prompt_len) or -(-max(len(p["ids"]) for p in prompts) // 8) * 8
     max_new = int(config.eval.max_new_tokens)
     batch_size = _eval_batch_size(config, mesh)
@@ -146,7 +168,7 @@ def generate_answers(config, model, params, tokenizer, records: Sequence[dict], 
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled batch shape
-        batch = omni_pipeline.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row))
+        batch = omni_pipeline.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row), audio_opts)
         next_position = batch.pop("next_position")
         inputs = {k: v for k, v in batch.items() if k in _input_keys(config)}
         inputs["positions"] = np.moveaxis(inputs["positions"], 1, 0)
@@ -169,12 +191,23 @@ def _eval_batch_size(config, mesh) -> int:
 def evaluate_params(config, model, params, tokenizer, mesh, rules) -> dict:
     """Scores `params` on the held-out records; returns the metrics plus example answers."""
     records = list(omni_pipeline.eval_records(config, int(config.eval.num_samples)))
-    answers = generate_answers(config, model, params, tokenizer, records, mesh, rules)
-    result = score(answers, records)
-    result["examples"] = [{"id": r["id"], "task": r["task"], "question": r["messages"][0]["content"],
-                           "answer": r["messages"][1]["content"], "prediction": a}
-                          for r, a in list(zip(records, answers))[:NUM_EXAMPLES_SAVED]]
+    spoken = list(omni_pipeline.speech_eval_records(config, int(config.eval.num_speech_samples))
+                  if audio_enabled(config) else [])
+    answers = generate_answers(config, model, params, tokenizer, records + spoken, mesh, rules)
+    result = score(answers, records + spoken)
+    shown = (list(zip(records, answers))[:NUM_EXAMPLES_SAVED]
+             + list(zip(spoken, answers[len(records):]))[:NUM_SPEECH_EXAMPLES_SAVED])
+    result["examples"] = [example(r, a) for r, a in shown]
     return result
+
+
+def example(record: dict, prediction: str) -> dict:
+    """A record's question, answer and the prediction (and what its clips say) for eval.json."""
+    out = {"id": record["id"], "task": record["task"], "question": record["messages"][0]["content"],
+           "answer": record["messages"][1]["content"], "prediction": prediction}
+    if record.get("audio"):
+        out["spoken"] = [voice["text"] for voice in record["attributes"]["voices"]]
+    return out
 
 
 def restore_params(config, workdir: str, tokenizer, mesh, rules):
@@ -197,6 +230,8 @@ def evaluate(config, workdir: str) -> dict:
     """Restores the latest checkpoint, evaluates, writes `workdir/eval.json`, prints the table."""
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh)
+    if audio_enabled(config):  # the CMVN statistics the run was trained with
+        config = omni_pipeline.with_cmvn(config, workdir, compute=False)
     tokenizer = tokenizer_lib.get_tokenizer(config)
     model, params, step = restore_params(config, workdir, tokenizer, mesh, rules)
     result = {"step": step, **evaluate_params(config, model, params, tokenizer, mesh, rules)}

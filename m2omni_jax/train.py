@@ -16,12 +16,12 @@ from absl import logging
 from m2omni_jax.data import balance_sources, omni_pipeline, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import MODALITIES, modality_id
 from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
-from m2omni_jax.models.omni import OmniConfig, OmniModel
+from m2omni_jax.models.omni import OmniConfig, OmniModel, audio_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import (balance, balanced_step, checkpointing, dynamic_balance, metrics_logging, mfu,
                                  optimizers, train_step)
 
-MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision tower
+MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision (+ audio) towers
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
@@ -46,12 +46,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
     if kind == "omni":
         OmniConfig.from_config(config.model, placeholder_ids=())
         omni_pipeline.VisionOptions.from_config(config.data.vision)
+        omni_pipeline.AudioOptions.from_config(config, read_cmvn=False)
         omni_pipeline.modality_weights(config.data)
+        omni_pipeline.check_audio_mixture(config)
 
 
 def build_model(config, tokenizer) -> nn.Module:
     if config.model.get("kind", "llm") == "omni":
-        return OmniModel(OmniConfig.from_config(config.model, omni_pipeline.placeholder_ids(tokenizer)))
+        return OmniModel(OmniConfig.from_config(
+            config.model, omni_pipeline.placeholder_ids(tokenizer),
+            audio_placeholder_id=tokenizer.special_id("<audioPatch>"),
+            end_of_audio_id=tokenizer.special_id("<end_of_audio>")))
     return LLM(LLMConfig.from_config(config.model.llm))
 
 
@@ -64,7 +69,7 @@ def example_batch_shapes(config) -> dict:
 
 
 def batch_keys(config) -> tuple[str, ...]:
-    return omni_pipeline.BATCH_KEYS if config.model.get("kind", "llm") == "omni" else train_step.BATCH_KEYS
+    return omni_pipeline.batch_keys(config) if config.model.get("kind", "llm") == "omni" else train_step.BATCH_KEYS
 
 
 def make_train_iterator(config, tokenizer):
@@ -209,6 +214,8 @@ def merge_params(fresh, loaded):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     validate_config(config, jax.device_count(), jax.process_count())
+    if audio_enabled(config):  # CMVN statistics: measured by the first run, read back on resume
+        config = omni_pipeline.with_cmvn(config, workdir)
     strategy = balance_strategy(config)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh)

@@ -12,6 +12,7 @@ from m2omni_jax import evaluate, train
 from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.data import omni_pipeline as op
 from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.data import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.models.llm import LLMConfig
 from m2omni_jax.models.omni import ConnectorConfig, OmniConfig, OmniModel
@@ -24,6 +25,7 @@ IMG, PATCH, END = 4, 6, 5
 TINY_LLM = dict(vocab_size=512, width=32, depth=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
                 mrope_sections=(2, 3, 3))
 TINY_VISION = dict(width=16, depth=1, num_heads=2, out_width=16)
+TINY_AUDIO = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
 
 
 def synthetic_prompt(seed, num_text):
@@ -75,6 +77,19 @@ def test_score_per_question_type():
     assert "vqa_accuracy/color" in evaluate.format_table(perfect)
 
 
+def test_score_speech_tasks():
+    records = [speech.make_record(0, "eval", i) for i in range(8)]  # 2 of each speech task
+    perfect = evaluate.score([r["answer"] for r in records], records)
+    assert perfect["asr_wer"] == 0.0
+    assert perfect["spoken_vqa_accuracy"]["overall"] == perfect["audio_qa_accuracy"]["overall"] == 1.0
+    counts = perfect["counts"]
+    assert counts["asr"] == 2 and sum(counts["spoken_vqa"].values()) == 2 and sum(counts["audio_qa"].values()) == 4
+    wrong = evaluate.score(["a blue square"] * 8, records)
+    assert wrong["asr_wer"] > 0.5 and wrong["spoken_vqa_accuracy"]["overall"] == 0.0
+    table = evaluate.format_table(perfect)
+    assert "asr_wer" in table and "spoken_vqa_accuracy/overall" in table and "audio_qa_accuracy/overall" in table
+
+
 @pytest.fixture(scope="module")
 def eval_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
@@ -83,17 +98,19 @@ def eval_config(tmp_path_factory):
     config = tiny.get_config()
     config.model.llm.update(TINY_LLM)
     config.model.vision.update(TINY_VISION)
+    config.model.audio.update(TINY_AUDIO)
     config.data.update(dict(dir=str(root / "data"), num_text_docs=200, seq_len=128))
     config.data.shapes_world.update(dict(num_train=70, num_eval=35))
+    config.data.speech.update(dict(num_train=8, num_eval=8, cmvn_samples=4))
     config.data.vision.patches_per_row = 128
     config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=200, vocab_size=512))
     config.train.batch_size = 8
-    config.eval.update(dict(num_samples=10, batch_size=8, max_new_tokens=5))
+    config.eval.update(dict(num_samples=10, num_speech_samples=4, batch_size=8, max_new_tokens=5))
     return config
 
 
 def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path):
-    config = eval_config
+    config = op.with_cmvn(eval_config, str(tmp_path))  # what training leaves in its workdir
     tokenizer = get_tokenizer(config)
     mesh = sharding.make_mesh(config.mesh)
     model, tx, shapes = train.make_model_and_optimizer(config, tokenizer)
@@ -101,14 +118,19 @@ def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path)
     with checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=10, keep=1, async_save=False) as ckpt:
         ckpt.save(3, state, force=True)
 
-    result = evaluate.evaluate(config, str(tmp_path))
+    result = evaluate.evaluate(eval_config, str(tmp_path))  # reads the workdir's cmvn.json
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["step"] == result["step"] == 3
     assert set(saved["vqa_accuracy"]) >= {"color", "shape", "overall"}
     for key in ("caption_attribute_accuracy", "video_motion_accuracy", "interleaved_caption_attribute_accuracy"):
         assert 0.0 <= saved[key] <= 1.0
-    assert len(saved["examples"]) == 10 and all(isinstance(e["prediction"], str) for e in saved["examples"])
-    assert sum(sum(c.values()) if isinstance(c, dict) else c for c in saved["counts"].values()) == 10
+    assert 0.0 <= saved["spoken_vqa_accuracy"]["overall"] <= 1.0 and 0.0 <= saved["audio_qa_accuracy"]["overall"] <= 1.0
+    assert saved["asr_wer"] >= 0.0
+    assert len(saved["examples"]) == 14 and all(isinstance(e["prediction"], str) for e in saved["examples"])
+    assert [e["task"] for e in saved["examples"][10:]] == list(speech.TASKS) and saved["examples"][10]["spoken"]
+    assert sum(sum(c.values()) if isinstance(c, dict) else c for c in saved["counts"].values()) == 14
+    with pytest.raises(FileNotFoundError, match="cmvn"):
+        evaluate.evaluate(eval_config, str(tmp_path / "elsewhere"))
 
 
 def test_eval_batch_is_a_multiple_of_the_batch_axes(eval_config):

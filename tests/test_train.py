@@ -19,6 +19,8 @@ SMALL = [
     "--config.data.num_text_docs=400", "--config.data.seq_len=64", "--config.train.batch_size=8",
     "--config.tokenizer.vocab_size=512", "--config.model.llm.vocab_size=512",
     "--config.tokenizer.train_docs=400", "--config.train.log_every=1", "--config.checkpoint.every=1000",
+    "--config.model.audio.width=32", "--config.model.audio.depth=2", "--config.model.audio.mlp_dim=64",
+    "--config.data.speech.num_train=40", "--config.data.speech.num_eval=8", "--config.data.speech.cmvn_samples=20",
     # A constant LR after warmup, so a run's schedule does not depend on its length.
     "--config.opt.decay=constant", "--config.opt.warmup_steps=3", "--config.opt.peak_lr=1e-2",
 ]
@@ -69,6 +71,25 @@ def test_sigterm_then_resume_gives_bitwise_identical_losses(tmp_path):
     assert want[total] < 0.8 * want[1]  # and it learns
 
 
+@pytest.mark.slow
+def test_tiny_config_trains_with_audio_and_reads_cmvn_back(tmp_path):
+    data_dir, workdir = tmp_path / "data", tmp_path / "work"
+    small_world = ["--config.data.shapes_world.num_train=200", "--config.data.shapes_world.num_eval=50",
+                   "--config.data.seq_len=128"]  # room for a clip's 48 placeholders and its text
+    first = run(train_command(workdir, data_dir, "--config.train.steps=3", *small_world))
+    assert first.returncode == 0, first.stderr[-3000:]
+    cmvn = (workdir / "cmvn.json").read_text()  # measured on the training speech by the first run
+    assert "shapes_speech-train" in first.stderr  # the speech split is generated, with a progress bar
+    metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert sorted(metrics) == [1, 2, 3] and any("loss/audio" in m for m in metrics.values())
+
+    resumed = run(train_command(workdir, data_dir, "--config.train.steps=5", *small_world))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 3" in resumed.stderr and "shapes_speech-train" not in resumed.stderr  # cached
+    assert (workdir / "cmvn.json").read_text() == cmvn
+    assert sorted(read_metrics(os.path.join(workdir, "metrics.jsonl"))) == [1, 2, 3, 4, 5]
+
+
 def test_unknown_config_key_is_one_clear_error(tmp_path):
     result = run(train_command(tmp_path / "w", tmp_path / "d", "--config.train.stepz=3"), timeout=120)
     assert result.returncode != 0
@@ -87,6 +108,8 @@ def base_config():
     ("mesh", {"data": 3, "fsdp": 1, "expert": 1, "tensor": 1}, "has 3 devices but 8"),
     ("train.loss_weights", {"imgae": 2.0}, "unknown modality 'imgae'"),
     ("model.llm.vocab_size", 100, "tokenizer.vocab_size=1024 exceeds"),
+    ("model.audio.enabled", False, "'audio' weight 0.15, but config.model.audio.enabled=False"),
+    ("data.speech.clips_per_row", 0, "config.data.speech.clips_per_row=0 must be positive"),
 ])
 def test_bad_config_fails_before_compiling(field, value, match):
     config = base_config()
