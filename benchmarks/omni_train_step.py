@@ -62,7 +62,7 @@ def step_flops(model: omni.OmniModel, batch_size: int, seq_len: int, pack_size: 
     """Model FLOPs of one train step, per part."""
     cfg = model.config
     llm = training_flops_per_token(cfg.llm, seq_len) * batch_size * seq_len
-    vision = omni.vision_training_flops_per_pack(cfg, pack_size) * batch_size
+    vision = omni.vision_training_flops_per_pack(cfg, pack_size) * batch_size  # audio: not counted
     return {"llm": llm, "vision": vision, "total": llm + vision}
 
 

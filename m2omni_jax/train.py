@@ -15,6 +15,7 @@ from absl import logging
 
 from m2omni_jax.data import balance_sources, omni_pipeline, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import MODALITIES, modality_id
+from m2omni_jax.models import omni as omni_lib
 from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
 from m2omni_jax.models.omni import OmniConfig, OmniModel, audio_enabled
 from m2omni_jax.parallel import sharding
@@ -88,6 +89,17 @@ def make_model_and_optimizer(config, tokenizer):
 
 def llm_config(model) -> LLMConfig:
     return model.config.llm if isinstance(model, OmniModel) else model.config
+
+
+def model_flops_per_token(config, model) -> float:
+    """Training FLOPs per LLM token slot: the LLM's, plus for omni the vision tower's and
+    connector's over every patch slot of a row spread over its tokens. The audio tower's
+    are not counted (MFU is a lower bound when audio is on)."""
+    flops = training_flops_per_token(llm_config(model), config.data.seq_len)
+    if isinstance(model, OmniModel):
+        pack = int(config.data.vision.patches_per_row)
+        flops += omni_lib.vision_training_flops_per_pack(model.config, pack) / config.data.seq_len
+    return flops
 
 
 def loss_weight_vector(config) -> np.ndarray:
@@ -262,8 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         to_global = functools.partial(pipeline.make_global_batch, mesh=mesh)
     micro_batches = len(config.balance.modalities) if strategy == "step" else 1
     throughput = Throughput(
-        # LLM FLOPs only: the vision tower is not counted (MFU is a lower bound for omni).
-        flops_per_token=training_flops_per_token(llm_config(model), config.data.seq_len),
+        flops_per_token=model_flops_per_token(config, model),
         peak_flops=mfu.peak_flops_per_device(config.train.peak_flops_per_device) * jax.device_count(),
         tokens_per_step=micro_batches * config.train.batch_size * config.data.seq_len)
     schedule = optimizers.make_schedule_from_config(config.opt, config.train.steps)

@@ -118,3 +118,15 @@ def test_bad_config_fails_before_compiling(field, value, match):
     target[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     with pytest.raises(ValueError, match=match):
         train.validate_config(config, num_devices=8, process_count=1)
+
+
+def test_omni_mfu_counts_the_vision_tower():
+    from configs import tiny
+    from m2omni_jax.models.llm import training_flops_per_token
+    config = tiny.get_config()
+    from m2omni_jax.models import omni, vision
+    model = omni.OmniModel(omni.OmniConfig.from_config(config.model, placeholder_ids=(5, 6)))
+    llm_only = training_flops_per_token(model.config.llm, config.data.seq_len)
+    towers = train.model_flops_per_token(config, model) - llm_only
+    tower_only = vision.training_flops_per_pack(model.config.vision, config.data.vision.patches_per_row)
+    assert towers * config.data.seq_len > tower_only  # the connector is counted too
