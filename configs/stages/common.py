@@ -11,6 +11,17 @@ STEPS = {"tiny": 150, "9b": 20_000, "72b": 20_000}
 
 FREEZE_LLM = (r"^llm/",)
 
+# The paper's towers at 9B/72B [paper]: Qwen2-VL's 675M NaViT (models/vision.py:
+# VisionConfig.qwen2vl_675m) and Paraformer-large's SAN-M (models/audio.py:
+# AudioConfig.paraformer, 256 tokens); unit-norm tokens (output_scale 1) for a pretrained LLM.
+LARGE_VISION = dict(width=1280, depth=32, num_heads=16, mlp_ratio=4.0, out_width=3584, dtype="bfloat16",
+                    param_dtype="float32", remat_policy="full", scan=True)
+LARGE_AUDIO = dict(enabled=True, output_scale=1.0, width=512, depth=50, num_heads=4, mlp_dim=2048,
+                   num_audio_tokens=256, dtype="bfloat16", param_dtype="float32", remat_policy="full")
+# Up to 1,024 tokens per image (Qwen2-VL's range, capped); 4 such images per 4,096-token row.
+LARGE_PIXELS = dict(image_min_pixels=4 * 28 * 28, image_max_pixels=1024 * 28 * 28,
+                    video_min_pixels=4 * 28 * 28, video_max_pixels=256 * 28 * 28, patches_per_row=16_384)
+
 
 def sized_config(size: str, stage: str, previous: str | None):
     if size not in SIZES:
@@ -18,6 +29,10 @@ def sized_config(size: str, stage: str, previous: str | None):
                          f"(run as --config=configs/stages/{stage}.py:tiny)")
     config = SIZES[size]()
     config.model.kind = "omni"
+    if size != "tiny":
+        config.model.vision.update(LARGE_VISION)
+        config.model.audio.update(LARGE_AUDIO)
+        config.data.vision.update(LARGE_PIXELS)
     config.stage = stage
     config.train.steps = STEPS[size]
     config.checkpoint.every = max(config.train.steps // 2, 1)
