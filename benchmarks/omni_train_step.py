@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from m2omni_jax import train
-from m2omni_jax.data import pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import omni_pipeline, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import NUM_MODALITIES
 from m2omni_jax.models import omni
 from m2omni_jax.models.llm import training_flops_per_token
@@ -33,6 +33,7 @@ flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_integer("num_batches", 4, "Distinct real batches cycled through.")
 flags.DEFINE_list("modalities", ["image", "text"], "Mixture of the benchmark batches (equal weights); "
                   "empty: the config's own mixture.")
+flags.DEFINE_string("workdir", "/tmp/m2omni_omni_bench", "Where the CMVN statistics go when audio is on.")
 flags.DEFINE_string("json", "", "Write the results here as JSON (default: print only).")
 FLAGS = flags.FLAGS
 
@@ -83,6 +84,8 @@ def timed_steps(step, state, batches, steps):
 
 
 def benchmark(config, steps: int, num_batches: int) -> dict:
+    if omni.audio_enabled(config):
+        config = omni_pipeline.with_cmvn(config, FLAGS.workdir)
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     tokenizer = tokenizer_lib.get_tokenizer(config)
