@@ -52,6 +52,7 @@ from absl import flags
 from etils import epath
 from jax.experimental import multihost_utils
 
+from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.data import audio as audio_frontend
 from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.data import pipeline, speech
@@ -110,12 +111,7 @@ class VisionOptions:
 
     @classmethod
     def from_config(cls, cfg) -> "VisionOptions":
-        values = dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config.data.vision has unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_config(cls, cfg, "data.vision")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models.connectors import LinearConnector
 from m2omni_jax.models.layers import (LayerNorm, MergeHeads, SplitHeads, kernel_init, maybe_remat,
                                      to_dtype, zeros_init)
@@ -85,12 +86,7 @@ class AudioConfig:
     @classmethod
     def from_config(cls, cfg) -> "AudioConfig":
         """Builds from a ConfigDict / mapping, naming any field it does not know."""
-        values = dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config.model.audio has unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_config(cls, cfg, "model.audio")
 
 
 def sinusoidal_positions(length: int, depth: int) -> np.ndarray:

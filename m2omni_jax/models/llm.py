@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models import layers, moe, rope
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -69,13 +70,8 @@ class LLMConfig:
     @classmethod
     def from_config(cls, cfg) -> "LLMConfig":
         """Builds from a ConfigDict / mapping, naming any field it does not know."""
-        values = dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config.model.llm has unknown fields {unknown}; known: {sorted(known)}")
-        values["mrope_sections"] = tuple(values.get("mrope_sections", cls.mrope_sections))
-        return cls(**values)
+        sections = tuple(dict(cfg).get("mrope_sections", cls.mrope_sections))
+        return dataclass_from_config(cls, cfg, "model.llm", mrope_sections=sections)
 
     def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
         """All parameters, or with `active` only those one token uses (its top-k experts)."""

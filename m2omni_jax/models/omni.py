@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models.audio import AudioConfig, AudioEncoder
 from m2omni_jax.models.connectors import make_connector
 from m2omni_jax.models.layers import kernel_init, zeros_init
@@ -90,8 +91,8 @@ class OmniConfig:
         llm = LLMConfig.from_config(model_cfg.llm)
         audio, audio_output_scale = audio_from_config(model_cfg.get("audio"), llm.width)
         return cls(llm=llm,
-                   vision=_dataclass_from(VisionConfig, model_cfg.vision, "model.vision"),
-                   connector=_dataclass_from(ConnectorConfig, model_cfg.connector, "model.connector"),
+                   vision=dataclass_from_config(VisionConfig, model_cfg.vision, "model.vision"),
+                   connector=dataclass_from_config(ConnectorConfig, model_cfg.connector, "model.connector"),
                    placeholder_ids=tuple(int(i) for i in placeholder_ids), audio=audio,
                    audio_output_scale=audio_output_scale, audio_placeholder_id=int(audio_placeholder_id),
                    end_of_audio_id=int(end_of_audio_id))
@@ -115,15 +116,6 @@ def audio_from_config(audio_cfg, llm_width: int) -> tuple[AudioConfig | None, fl
 def audio_enabled(config) -> bool:
     """Whether an experiment config has the audio tower (omni model, `model.audio.enabled`)."""
     return config.model.get("kind", "llm") == "omni" and bool(config.model.get("audio", {}).get("enabled", False))
-
-
-def _dataclass_from(cls, cfg, name: str):
-    values = dict(cfg)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"config.{name} has unknown fields {unknown}; known: {sorted(known)}")
-    return cls(**values)
 
 
 def grid_fractions(vision_hw, merged_segment_ids, merge_size: int = 2):
