@@ -20,11 +20,21 @@ def get_config() -> ml_collections.ConfigDict:
     # NaViT vision tower (models/vision.py: VisionConfig) and its connector; read when kind="omni".
     config.model.vision = ml_collections.ConfigDict(dict(
         width=64, depth=2, num_heads=4, mlp_ratio=4.0, out_width=64, dtype="float32",
-        param_dtype="float32", remat_policy="none", scan=True))
+        param_dtype="float32", remat_policy="none", scan=True,
+        layer_norm_epsilon=1e-6,  # Qwen2-VL's; a tower from scratch wants ~1 (models/vision.py)
+        zero_init_residual=False))  # True: blocks start as the identity (a tower from scratch)
     # output_scale: 1 = the paper's unit-norm tokens (right for a pretrained Llama); ≈ √width
     # for an LLM trained from scratch, whose N(0, 1) token embeddings have that norm.
-    config.model.connector = ml_collections.ConfigDict(dict(kind="linear", mlp=False, output_scale=1.0,
-                                                             position_frequencies=0))
+    config.model.connector = ml_collections.ConfigDict(dict(
+        kind="linear",  # M2-omni | MM1's "avg_pool", "attn_pool", "c_abstractor"
+        mlp=False, output_scale=1.0, position_frequencies=0,
+        position_placement="input",  # "output": after the L2 norm, zero-initialised (models/omni.py)
+        # The pooling kinds only (ignored by "linear"):
+        num_tokens=64,  # k per image / video frame-pair (a square for avg_pool, c_abstractor)
+        max_segments_per_row=8,  # S: images + video frame-pairs one row's pack holds
+        max_grid_side=16,  # largest merged-grid side of an image; larger images are skipped
+        hidden_width=0, depth=3,  # c_abstractor ResNet width (0: model.vision.out_width), blocks per stage
+        num_heads=8))  # attn_pool; must divide model.vision.out_width
     # SAN-M audio tower (models/audio.py: AudioConfig fields; its out_width is the LLM width),
     # read when kind="omni" and enabled. Each clip becomes num_audio_tokens tokens (180 ms
     # each; 48 cover the longest built-in speech clip, 8.1 s), padded with <end_of_audio>.
@@ -45,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
         vocab_size=1024,  # requested pieces (the model's embedding is model.llm.vocab_size)
         cache_dir="",  # empty: ~/.cache/m2omni_jax/tokenizer
         train_docs=4000,  # built-in documents the tokenizer is trained on
+        train_chats=600,  # + the chats of this many shapes-world records (one-word answers)
     ))
 
     config.data = ml_collections.ConfigDict(dict(

@@ -53,7 +53,7 @@ def vision_options(config) -> omni_pipeline.VisionOptions | None:
     """The image preprocessing of the rows (None: text-only rows for model.kind="llm")."""
     if model_kind(config) != "omni":
         return None
-    return omni_pipeline.VisionOptions.from_config(config.data.vision)
+    return omni_pipeline.VisionOptions.from_config(config)  # + model.connector: tokens per image
 
 
 def resolve_init_from(config, workdir: str) -> str:

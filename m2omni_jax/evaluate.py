@@ -156,7 +156,7 @@ def format_table(result: dict) -> str:
 
 def generate_answers(config, model, params, tokenizer, records: Sequence[dict], mesh, rules) -> list[str]:
     """Greedy answers to the first user turn of each record, batched and left-padded."""
-    opts = omni_pipeline.VisionOptions.from_config(config.data.vision)
+    opts = omni_pipeline.VisionOptions.from_config(config)  # + model.connector: tokens per image
     audio_opts = omni_pipeline.AudioOptions.from_config(config)
     prompts = [omni_pipeline.eval_prompt(r, tokenizer, opts, audio_opts) for r in records]
     prompt_len = int(config.eval.prompt_len) or -(-max(len(p["ids"]) for p in prompts) // 8) * 8
@@ -168,7 +168,8 @@ def generate_answers(config, model, params, tokenizer, records: Sequence[dict], 
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled batch shape
-        batch = omni_pipeline.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row), audio_opts)
+        batch = omni_pipeline.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row), audio_opts,
+                                            max_segments_per_row=opts.max_segments_per_row)
         next_position = batch.pop("next_position")
         inputs = {k: v for k, v in batch.items() if k in _input_keys(config)}
         inputs["positions"] = np.moveaxis(inputs["positions"], 1, 0)

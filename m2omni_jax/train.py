@@ -46,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
         raise ValueError(f"config.model.kind={kind!r}; use one of {MODEL_KINDS}")
     if kind == "omni":
         OmniConfig.from_config(config.model, placeholder_ids=())
-        omni_pipeline.VisionOptions.from_config(config.data.vision)
+        omni_pipeline.VisionOptions.from_config(config)
         omni_pipeline.AudioOptions.from_config(config, read_cmvn=False)
         omni_pipeline.modality_weights(config.data)
         omni_pipeline.check_audio_mixture(config)

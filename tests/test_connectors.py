@@ -83,3 +83,28 @@ def test_make_connector_errors_are_clear():
         make_connector("avg_pool", OUT_WIDTH)
     with pytest.raises(ValueError, match="token grid"):
         _init_apply(make_connector("avg_pool", OUT_WIDTH, 64), np.zeros((1, 64, IN_WIDTH), np.float32))
+
+
+@pytest.mark.parametrize("kind", ["avg_pool", "c_abstractor", "attn_pool"])
+def test_padded_grid_with_extent_equals_the_image_alone(kind):
+    """The packed omni model pads each image's grid to (Hmax, Wmax); the padding must not
+    matter, whatever it holds, and the pooling bins must be the image's own."""
+    image = np.random.default_rng(1).normal(size=(1, 5, 3, IN_WIDTH)).astype(np.float32)
+    padded = np.full((1, 8, 7, IN_WIDTH), 1e3, np.float32)  # garbage, not zeros
+    padded[:, :5, :3] = image
+    extent = np.array([[5, 3]], np.int32)
+    connector = make_connector(kind, OUT_WIDTH, 4, num_heads=4, hidden_width=8, depth=2)
+    params, alone = _init_apply(connector, image)
+    if kind == "attn_pool":
+        mask = np.asarray(connectors.grid_mask(extent, 8, 7)).reshape(1, -1)
+        out = connector.apply(params, padded.reshape(1, -1, IN_WIDTH), mask)
+    else:
+        out = connector.apply(params, padded, extent)
+    np.testing.assert_allclose(out, alone, atol=1e-5)
+
+
+def test_extent_pool_matrices_are_the_actual_sizes_bins():
+    weights = np.asarray(connectors.extent_pool_matrices(6, 2, np.array([3, 6, 0])))
+    np.testing.assert_allclose(weights[0, :, :3], connectors.adaptive_pool_matrix(3, 2))
+    assert not weights[0, :, 3:].any() and not weights[2].any()  # no weight on padding, none for n = 0
+    np.testing.assert_allclose(weights[1], connectors.adaptive_pool_matrix(6, 2))

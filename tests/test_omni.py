@@ -12,8 +12,10 @@ from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.models.audio import AudioConfig
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.modalities import NUM_MODALITIES
-from m2omni_jax.models.omni import (ConnectorConfig, OmniConfig, OmniModel, fourier_features, grid_fractions,
-                                    scatter_features)
+from m2omni_jax.models.connectors import make_connector, tokens_to_grid
+from m2omni_jax.models.omni import (ConnectorConfig, OmniConfig, OmniModel, connector_macs_per_pack,
+                                    fourier_features, grid_fractions, scatter_features, segment_grids,
+                                    vision_training_flops_per_pack)
 from m2omni_jax.models.vision import VisionConfig
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import optimizers, train_step
@@ -24,6 +26,7 @@ LLM_CONFIG = LLMConfig(vocab_size=128, width=32, depth=2, num_heads=4, num_kv_he
 CONFIG = OmniConfig(llm=LLM_CONFIG, vision=VisionConfig.tiny(width=16, depth=1, num_heads=2, out_width=16),
                     connector=ConnectorConfig(output_scale=4.0, position_frequencies=2), placeholder_ids=(PATCH, 9))
 BATCH, LENGTH, PATCHES = 8, 24, 48
+VISION_INPUTS = ("vision_patches", "vision_segment_ids", "vision_hw")
 
 
 def make_batch(seed=0):
@@ -156,12 +159,165 @@ def test_sharded_forward_equals_single_device(model_and_params):
     np.testing.assert_allclose(np.asarray(sharded), single, atol=2e-5, rtol=2e-5)
 
 
-def test_unsupported_connector_is_named():
-    with pytest.raises(ValueError, match="supports 'linear' only"):
-        ConnectorConfig(kind="c_abstractor")
+def test_connector_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"model.connector.kind='qformer'; use one of"):
+        ConnectorConfig(kind="qformer")
+    with pytest.raises(ValueError, match=r"model.connector.num_tokens=50 must be a perfect square for 'avg_pool'"):
+        ConnectorConfig(kind="avg_pool", num_tokens=50)
+    ConnectorConfig(kind="attn_pool", num_tokens=50)  # queries need no grid
+    with pytest.raises(ValueError, match=r"model.connector.num_tokens=0 must be positive for 'c_abstractor'"):
+        ConnectorConfig(kind="c_abstractor", num_tokens=0)
+    with pytest.raises(ValueError, match=r"model.connector.max_segments_per_row=0 must be positive"):
+        ConnectorConfig(kind="avg_pool", max_segments_per_row=0)
+    with pytest.raises(ValueError, match=r"model.connector.mlp=True is for kind='linear' only"):
+        ConnectorConfig(kind="avg_pool", mlp=True)
+    with pytest.raises(ValueError, match=r"model.connector.num_heads=3 must divide model.vision.out_width=16"):
+        dataclasses.replace(CONFIG, connector=ConnectorConfig(kind="attn_pool", num_heads=3))
     model_cfg = ml_collections.ConfigDict(dict(llm=dict(vars(LLM_CONFIG)), vision=dict(widht=3), connector={}))
     with pytest.raises(ValueError, match=r"config.model.vision has unknown fields \['widht'\]"):
         OmniConfig.from_config(model_cfg, (PATCH,))
+    model_cfg = ml_collections.ConfigDict(dict(llm=dict(vars(LLM_CONFIG)), vision={},
+                                               connector=dict(kind="c_abstractor", num_tokens=16, depth=1)))
+    assert OmniConfig.from_config(model_cfg, (PATCH,)).connector.pooled_grid == (4, 4)
+
+
+def test_flops_count_the_pooling_connectors():
+    pack = 64
+    tower = vision_training_flops_per_pack(dataclasses.replace(CONFIG, connector=ConnectorConfig()), pack)
+    for kind in ("avg_pool", "attn_pool", "c_abstractor"):
+        small, large = (vision_training_flops_per_pack(dataclasses.replace(CONFIG, connector=ConnectorConfig(
+            kind=kind, num_tokens=4, num_heads=2, max_segments_per_row=s)), pack) for s in (2, 4))
+        assert small > tower - 6.0 * (pack // 4) * 16 * 32 and large > small, kind  # minus the linear's
+    # avg_pool by hand: per segment, pool rows (2·16 cells) then columns (2·2·4), then a Linear to k tokens.
+    avg = dataclasses.replace(CONFIG, connector=ConnectorConfig(kind="avg_pool", num_tokens=4, max_segments_per_row=3,
+                                                                max_grid_side=4))
+    assert connector_macs_per_pack(avg, pack // 4) == 3 * ((2 * 16 + 2 * 2 * 4) * 16 + 4 * 16 * 32)
+
+
+# ----------------------------------------------------------------------------- pooling connectors
+
+POOL_PATCHES, POOL_LENGTH, POOL_ROWS = 96, 24, 4
+POOL_IMAGES = {"a": (56, 84), "b": (112, 56), "c": (84, 84)}  # merged grids 2x3, 4x2, 3x3
+POOLING = {kind: ConnectorConfig(kind=kind, num_tokens=k, max_segments_per_row=3, max_grid_side=4, hidden_width=8,
+                                 depth=1, num_heads=2, output_scale=4.0, position_frequencies=2)
+           for kind, k in (("avg_pool", 4), ("attn_pool", 3), ("c_abstractor", 4))}  # 3: not a square
+
+
+def _pixels(name, seed=0):
+    rng = np.random.default_rng(seed + sorted(POOL_IMAGES).index(name))
+    return rng.normal(size=POOL_IMAGES[name] + (3,)).astype(np.float32)
+
+
+def make_pool_batch(rows, k, seed=0):
+    """rows: per row a list of media ("a", "b", "c": images; "v": a 2-frame-pair 56x56 video),
+    packed in order; their placeholders (k per image, 2k per video) follow one text token each."""
+    batch = make_batch(seed)
+    batch = {key: value[:POOL_ROWS, :POOL_LENGTH] if value.ndim == 2 else value[:POOL_ROWS] for key, value in
+             batch.items() if not key.startswith("vision")}
+    batch["positions"] = batch["positions"][:, :, :POOL_LENGTH]
+    batch["tokens"][np.isin(batch["tokens"], (PATCH, 9))] = 20
+    batch["vision_patches"] = np.zeros((POOL_ROWS, POOL_PATCHES, 1176), np.float32)
+    batch["vision_segment_ids"] = np.zeros((POOL_ROWS, POOL_PATCHES), np.int32)
+    batch["vision_hw"] = np.zeros((POOL_ROWS, 2, POOL_PATCHES), np.int32)
+    for row, media in enumerate(rows):
+        offset, segment, slot = 0, 1, 1
+        for name in media:
+            frames = np.random.default_rng(seed + 7).normal(size=(4, 56, 56, 3)) if name == "v" else _pixels(name, seed)
+            patches, grid = ip.patchify(frames)
+            n = len(patches)
+            batch["vision_patches"][row, offset:offset + n] = patches
+            batch["vision_segment_ids"][row, offset:offset + n] = segment + np.repeat(np.arange(grid[0]), n // grid[0])
+            batch["vision_hw"][row, :, offset:offset + n] = ip.hw_positions(grid)
+            batch["tokens"][row, slot:slot + grid[0] * k] = PATCH
+            offset, segment, slot = offset + n, segment + grid[0], slot + grid[0] * k + 1
+    return batch
+
+
+def test_segment_grids_place_each_segment_top_left():
+    # Row: a 2x3 image (segment 7), a 1x1 image (9), padding, then a 3rd segment past S = 2.
+    hw = np.concatenate([ip.hw_positions((1, 4, 6)), ip.hw_positions((1, 2, 2)), np.zeros((2, 4), np.int32),
+                         ip.hw_positions((1, 2, 2))], 1)[None]
+    ids = np.array([[7] * 6 + [9, 0, 5]])
+    features = np.arange(1, 10, dtype=np.float32).reshape(1, 9, 1)
+    grids, extents = segment_grids(jnp.asarray(features), jnp.asarray(ids), jnp.asarray(hw), 2, 3)
+    grids = np.asarray(grids)[0, ..., 0]
+    np.testing.assert_array_equal(grids[0], [[1, 2, 3], [4, 5, 6], [0, 0, 0]])
+    np.testing.assert_array_equal(grids[1], [[7, 0, 0], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(extents)[0], [[2, 3], [1, 1]])  # the third segment is dropped
+
+
+@pytest.fixture(scope="module", params=sorted(POOLING))
+def pooled_model(request):
+    config = dataclasses.replace(CONFIG, connector=POOLING[request.param])
+    model = OmniModel(config)
+    inputs = train_step.model_inputs(make_pool_batch([["a", "b"]], config.connector.num_tokens))
+    params = jax.jit(lambda x: model.init(jax.random.key(0), **x)["params"])(inputs)
+    return model, jax.tree.map(np.asarray, nn.unbox(params))
+
+
+def test_pooling_connector_gives_k_tokens_per_segment_in_placeholder_order(pooled_model):
+    model, params = pooled_model
+    cfg = model.config.connector
+    k = cfg.num_tokens
+
+    def inputs(batch):
+        return {key: batch[key] for key in ("tokens", "vision_patches", "vision_segment_ids", "vision_hw")}
+    embed = jax.jit(lambda b: model.apply({"params": params}, **inputs(b), method=OmniModel.embed))
+    # Rows: two images of different sizes; a alone; b alone; nothing (text only).
+    batch = make_pool_batch([["a", "b"], ["a"], ["b"], []], k)
+    embedded = np.asarray(embed(batch))
+    slots = [np.flatnonzero(batch["tokens"][row] == PATCH) for row in range(POOL_ROWS)]
+    assert [len(s) for s in slots] == [2 * k, k, k, 0]
+
+    # The standalone connector on each image's own merged grid gives that image's k slots.
+    features, merged_ids = model.apply({"params": params}, *[batch[key] for key in VISION_INPUTS],
+                                       method=OmniModel.vision_features)
+    connector = make_connector(cfg.kind, LLM_CONFIG.width, k, hidden_width=cfg.hidden_width,
+                               num_heads=cfg.num_heads, depth=cfg.depth)
+
+    def standalone(row, first, name):
+        h, w = (side // 28 for side in POOL_IMAGES[name])
+        grid = tokens_to_grid(features[row:row + 1, first:first + h * w], h, w)
+        return np.asarray(connector.apply({"params": params["connector"]}, grid))[0] * cfg.output_scale
+    a, b = standalone(0, 0, "a"), standalone(0, 6, "b")
+    for row, tokens in ((0, np.concatenate([a, b])), (1, a), (2, b)):
+        np.testing.assert_allclose(embedded[row, slots[row]], tokens, atol=1e-5)  # alone or packed: same
+    others = batch["tokens"] != PATCH
+    text_only = model.apply({"params": params}, batch["tokens"], method=OmniModel.embed)
+    np.testing.assert_array_equal(embedded[others], np.asarray(text_only)[others])
+
+    # New pixels for b: a's tokens stay, b's change.
+    batch["vision_patches"][0, 24:56] += np.random.default_rng(5).normal(size=(32, 1176))
+    changed = np.asarray(embed(batch))
+    np.testing.assert_allclose(changed[0, slots[0][:k]], embedded[0, slots[0][:k]], atol=1e-6)
+    assert np.abs(changed[0, slots[0][k:]] - embedded[0, slots[0][k:]]).max() > 1e-4
+
+    # Other sizes and a video (2 frame-pair segments, 2k tokens): the same compiled program.
+    other = make_pool_batch([["c"], ["v", "a"], ["c", "b"], ["a", "b", "b"]], k, seed=1)
+    embedded = np.asarray(embed(other))
+    tokens, valid = (np.asarray(x) for x in model.apply({"params": params}, *[other[key] for key in VISION_INPUTS],
+                                                         method=OmniModel.vision_tokens))
+    assert tokens.shape == (POOL_ROWS, cfg.max_segments_per_row * k, LLM_CONFIG.width)
+    assert valid.sum(1).tolist() == [k, 3 * k, 2 * k, 3 * k]
+    for row in range(POOL_ROWS):
+        slots = np.flatnonzero(other["tokens"][row] == PATCH)
+        np.testing.assert_allclose(embedded[row, slots], tokens[row, valid[row]], atol=1e-5)  # jit vs eager
+    assert embed._cache_size() == 1
+
+
+def test_pooling_connector_sharded_equals_single_device():
+    model = OmniModel(dataclasses.replace(CONFIG, connector=POOLING["c_abstractor"]))
+    batch = make_pool_batch([["a", "b"], ["c"], ["v"], []], 4)
+    inputs = train_step.model_inputs(batch)
+    params = jax.jit(lambda x: model.init(jax.random.key(0), **x)["params"])(inputs)
+    single = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, **x))(nn.unbox(params), inputs))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded_params = jax.device_put(nn.unbox(params), sharding.logical_to_mesh_sharding(params, mesh))
+    sharded_batch = jax.device_put(batch, train_step.batch_shardings(mesh, tuple(batch)))
+    with sharding.activate(mesh):
+        sharded = jax.jit(lambda p, b: model.apply({"params": p}, **train_step.model_inputs(b)))(
+            sharded_params, sharded_batch)
+    np.testing.assert_allclose(np.asarray(sharded), single, atol=2e-5, rtol=2e-5)
 
 
 # ----------------------------------------------------------------------------- audio
@@ -298,3 +454,28 @@ def test_audio_config_errors_name_the_field():
     with pytest.raises(ValueError, match="audio_placeholder_id and end_of_audio_id"):
         OmniModel(dataclasses.replace(AUDIO_CONFIG, end_of_audio_id=-1)).init(
             jax.random.key(0), **train_step.model_inputs(make_audio_batch()))
+
+
+def test_position_features_after_the_norm_start_at_zero_and_learn():
+    """position_placement='output': the tokens at init equal those without position features
+    (zero-initialised projection), and the projection gets a gradient."""
+    batch = make_batch()
+    inputs = train_step.model_inputs(batch)
+    with_pos = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(
+        output_scale=4.0, position_frequencies=2, position_placement="output")))
+    without = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(output_scale=4.0)))
+    params = nn.unbox(with_pos.init(jax.random.key(0), **inputs)["params"])
+    assert params["position_embedding"]["kernel"].shape == (8, LLM_CONFIG.width)
+    media = {k: inputs[k] for k in ("tokens",) + VISION_INPUTS}
+    embed = lambda model, p: model.apply({"params": p}, **media, method=OmniModel.embed)  # noqa: E731
+    no_position = {k: v for k, v in params.items() if k != "position_embedding"}
+    np.testing.assert_allclose(embed(with_pos, params), embed(without, no_position), atol=1e-6)
+    grads = jax.grad(lambda p: jnp.sum(embed(with_pos, p)[:, 3:7] * jnp.arange(LLM_CONFIG.width)))(params)
+    assert np.abs(np.asarray(grads["position_embedding"]["kernel"])).max() > 0
+
+
+def test_position_placement_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"model.connector.position_placement='middle'; use one of"):
+        ConnectorConfig(position_placement="middle")
+    with pytest.raises(ValueError, match=r"position_placement='output' is for kind='linear' only"):
+        ConnectorConfig(kind="avg_pool", position_placement="output", position_frequencies=2)

@@ -1,4 +1,5 @@
 """Omni sequence assembly (placeholders, M-RoPE ids, loss mask) and the packed grain pipeline."""
+import dataclasses
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from m2omni_jax.data import shapes_world as sw
 from m2omni_jax.data import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.modalities import modality_id
+from m2omni_jax.models import omni
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN, BATCH, PATCHES = 128, 4, 128
@@ -316,3 +318,108 @@ def test_speech_eval_prompts_carry_their_clips(audio_config, tok):
         assert batch["audio_lengths"][row].tolist() == [length, 0]
         np.testing.assert_array_equal(batch["audio_features"][row, 0, :length], prompt["audio"][0])
         assert int(np.sum(batch["tokens"][row] == tok.special_id("<audioPatch>"))) == 48
+
+
+# ----------------------------------------------------------------------------- pooling connectors
+
+
+def _block(t, h, w):
+    return np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(3, -1)
+
+
+@pytest.mark.parametrize("kind,k,grid", [("avg_pool", 4, (2, 2)), ("c_abstractor", 9, (3, 3)),
+                                         ("attn_pool", 3, (1, 3))])
+def test_pooled_assembly_has_k_tokens_per_image_and_t_k_per_video(tok, kind, k, grid):
+    connector = omni.ConnectorConfig(kind=kind, num_tokens=k, max_segments_per_row=3)
+    image = op.MediaItem("image", np.ones((24, op.PATCH_DIM), np.float32), (1, 4, 6), connector)  # 2x3 merged
+    video = op.MediaItem("video", np.ones((32, op.PATCH_DIM), np.float32), (2, 4, 4), connector)  # 2 frame-pairs
+    messages = [{"role": "user", "content": "<image><video>Which?"}, {"role": "assistant", "content": "red"}]
+    chat = op.assemble_chat(tok, messages, [image, video])
+    ids, positions = chat["ids"], chat["positions"]
+    IMG, END_IMG, P, VID, END_VID, VP = (tok.special_id(f"<{n}>") for n in
+                                         ("image", "/image", "imagePatch", "video", "/video", "videoPatch"))
+    s = int(np.flatnonzero(ids == IMG)[0])
+    assert ids[s:s + 2 * k + k + 4].tolist() == [IMG] + [P] * k + [END_IMG, VID] + [VP] * 2 * k + [END_VID]
+    np.testing.assert_array_equal(positions[:, :s + 1], np.tile(np.arange(s + 1), (3, 1)))
+    h, w = grid
+    np.testing.assert_array_equal(positions[:, s + 1:s + 1 + k], s + 1 + _block(1, h, w))  # (1, √k, √k) / (1, 1, k)
+    end_image = s + 1 + max(h, w)  # </image>: the block's max + 1
+    np.testing.assert_array_equal(positions[:, s + 1 + k:s + 3 + k], np.tile([[end_image, end_image + 1]], (3, 1)))
+    np.testing.assert_array_equal(positions[:, s + 3 + k:s + 3 + 3 * k], end_image + 2 + _block(2, h, w))
+    assert positions[0, s + 3 + 3 * k] == end_image + 2 + max(1, h - 1, w - 1) + 1  # </video>
+    np.testing.assert_array_equal(chat["frames"], [1] * 24 + [2] * 16 + [3] * 16)  # the tower's segments
+    assert chat["patches"].shape == (56, op.PATCH_DIM)  # patches do not depend on the connector
+
+    too_few = dataclasses.replace(connector, max_segments_per_row=2)
+    with pytest.raises(ValueError, match="3 image / video frame-pair segments exceed "
+                                         "model.connector.max_segments_per_row=2"):
+        op.assemble_chat(tok, messages, [dataclasses.replace(m, connector=too_few) for m in (image, video)])
+
+
+def test_pooling_bounds_grid_side_and_segments(tok):
+    opts = op.VisionOptions(connector=omni.ConnectorConfig(kind="avg_pool", num_tokens=4, max_segments_per_row=2,
+                                                           max_grid_side=3))
+    assert op.preprocess_media("image", np.zeros((84, 56, 3), np.uint8), opts).num_tokens == 4  # 3x2 merged
+    with pytest.raises(ValueError, match=r"image of 4x2 merged tokens exceeds model.connector.max_grid_side=3"):
+        op.preprocess_media("image", np.zeros((112, 56, 3), np.uint8), opts)
+    # A record with three images: more than S = 2 segments is a bad record; S = 3 packs it.
+    record = next(r for r in (sw.make_record(0, "train", i, ("interleaved",)) for i in range(20))
+                  if len(r["images"]) == 3)
+    raw = sw.encode_record(record)
+    opts = dataclasses.replace(opts, connector=dataclasses.replace(opts.connector, max_grid_side=16))
+    assert op.ShapesWorldSample(tok, 1024, opts)(raw) == {op._BAD: 1}
+    roomy = dataclasses.replace(opts, connector=dataclasses.replace(opts.connector, max_segments_per_row=3))
+    sample = op.ShapesWorldSample(tok, 1024, roomy)(raw)
+    np.testing.assert_array_equal(sample[op.SEGMENTS_KEY], [1, 2, 3])  # packed with length S
+    assert int(np.isin(sample["tokens"], op.placeholder_ids(tok)).sum()) == 3 * 4
+    prompt = {"ids": np.ones(4, np.int32), "positions": np.zeros((3, 4), np.int32), "audio": [],
+              "patches": np.zeros((48, op.PATCH_DIM), np.float32), "hw": np.zeros((2, 48), np.int32),
+              "frames": np.repeat(np.arange(1, 4, dtype=np.int32), 16)}
+    with pytest.raises(ValueError, match="3 image / video frame-pair segments exceeds "
+                                         "model.connector.max_segments_per_row=2"):
+        op.batch_prompts([prompt], 8, 64, max_segments_per_row=opts.max_segments_per_row)
+    assert op.batch_prompts([prompt], 8, 64, max_segments_per_row=3)["vision_segment_ids"].max() == 3
+
+
+def test_vision_options_read_the_connector(config):
+    config = config.copy_and_resolve_references()
+    assert not op.VisionOptions.from_config(config).connector.pools
+    config.model.connector.update(dict(kind="attn_pool", num_tokens=5, num_heads=4))
+    opts = op.VisionOptions.from_config(config)
+    assert opts.connector.kind == "attn_pool" and opts.max_segments_per_row == 8
+    assert op.VisionOptions.from_config(config.data.vision).max_segments_per_row is None  # the section alone: linear
+    config.model.kind = "llm"
+    assert not op.VisionOptions.from_config(config).connector.pools
+    config.data.vision.connector = "avg_pool"
+    with pytest.raises(ValueError, match="set config.model.connector"):
+        op.VisionOptions.from_config(config)
+
+
+def test_pooled_rows_hold_at_most_s_segments_of_k_tokens(config, tok):
+    config = config.copy_and_resolve_references()
+    k, max_segments = 4, 2
+    config.model.connector.update(dict(kind="avg_pool", num_tokens=k, max_segments_per_row=max_segments))
+    config.data.seq_len = 256  # room for every chat: only segments past S are skipped
+    config.data.mixture = "custom"
+    config.data.modality_weights.update(dict(text=0.5, image=1.0, video=1.0, interleaved=1.0))
+    it = op.make_train_iterator(config, tok, process_index=0, process_count=1)
+    expected = op.example_batch_shapes(config)
+    patch_ids, videos = op.placeholder_ids(tok), 0
+    for _ in range(3):
+        batch = next(it)
+        assert {key: (v.shape, v.dtype) for key, v in batch.items()} == expected  # one compiled shape
+        for row in range(BATCH):
+            tokens, vseg = batch["tokens"][row], batch["vision_segment_ids"][row]
+            segments = len(np.unique(vseg[vseg > 0]))
+            assert segments <= max_segments
+            is_patch = np.isin(tokens, patch_ids)
+            assert int(is_patch.sum()) == k * segments
+            # Each placeholder run is one item: t segments of a 2x2 pooled grid.
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], is_patch.astype(int), [0]])))
+            for start, stop in zip(edges[::2], edges[1::2]):
+                t = (stop - start) // k
+                videos += t > 1
+                pos = batch["positions"][row][:, start:stop]
+                np.testing.assert_array_equal(pos - pos[0, 0], _block(t, 2, 2))
+    assert videos > 0
+    assert it.stats["bad_records"] > 0  # interleaved chats with 3 images, videos with 3-4 frame-pairs

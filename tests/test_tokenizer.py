@@ -5,7 +5,7 @@ import ml_collections
 import pytest
 import sentencepiece as spm
 
-from m2omni_jax.data import text_corpus
+from m2omni_jax.data import shapes_world, text_corpus
 from m2omni_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer,
                                        get_tokenizer, train_tokenizer, training_text)
 
@@ -20,7 +20,7 @@ def _config(tmp_path, **tokenizer):
     return ml_collections.ConfigDict({
         "data": {"seed": 0},
         "tokenizer": {"path": "", "cache_dir": str(tmp_path), "vocab_size": 512, "train_docs": 300,
-                      **tokenizer}})
+                      "train_chats": 50, **tokenizer}})
 
 
 def test_reserved_ids(tok):
@@ -103,6 +103,19 @@ def test_get_tokenizer_trains_once_and_caches(tmp_path):
     second = get_tokenizer(config)
     assert second.path == first.path and os.path.getmtime(second.path) == mtime
     assert second.encode("a red circle") == first.encode("a red circle")
+
+
+def test_builtin_tokenizer_has_one_token_per_one_word_answer(tmp_path):
+    """VQA answers open the assistant turn with no space before them; each must be one
+    token, and colour names must not share a first token (blue/black, cyan/circle)."""
+    tok = get_tokenizer(_config(tmp_path, vocab_size=1024, train_docs=1000, train_chats=600))
+    answers = list(shapes_world.COLORS) + list(shapes_world.SHAPES)
+    for answer in answers:
+        ids, mask = tok.apply_chat_template([{"role": "user", "content": "<image>\nWhat color is it?"},
+                                             {"role": "assistant", "content": answer}])
+        answer_ids = [i for i, m in zip(ids, mask) if m][:-1]  # without <|eot_id|>
+        assert len(answer_ids) == 1, (answer, [tok.decode([i]) for i in answer_ids])
+    assert len({tuple(tok.encode(a)) for a in answers}) == len(answers)
 
 
 def test_get_tokenizer_user_path(tmp_path, tok):

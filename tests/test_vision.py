@@ -178,3 +178,35 @@ def test_training_flops_formula_matches_xla_forward_count():
     forward = jax.jit(lambda p: model.apply(p, patches, segments, hw)[0])
     xla_flops = forward.lower(params).compile().cost_analysis()["flops"]
     assert training_flops_per_pack(cfg, pack) / 3 == pytest.approx(xla_flops, rel=0.15)
+
+
+def _tower_params(config, patches):
+    model = VisionEncoder(config)
+    return model, model.init(jax.random.PRNGKey(0), *patches)
+
+
+def test_zero_init_residual_tower_starts_as_patch_embedding_and_merger():
+    """With zero_init_residual the blocks are the identity at init: the depth-2 tower equals a
+    depth-0 one (patch embedding, then the merger) with the same weights."""
+    inputs = _pack(_images(0))
+    deep, deep_params = _tower_params(VisionConfig.tiny(out_width=32, zero_init_residual=True), inputs)
+    shallow = VisionEncoder(VisionConfig.tiny(out_width=32, depth=0, scan=False))
+    shallow_params = {"params": {k: v for k, v in deep_params["params"].items() if k != "blocks"}}
+    np.testing.assert_allclose(deep.apply(deep_params, *inputs)[0], shallow.apply(shallow_params, *inputs)[0],
+                               atol=1e-6)
+    plain, plain_params = _tower_params(VisionConfig.tiny(out_width=32), inputs)
+    assert np.abs(np.asarray(plain.apply(plain_params, *inputs)[0] - shallow.apply(shallow_params, *inputs)[0])).max() > 1e-3
+
+
+@pytest.mark.parametrize("epsilon, quiet", [(1e-6, False), (1.0, True)])
+def test_layer_norm_epsilon_keeps_a_near_empty_image_near_zero(epsilon, quiet):
+    """A faint background (tiny pixel values) next to a strong one in the same pack: with
+    Qwen2-VL's 1e-6 the LayerNorms blow the faint one up to the strong one's size."""
+    rng = np.random.default_rng(0)
+    faint, strong = (scale * rng.normal(size=(56, 56, 3)).astype(np.float32) for scale in (1e-3, 3.0))
+    inputs = _pack([faint, strong], bucket=32)
+    model, params = _tower_params(VisionConfig.tiny(out_width=32, layer_norm_epsilon=epsilon,
+                                                    zero_init_residual=True), inputs)
+    features = np.asarray(model.apply(params, *inputs)[0][0])
+    ratio = np.linalg.norm(features[:4], axis=-1).mean() / np.linalg.norm(features[4:8], axis=-1).mean()
+    assert (ratio < 0.05) if quiet else (ratio > 0.3), ratio

@@ -5,25 +5,35 @@
               → chat template with expanded placeholders
     text:     the text corpus of `pipeline.py` → tokenise
     → MapDataset.mix(weights) → to_iter_dataset → drop bad records (counted)
-    → grain FirstFitPackIterDataset(tokens: seq_len, patches: patches_per_row)
+    → grain FirstFitPackIterDataset(tokens: seq_len, patches: patches_per_row
+                                     [, vision segments: model.connector.max_segments_per_row])
     → per-row finalise → batch → [mp_prefetch] → running stats (`pipeline.StatsIterator`)
 
 Sequence assembly (`assemble_chat`): each `<image>` / `<video>` in a message
-becomes `<image>` + N×`<imagePatch>` + `</image>` (N = merged tokens of that
-item), each `<audio>` becomes `<audio>` + N×`<audioPatch>` + `</audio>` (N =
-the audio encoder's fixed `model.audio.num_audio_tokens`); M-RoPE ids follow
-DESIGN.md §1: text t = h = w = running index; a patch block gets its
-(t, h/2, w/2) grid ids offset by the running index at the block start; the
-text after it resumes at the block's max + 1; audio placeholders count as
+becomes `<image>` + N×`<imagePatch>` + `</image>` (N = the item's LLM tokens,
+`MediaItem.num_tokens`), each `<audio>` becomes `<audio>` + N×`<audioPatch>` +
+`</audio>` (N = the audio encoder's fixed `model.audio.num_audio_tokens`);
+M-RoPE ids follow DESIGN.md §1: text t = h = w = running index; a patch block
+gets its (t, h, w) grid ids offset by the running index at the block start;
+the text after it resumes at the block's max + 1; audio placeholders count as
 text (1-D positions). Only assistant text (and its `<|eot_id|>`) is trained;
 prompt and media tokens are not.
+
+The token grid depends on `model.connector` (read by `VisionOptions.from_config`):
+"linear": the merged grid (t, h/2, w/2), N = t·h/2·w/2. A pooling connector
+("avg_pool", "attn_pool", "c_abstractor"; models/omni.py) gives k =
+`num_tokens` per image and per video frame-pair: N = k for an image, t·k for
+a video, grid (t, √k, √k) ((t, 1, k) for an attn_pool k that is not a
+square). It also bounds a row to S = `max_segments_per_row` images + video
+frame-pairs and each image's merged grid to `max_grid_side` per side.
 
 Batch = the text batch of `pipeline.py` plus, per row, a fixed-size patch pack
 (N = `patches_per_row`, so jit never recompiles):
   vision_patches      float32 (B,N,1176)  packed patches of the row's images/frames, in order
   vision_segment_ids  int32 (B,N)         one id per image / temporal frame of the row, 0 = padding
   vision_hw           int32 (B,2,N)       (row, col) of each patch in its image
-Placeholder j of a row belongs to merged patch group j (4 consecutive patches).
+Placeholder j of a row belongs to merged patch group j (4 consecutive patches);
+with a pooling connector, placeholders s·k .. s·k + k - 1 to the row's s-th segment.
 With the audio tower on (`model.audio.enabled`), each row also has C =
 `data.speech.clips_per_row` clip slots (F = the encoder's `max_frames`):
   audio_features      float32 (B,C,F,560) LFR+CMVN frames of the row's clips, in order, zero-padded
@@ -33,8 +43,10 @@ statistics come from `data.speech.cmvn_file` (`with_cmvn` computes them
 from the training speech once and stores them in the workdir).
 
 A sample with more than `seq_len` tokens, `patches_per_row` patches,
-`clips_per_row` clips or a clip longer than the encoder's `max_frames` is
-skipped and counted as a bad record (text samples are truncated instead).
+`clips_per_row` clips or a clip longer than the encoder's `max_frames` (with
+a pooling connector also: more than S segments, or an image past
+`max_grid_side`) is skipped and counted as a bad record (text samples are
+truncated instead); packing never puts more than S segments into a row.
 Caption→image (`gen_image`) records are not read: the mixture has no
 image-generation modality yet.
 """
@@ -66,6 +78,7 @@ BATCH_KEYS = pipeline.BATCH_KEYS + omni.VISION_KEYS  # + omni.AUDIO_KEYS with au
 PATCH_DIM = 3 * ip.TEMPORAL_PATCH_SIZE * ip.PATCH_SIZE ** 2
 _TOKEN_KEYS = ("tokens", "targets", "loss_mask", "modality", "positions")
 _PATCH_KEYS = ("vision_patches", "vision_hw", "vision_frames")
+SEGMENTS_KEY = "vision_segments"  # packed only (pooling connectors), not a batch key
 _BAD = pipeline._BAD
 _PLACEHOLDER = re.compile(r"<(image|video|audio)>")
 CMVN_FILE = "cmvn.json"  # in the workdir, beside checkpoints/
@@ -101,6 +114,10 @@ class VisionOptions:
     # The median is the background's colour, whatever the objects are; a mean would
     # shift every background token with the objects' colours.
     pixel_norm: str = "clip"
+    # Not a data.vision field: `from_config` copies `model.connector`. A pooling kind fixes
+    # the tokens per image / frame-pair segment and bounds the segments per row and the
+    # merged grid side; the default ("linear") gives one token per merged patch group.
+    connector: omni.ConnectorConfig = omni.ConnectorConfig()
 
     def __post_init__(self):
         if self.patches_per_row <= 0 or self.patches_per_row % ip.MERGE_SIZE ** 2:
@@ -111,7 +128,25 @@ class VisionOptions:
 
     @classmethod
     def from_config(cls, cfg) -> "VisionOptions":
-        return dataclass_from_config(cls, cfg, "data.vision")
+        """From an experiment config: `data.vision`, and `model.connector` when model.kind is
+        "omni"; or from a `data.vision` section alone (the linear connector's token counts)."""
+        if "data" in cfg and "model" in cfg:
+            connector = omni.ConnectorConfig()
+            if cfg.model.get("kind", "llm") == "omni":
+                connector = dataclass_from_config(omni.ConnectorConfig, cfg.model.connector, "model.connector")
+            return cls._from_section(cfg.data.vision, connector)
+        return cls._from_section(cfg, omni.ConnectorConfig())
+
+    @classmethod
+    def _from_section(cls, section, connector: omni.ConnectorConfig) -> "VisionOptions":
+        if "connector" in section:
+            raise ValueError("config.data.vision.connector is not a field; set config.model.connector")
+        return dataclass_from_config(cls, section, "data.vision", connector=connector)
+
+    @property
+    def max_segments_per_row(self) -> int | None:
+        """S with a pooling connector (None: no bound): images + video frame-pairs per row."""
+        return self.connector.max_segments_per_row if self.connector.pools else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +207,7 @@ class MediaItem:
     kind: str  # "image" | "video"
     patches: np.ndarray  # (t·h·w, PATCH_DIM) in merger order
     grid_thw: tuple[int, int, int]  # in patches
+    connector: omni.ConnectorConfig = omni.ConnectorConfig()  # how its merged tokens become LLM tokens
 
     @property
     def merged_grid(self) -> tuple[int, int, int]:
@@ -179,8 +215,21 @@ class MediaItem:
         return t, h // ip.MERGE_SIZE, w // ip.MERGE_SIZE
 
     @property
+    def num_segments(self) -> int:
+        """Vision-tower segments: 1 per image, t (temporal frame-pairs) per video."""
+        return self.grid_thw[0]
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        """(t, h, w) of its LLM tokens (and M-RoPE ids): the merged grid, or with a pooling
+        connector t segments of `ConnectorConfig.pooled_grid` each."""
+        if self.connector.pools:
+            return (self.num_segments,) + self.connector.pooled_grid
+        return self.merged_grid
+
+    @property
     def num_tokens(self) -> int:
-        return int(np.prod(self.merged_grid))
+        return int(np.prod(self.token_grid))
 
 
 def preprocess_media(kind: str, pixels, opts: VisionOptions) -> MediaItem:
@@ -193,7 +242,13 @@ def preprocess_media(kind: str, pixels, opts: VisionOptions) -> MediaItem:
                                             opts.video_min_frames, opts.video_max_frames)
     if opts.pixel_norm == "clip_centered":
         patches = center_colors(patches)
-    return MediaItem(kind, patches, tuple(int(g) for g in grid))
+    item = MediaItem(kind, patches, tuple(int(g) for g in grid), opts.connector)
+    _, h, w = item.merged_grid
+    if opts.connector.pools and max(h, w) > opts.connector.max_grid_side:
+        raise ValueError(f"{kind} of {h}x{w} merged tokens exceeds model.connector.max_grid_side="
+                         f"{opts.connector.max_grid_side} (data.vision.{kind}_max_pixels="
+                         f"{getattr(opts, kind + '_max_pixels')})")
+    return item
 
 
 def center_colors(patches: np.ndarray) -> np.ndarray:
@@ -282,6 +337,11 @@ def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[MediaItem
         raise ValueError("placeholder count does not match the media tokens")
     if int(np.sum(ids == tokenizer.special_id("<audioPatch>"))) != sum(c.num_tokens for c in clips):
         raise ValueError("<audioPatch> count does not match the audio clips' tokens")
+    pooling = [m.connector for m in visual if m.connector.pools]
+    segments = sum(m.num_segments for m in visual)
+    if pooling and segments > pooling[0].max_segments_per_row:
+        raise ValueError(f"{segments} image / video frame-pair segments exceed "
+                         f"model.connector.max_segments_per_row={pooling[0].max_segments_per_row}")
     mask = np.where(np.isin(ids, list(media_token_ids(tokenizer).values())), 0, np.asarray(mask, np.int32))
     frames, first = [], 1
     for item in visual:
@@ -290,7 +350,7 @@ def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[MediaItem
         first += t
     return {
         "ids": ids, "mask": mask,
-        "positions": mrope_positions(ids, [m.merged_grid for m in visual], patch_ids),
+        "positions": mrope_positions(ids, [m.token_grid for m in visual], patch_ids),
         "patches": np.concatenate([m.patches for m in visual] or [np.zeros((0, PATCH_DIM), np.float32)]),
         "hw": np.concatenate([ip.hw_positions(m.grid_thw) for m in visual] or [np.zeros((2, 0), np.int32)], 1),
         "frames": np.concatenate(frames or [np.zeros(0, np.int32)]),
@@ -298,15 +358,23 @@ def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[MediaItem
     }
 
 
-def _sample_from_assembly(chat: dict, modality: int, audio_opts: AudioOptions | None) -> dict:
+def _sample_from_assembly(chat: dict, modality: int, audio_opts: AudioOptions | None,
+                          opts: VisionOptions | None = None) -> dict:
     sample = pipeline.make_sample(chat["ids"], chat["mask"], modality, len(chat["ids"]))
     sample["positions"] = chat["positions"].T.copy()  # grain packs along axis 0
     sample["vision_patches"] = chat["patches"].astype(np.float32)
     sample["vision_hw"] = chat["hw"].T.copy()
     sample["vision_frames"] = chat["frames"].astype(np.int32)
+    if opts is not None and opts.connector.pools:
+        sample[SEGMENTS_KEY] = _segment_entries(int(chat["frames"].max(initial=0)))
     if audio_opts is not None:
         sample.update(clip_arrays(chat["audio"], audio_opts.max_frames))
     return sample
+
+
+def _segment_entries(count: int) -> np.ndarray:
+    """One entry per vision segment: packed with length S, it keeps a row within S segments."""
+    return np.arange(1, count + 1, dtype=np.int32)
 
 
 class ShapesWorldSample:
@@ -316,6 +384,8 @@ class ShapesWorldSample:
         self.tokenizer, self.seq_len, self.opts, self.audio_opts = tokenizer, seq_len, opts, audio_opts
 
     def __call__(self, raw: bytes) -> dict:
+        # assemble_chat's ValueErrors include an image past model.connector.max_grid_side
+        # and more than max_segments_per_row segments (pooling connectors).
         try:
             record = speech.decode_record(raw)  # a shapes-world record is a speech record without audio
             media = record_media(record, self.opts, audio_opts=self.audio_opts)
@@ -328,15 +398,16 @@ class ShapesWorldSample:
             return {_BAD: 1}
         if chat["audio"] and len(chat["audio"]) > self.audio_opts.clips_per_row:
             return {_BAD: 1}
-        return _sample_from_assembly(chat, modality, self.audio_opts)
+        return _sample_from_assembly(chat, modality, self.audio_opts, self.opts)
 
 
 class TextSample:
     """Text-corpus record → the text sample of `pipeline.TokenizeRecord` with empty media."""
 
-    def __init__(self, tokenizer, seq_len: int, audio_opts: AudioOptions | None = None):
+    def __init__(self, tokenizer, seq_len: int, audio_opts: AudioOptions | None = None,
+                 opts: VisionOptions | None = None):
         self.tokenize = pipeline.TokenizeRecord(tokenizer, seq_len)
-        self.audio_opts = audio_opts
+        self.audio_opts, self.opts = audio_opts, opts
 
     def __call__(self, raw: bytes) -> dict:
         sample = self.tokenize(raw)
@@ -346,6 +417,8 @@ class TextSample:
         sample["vision_patches"] = np.zeros((0, PATCH_DIM), np.float32)
         sample["vision_hw"] = np.zeros((0, 2), np.int32)
         sample["vision_frames"] = np.zeros(0, np.int32)
+        if self.opts is not None and self.opts.connector.pools:
+            sample[SEGMENTS_KEY] = _segment_entries(0)
         if self.audio_opts is not None:
             sample.update(clip_arrays([], self.audio_opts.max_frames))
         return sample
@@ -511,7 +584,7 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     """The mixed, packed, batched omni pipeline; iterate it for `pipeline.StatsIterator`s."""
     data = config.data
     seed, seq_len = int(data.seed), int(data.seq_len)
-    opts = VisionOptions.from_config(data.vision)
+    opts = VisionOptions.from_config(config)
     check_audio_mixture(config)
     _, file_tasks = write_builtin_shapes_world(config)
     weights = source_weights(data, file_tasks + speech_tasks(config))
@@ -523,7 +596,7 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
         if name == "text":
             ds = pipeline.make_record_dataset(pipeline.builtin_text_files(config, split), seed=seed + k,
                                               process_index=process_index, process_count=process_count)
-            sources.append(ds.repeat(None).map(TextSample(tokenizer, seq_len, audio_opts)))
+            sources.append(ds.repeat(None).map(TextSample(tokenizer, seq_len, audio_opts, opts)))
         else:
             path, tasks = task_file(config, name, split)
             ds = _task_records(path, tasks.index(name), len(tasks), seed=seed + k, process_index=process_index,
@@ -534,6 +607,8 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
                                                  prefetch_buffer_size=64))
     it = pipeline._SkipBadDataset(it)
     lengths = {**{k: seq_len for k in _TOKEN_KEYS}, **{k: opts.patches_per_row for k in _PATCH_KEYS}}
+    if opts.connector.pools:
+        lengths[SEGMENTS_KEY] = opts.connector.max_segments_per_row
     if audio_opts is not None:
         lengths.update({k: audio_opts.clips_per_row for k in omni.AUDIO_KEYS})
     it = grain.experimental.FirstFitPackIterDataset(
@@ -595,9 +670,11 @@ def eval_prompt(record: dict, tokenizer, opts: VisionOptions, audio_opts: AudioO
 
 
 def batch_prompts(prompts: Sequence[dict], prompt_len: int, patches_per_row: int,
-                  audio_opts: AudioOptions | None = None) -> dict:
+                  audio_opts: AudioOptions | None = None, *, max_segments_per_row: int | None = None) -> dict:
     """Left-pads prompts to `prompt_len` (segment 0) and packs each row's patches (and, with
-    `audio_opts`, its clips) to the fixed sizes."""
+    `audio_opts`, its clips) to the fixed sizes. `max_segments_per_row`
+    (`VisionOptions.max_segments_per_row`, a pooling connector's S) bounds each prompt's
+    images + video frame-pairs (`eval_prompt` with those options checks it already)."""
     rows = len(prompts)
     out = {"tokens": np.zeros((rows, prompt_len), np.int32),
            "segment_ids": np.zeros((rows, prompt_len), np.int32),
@@ -611,6 +688,10 @@ def batch_prompts(prompts: Sequence[dict], prompt_len: int, patches_per_row: int
         if n > prompt_len or num_patches > patches_per_row:
             raise ValueError(f"prompt of {n} tokens / {num_patches} patches exceeds "
                              f"{prompt_len} / {patches_per_row}")
+        segments = int(p["frames"].max(initial=0))
+        if max_segments_per_row is not None and segments > max_segments_per_row:
+            raise ValueError(f"prompt with {segments} image / video frame-pair segments exceeds "
+                             f"model.connector.max_segments_per_row={max_segments_per_row}")
         out["tokens"][r, prompt_len - n:] = p["ids"]
         out["segment_ids"][r, prompt_len - n:] = 1
         out["positions"][r, :, prompt_len - n:] = p["positions"]

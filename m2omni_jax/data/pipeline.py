@@ -62,6 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             "cache_dir": "",  # "" = ~/.cache/m2omni_jax/tokenizer
             "vocab_size": 1024,
             "train_docs": 4000,
+            "train_chats": 600,  # + chats of this many shapes-world records (tokenizer.py)
         },
     })
 

@@ -9,6 +9,7 @@ separately concatenate to the same text.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import uuid
 from typing import Iterable, Sequence
@@ -32,6 +33,7 @@ SPECIAL_TOKENS = MODALITY_TOKENS + CHAT_TOKENS
 DEFAULT_VOCAB_SIZE = 1024
 DEFAULT_CACHE_DIR = "~/.cache/m2omni_jax/tokenizer"
 DEFAULT_TRAIN_DOCS = 4000
+DEFAULT_TRAIN_CHATS = 600  # shapes-world records whose chats the built-in tokenizer also sees
 
 
 class Tokenizer:
@@ -185,11 +187,25 @@ def _get(cfg, key, default):
     return default if value is None else value
 
 
+def shapes_world_chats(num_chats: int, seed: int) -> Iterable[str]:
+    """The chats of the first `num_chats` shapes-world training records (all tasks), as
+    tokenizer-training text: one-word answers ("yellow", "2") open an assistant turn
+    with no space before them, a form the text corpus never has (its answers are
+    sentences). Without these the built-in tokenizer splits them ("y" + "ellow",
+    "bl" + "ue" / "bl" + "ack"), so VQA answers share no tokens with the captions'
+    " yellow" and the colour names share first tokens."""
+    from m2omni_jax.data import shapes_world
+
+    for index in range(num_chats):
+        yield training_text({"messages": shapes_world.make_record(seed, "train", index)["messages"]})
+
+
 def get_tokenizer(config) -> Tokenizer:
     """The user's model (`config.tokenizer.path`), or the built-in one, trained once and cached.
 
     The built-in model is trained on `config.tokenizer.train_docs` documents of
-    the shapes corpus (seed `config.data.seed`) into `config.tokenizer.cache_dir`.
+    the shapes corpus plus the chats of `config.tokenizer.train_chats` shapes-world
+    records (seed `config.data.seed`) into `config.tokenizer.cache_dir`.
     """
     tok_cfg = config.get("tokenizer") if hasattr(config, "get") else None
     path = _get(tok_cfg, "path", "")
@@ -200,10 +216,13 @@ def get_tokenizer(config) -> Tokenizer:
         return Tokenizer(path)
     vocab_size = int(_get(tok_cfg, "vocab_size", DEFAULT_VOCAB_SIZE))
     num_docs = int(_get(tok_cfg, "train_docs", DEFAULT_TRAIN_DOCS))
+    num_chats = int(_get(tok_cfg, "train_chats", DEFAULT_TRAIN_CHATS))
     seed = int(_get(config.get("data") if hasattr(config, "get") else None, "seed", 0))
     cache_dir = os.path.expanduser(_get(tok_cfg, "cache_dir", "") or DEFAULT_CACHE_DIR)
-    prefix = os.path.join(cache_dir, f"shapes-v{text_corpus.VERSION}-bpe{vocab_size}-seed{seed}-docs{num_docs}")
+    prefix = os.path.join(cache_dir, f"shapes-v{text_corpus.VERSION}-bpe{vocab_size}-seed{seed}-docs{num_docs}"
+                                     f"-chats{num_chats}")
     if not os.path.exists(prefix + ".model"):
-        texts = map(training_text, text_corpus.iter_documents(num_docs, seed))
+        texts = itertools.chain(map(training_text, text_corpus.iter_documents(num_docs, seed)),
+                                shapes_world_chats(num_chats, seed))
         train_tokenizer(texts, prefix, vocab_size)
     return Tokenizer(prefix + ".model")

@@ -5,6 +5,14 @@ token L2-normalised); it keeps the token count of its input and so works on
 the packed token sequence. The MM1 alternatives fix the count at
 `num_tokens` (k, e.g. 64 or 144) per image: `avg_pool` and `c_abstractor`
 take one image's token grid (B, H, W, C), `attn_pool` any token set.
+
+Padded grids: the packed omni model (`models/omni.py`) places each image of
+a row top-left in a fixed (Hmax, Wmax) grid and passes `extent` (B, 2), the
+image's actual (rows, cols). Pooling then averages over the image's own
+cells only (the bins of `adaptive_pool_matrix(H, √k)`, not of Hmax), and the
+C-Abstractor zeroes the padding cells before every 3×3 conv (what "SAME"
+zero padding sees at an image border), so a padded grid gives exactly the
+tokens of the image's own (H, W) grid. `attn_pool` takes a key mask instead.
 """
 from __future__ import annotations
 
@@ -42,11 +50,34 @@ def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def adaptive_avg_pool_2d(grid, out_height: int, out_width: int):
-    """(B, H, W, C) -> (B, out_height, out_width, C), any H, W (bins may overlap)."""
-    rows = jnp.asarray(adaptive_pool_matrix(grid.shape[1], out_height), grid.dtype)
-    cols = jnp.asarray(adaptive_pool_matrix(grid.shape[2], out_width), grid.dtype)
-    return jnp.einsum("ih,bhwc,jw->bijc", rows, grid, cols)
+def extent_pool_matrices(max_in: int, out_size: int, lengths):
+    """(..., out_size, max_in): `adaptive_pool_matrix(n, out_size)` for each actual size n
+    in `lengths` (an int array, 0..max_in), zero past column n; n = 0 gives zeros."""
+    table = np.zeros((max_in + 1, out_size, max_in), np.float32)
+    for n in range(1, max_in + 1):
+        table[n, :, :n] = adaptive_pool_matrix(n, out_size)
+    return jnp.asarray(table)[jnp.clip(lengths, 0, max_in)]
+
+
+def grid_mask(extent, height: int, width: int):
+    """(B, 2) actual (rows, cols) -> (B, height, width) bool: the cell lies in the image."""
+    rows = jnp.arange(height)[None, :, None] < extent[:, 0, None, None]
+    return rows & (jnp.arange(width)[None, None, :] < extent[:, 1, None, None])
+
+
+def adaptive_avg_pool_2d(grid, out_height: int, out_width: int, extent=None):
+    """(B, H, W, C) -> (B, out_height, out_width, C), any H, W (bins may overlap).
+
+    extent (B, 2): each grid's actual (rows, cols) from the top left, the rest
+    padding; the bins are those of the actual size (None: the whole grid).
+    """
+    if extent is None:
+        rows = jnp.asarray(adaptive_pool_matrix(grid.shape[1], out_height), grid.dtype)
+        cols = jnp.asarray(adaptive_pool_matrix(grid.shape[2], out_width), grid.dtype)
+        return jnp.einsum("ih,bhwc,jw->bijc", rows, grid, cols)
+    rows = extent_pool_matrices(grid.shape[1], out_height, extent[:, 0]).astype(grid.dtype)
+    cols = extent_pool_matrices(grid.shape[2], out_width, extent[:, 1]).astype(grid.dtype)
+    return jnp.einsum("bih,bhwc,bjw->bijc", rows, grid, cols)
 
 
 def tokens_to_grid(tokens, height: int, width: int):
@@ -98,10 +129,11 @@ class AvgPoolConnector(nn.Module):
     param_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, grid):
+    def __call__(self, grid, extent=None):
+        """grid (B, H, W, C); extent (B, 2) actual (rows, cols), None: the whole grid."""
         _require_grid(grid, "avg_pool")
         side = grid_side(self.num_tokens)
-        pooled = _flatten_grid(adaptive_avg_pool_2d(grid, side, side))
+        pooled = _flatten_grid(adaptive_avg_pool_2d(grid, side, side, extent))
         return nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
                         bias_init=zeros_init(("embed",)), name="proj", **_dtypes(self))(pooled)
 
@@ -145,7 +177,9 @@ class ResNetBottleneck(nn.Module):
     param_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
+        """x (B, H, W, C); mask (B, H, W) bool, False on padding cells (None: no padding).
+        With a mask the 3×3 conv reads zeros there, and the output is zero there."""
         def conv(features, size, axes, name):
             # flax forbids a logical name twice in one array: the width dim stays unnamed.
             return nn.Conv(features, (size, size), padding="SAME", use_bias=False, name=name,
@@ -157,10 +191,11 @@ class ResNetBottleneck(nn.Module):
         shortcut = x
         if x.shape[-1] != self.features:
             shortcut = norm("shortcut_norm")(conv(self.features, 1, (None, "embed"), "shortcut")(x))
+        keep = (lambda a: a) if mask is None else (lambda a: jnp.where(mask[..., None], a, 0).astype(a.dtype))
         h = nn.silu(norm("norm1")(conv(self.features, 1, ("embed", "mlp"), "reduce")(x)))
-        h = nn.silu(norm("norm2")(conv(self.features, 3, (None, "mlp"), "spatial")(h)))
+        h = nn.silu(norm("norm2")(conv(self.features, 3, (None, "mlp"), "spatial")(keep(h))))
         h = norm("norm3")(conv(self.features, 1, ("mlp", "embed"), "expand")(h))
-        return nn.silu(h + shortcut)
+        return keep(nn.silu(h + shortcut))
 
 
 class CAbstractor(nn.Module):
@@ -173,14 +208,16 @@ class CAbstractor(nn.Module):
     param_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, grid):
+    def __call__(self, grid, extent=None):
+        """grid (B, H, W, C); extent (B, 2) actual (rows, cols), None: the whole grid."""
         _require_grid(grid, "c_abstractor")
         side = grid_side(self.num_tokens)
         hidden = self.hidden_width or grid.shape[-1]
+        mask = None if extent is None else grid_mask(extent, grid.shape[1], grid.shape[2])
         x = grid
         for i in range(self.depth):
-            x = ResNetBottleneck(hidden, self.dtype, self.param_dtype, name=f"stage1_block{i}")(x)
-        x = adaptive_avg_pool_2d(x, side, side)
+            x = ResNetBottleneck(hidden, self.dtype, self.param_dtype, name=f"stage1_block{i}")(x, mask)
+        x = adaptive_avg_pool_2d(x, side, side, extent)  # the pooled √k×√k grid has no padding
         for i in range(self.depth):
             x = ResNetBottleneck(hidden, self.dtype, self.param_dtype, name=f"stage2_block{i}")(x)
         x = _flatten_grid(x)

@@ -110,16 +110,18 @@ class SplitHeads(nn.Module):
 
 
 class MergeHeads(nn.Module):
-    """Linear (..., heads, head_dim) -> (..., features)."""
+    """Linear (..., heads, head_dim) -> (..., features); `zero_init`: the kernel starts at 0."""
     features: int
     use_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    zero_init: bool = False
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", kernel_init(("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2),
-                            x.shape[-2:] + (self.features,), to_dtype(self.param_dtype))
+        axes = ("heads", "head_dim", "embed")
+        init = zeros_init(axes) if self.zero_init else kernel_init(axes, in_axis=(0, 1), out_axis=2)
+        kernel = self.param("kernel", init, x.shape[-2:] + (self.features,), to_dtype(self.param_dtype))
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=to_dtype(self.dtype))
         y = jnp.einsum("...hd,hde->...e", x, kernel)
         if self.use_bias:

@@ -7,8 +7,21 @@
 
 Every row of a batch carries its own fixed-size patch pack (see
 `data/omni_pipeline.py`); placeholder j of a row (an `<imagePatch>` or
-`<videoPatch>` token, in order) takes that row's valid merged feature j, so
+`<videoPatch>` token, in order) takes that row's valid vision token j, so
 images and videos of any size share one compiled program.
+
+The connector (`ConnectorConfig.kind`, `models/connectors.py`) decides what
+those tokens are. "linear" (M2-omni): one L2-normalised token per merged
+token, in pack order. The MM1 pooling kinds ("avg_pool", "attn_pool",
+"c_abstractor"): k = `num_tokens` per segment (an image, or one temporal
+frame-pair of a video). `segment_grids` scatters the row's merged tokens
+into S = `max_segments_per_row` grids of Hmax×Wmax = `max_grid_side`² cells
+(segment rank in the row, merged (row, col) from vision_hw), the connector
+runs on each grid with the segment's actual (H, W) (pooling bins of H×W,
+padding cells masked), and segment s's k tokens take placeholders s·k ..
+s·k + k - 1 of the row. So an image's tokens do not depend on the padding or
+on the other images of its pack, and the shapes stay static.
+`output_scale` multiplies the connector's tokens in every kind.
 
 Audio goes the same way, with a second `scatter_features` call and its own
 placeholder id (`<audioPatch>`): a row holds `clips_per_row` clip slots of
@@ -25,6 +38,7 @@ is frozen by an `opt.frozen` path regex such as `^vision/` or `^audio/`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -33,7 +47,7 @@ import jax.numpy as jnp
 
 from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models.audio import AudioConfig, AudioEncoder
-from m2omni_jax.models.connectors import make_connector
+from m2omni_jax.models.connectors import CONNECTOR_KINDS, grid_mask, make_connector
 from m2omni_jax.models.layers import kernel_init, zeros_init
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
@@ -42,29 +56,84 @@ VISION_KEYS = ("vision_patches", "vision_segment_ids", "vision_hw")
 AUDIO_KEYS = ("audio_features", "audio_lengths")
 MEDIA_KEYS = VISION_KEYS + AUDIO_KEYS  # the model's media inputs; a batch has the audio keys when audio is on
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+POSITION_PLACEMENTS = ("input", "output")  # ConnectorConfig.position_placement
+SEGMENT_GRID = ("activation_batch", None, None, None, "activation_embed")  # (B, S, Hmax, Wmax, D)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
-    # Only M2-omni's per-token "linear" connector keeps the packed token count;
-    # MM1's pooling connectors need one image's grid (models/connectors.py).
+    # One of connectors.CONNECTOR_KINDS. "linear" (M2-omni) maps each merged token of the
+    # pack to one LLM token; the MM1 pooling kinds ("avg_pool", "attn_pool",
+    # "c_abstractor") turn each image / video frame-pair segment into `num_tokens` tokens.
     kind: str = "linear"
-    mlp: bool = False  # Linear–GELU–Linear instead of one Linear
-    # Multiplies the L2-normalised tokens [ours]. 1 is the paper's (a pretrained
-    # Llama's token embeddings have norms near 1); an LLM trained from scratch
-    # with N(0, 1) embeddings has norms near √width, and unit-norm image
-    # tokens would then be drowned in the residual stream after one layer.
+    mlp: bool = False  # Linear–GELU–Linear instead of one Linear ("linear" only)
+    # Multiplies the connector's tokens [ours]: for "linear" the L2-normalised ones. 1 is the
+    # paper's (a pretrained Llama's token embeddings have norms near 1); an LLM trained from
+    # scratch with N(0, 1) embeddings has norms near √width, and unit-norm image tokens
+    # would then be drowned in the residual stream after one layer. The MM1 connectors
+    # are not normalised (as in MM1); the scale multiplies their output all the same.
     output_scale: float = 1.0
     # > 0 [ours]: add Fourier features of each token's fractional (row, col) in its image,
     # projected, before the connector (what the interpolated absolute position embeddings
     # of CLIP/SigLIP ViTs give). The NaViT's 2-D RoPE is relative only, and M-RoPE's
     # height/width ids rotate too slowly in a tiny model to tell "top left" from "center".
     position_frequencies: int = 0
+    # Where those features go [ours]. "input": added to the connector's input, as above.
+    # "output" ("linear" only): added to the LLM-width tokens after the L2 norm and the
+    # scale, through a zero-initialised projection. With "input" every background token
+    # becomes a full-norm position vector after the L2 norm, and an object's colour is a
+    # small tilt of it (shapes world from scratch: colour VQA at chance after 300 steps);
+    # with "output" empty tokens start empty and position is added only as it is learned.
+    position_placement: str = "input"
+    # The pooling kinds only (ignored by "linear"):
+    num_tokens: int = 64  # k per image / video frame-pair segment [MM1: 64 or 144]; a square for grids
+    # S: image / frame-pair segments one row's patch pack holds (static; the pipeline skips,
+    # and counts, samples with more and never packs more into a row).
+    max_segments_per_row: int = 8
+    # Hmax = Wmax: the largest merged-token grid side of an image (static); the pipeline
+    # skips, and counts, larger images. Each row holds S grids of Hmax×Wmax tokens.
+    max_grid_side: int = 16
+    hidden_width: int = 0  # c_abstractor ResNet width; 0: the vision tower's out_width
+    depth: int = 3  # c_abstractor ResNet blocks before and after the pooling
+    num_heads: int = 8  # attn_pool heads; must divide model.vision.out_width
 
     def __post_init__(self):
-        if self.kind != "linear":
-            raise ValueError(f"model.connector.kind={self.kind!r}: the packed omni model supports "
-                             "'linear' only; pooling connectors take one image's token grid")
+        if self.kind not in CONNECTOR_KINDS:
+            raise ValueError(f"model.connector.kind={self.kind!r}; use one of {CONNECTOR_KINDS}")
+        if self.position_placement not in POSITION_PLACEMENTS:
+            raise ValueError(f"model.connector.position_placement={self.position_placement!r}; "
+                             f"use one of {POSITION_PLACEMENTS}")
+        if self.position_placement == "output" and self.kind != "linear":
+            raise ValueError(f"model.connector.position_placement='output' is for kind='linear' only, "
+                             f"not {self.kind!r}")
+        if not self.pools:
+            return
+        field = "model.connector"
+        if self.mlp:
+            raise ValueError(f"{field}.mlp=True is for kind='linear' only, not {self.kind!r}")
+        if self.num_tokens <= 0:
+            raise ValueError(f"{field}.num_tokens={self.num_tokens} must be positive for {self.kind!r} "
+                             "(MM1: 64 or 144)")
+        if self.kind != "attn_pool" and math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
+            raise ValueError(f"{field}.num_tokens={self.num_tokens} must be a perfect square for {self.kind!r}")
+        for name in ("max_segments_per_row", "max_grid_side", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{field}.{name}={getattr(self, name)} must be positive for {self.kind!r}")
+        for name in ("hidden_width", "depth"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{field}.{name}={getattr(self, name)} must not be negative")
+
+    @property
+    def pools(self) -> bool:
+        """A fixed `num_tokens` per segment (MM1's connectors), not one token per merged token."""
+        return self.kind != "linear"
+
+    @property
+    def pooled_grid(self) -> tuple[int, int]:
+        """(rows, cols) of one segment's pooled tokens, raster order: (√k, √k), or (1, k)
+        for an attn_pool k that is not a square. Gives their M-RoPE (h, w) ids."""
+        side = math.isqrt(self.num_tokens)
+        return (side, side) if side * side == self.num_tokens else (1, self.num_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +149,10 @@ class OmniConfig:
     end_of_audio_id: int = -1  # <end_of_audio>: its LLM embedding fills the tokens past a clip
 
     def __post_init__(self):
+        connector = self.connector
+        if connector.kind == "attn_pool" and self.vision.out_width % connector.num_heads:
+            raise ValueError(f"model.connector.num_heads={connector.num_heads} must divide "
+                             f"model.vision.out_width={self.vision.out_width} for 'attn_pool'")
         if self.audio is not None and self.audio.out_width != self.llm.width:
             raise ValueError(f"config.model.audio.out_width={self.audio.out_width} must equal "
                              f"config.model.llm.width={self.llm.width} (leave it out to take the LLM width)")
@@ -118,6 +191,12 @@ def audio_enabled(config) -> bool:
     return config.model.get("kind", "llm") == "omni" and bool(config.model.get("audio", {}).get("enabled", False))
 
 
+def merged_positions(vision_hw, merge_size: int = 2):
+    """(B, M, 2) merged (row, col) of each merged token (M = N / merge²) from the
+    patch (row, col) ids vision_hw (B, 2, N): its group's first patch, halved."""
+    return jnp.moveaxis(vision_hw[:, :, ::merge_size ** 2] // merge_size, 1, 2)
+
+
 def grid_fractions(vision_hw, merged_segment_ids, merge_size: int = 2):
     """(B, M, 2) centre of each merged token as a fraction of its image's (rows, cols).
 
@@ -125,10 +204,36 @@ def grid_fractions(vision_hw, merged_segment_ids, merge_size: int = 2):
     An image's extent is the largest merged row/col of its segment (static shapes:
     segment_max over M segments).
     """
-    merged = jnp.moveaxis(vision_hw[:, :, ::merge_size ** 2] // merge_size, 1, 2)  # (B, M, 2)
+    merged = merged_positions(vision_hw, merge_size)
     extent = jax.vmap(lambda hw, seg: jax.ops.segment_max(hw, seg, num_segments=seg.shape[0] + 1)[seg])(
         merged, merged_segment_ids)
     return (merged + 0.5) / (extent + 1)
+
+
+def segment_grids(features, merged_segment_ids, vision_hw, max_segments: int, max_side: int,
+                  merge_size: int = 2):
+    """A row's merged tokens as per-segment grids, for the pooling connectors.
+
+    features (B, M, D); merged_segment_ids (B, M) (0 = padding); vision_hw (B, 2, N).
+    Returns grids (B, S, Hmax, Wmax, D), S = `max_segments`, Hmax = Wmax = `max_side`:
+    the s-th segment of the row (a contiguous run of one id) at slot s, its token at
+    merged (row, col) in cell (row, col), zeros elsewhere; and extents (B, S, 2) int32,
+    each segment's actual (rows, cols) (0, 0 for an empty slot). Tokens of a segment
+    past S or outside the grid are dropped (the pipeline never makes such rows).
+    Static shapes: a cumsum ranks the segments, a scatter places the tokens.
+    """
+    batch, merged, width = features.shape
+    slots = max_segments * max_side * max_side
+    valid = merged_segment_ids > 0
+    previous = jnp.pad(merged_segment_ids[:, :-1], ((0, 0), (1, 0)))
+    rank = jnp.cumsum(valid & (merged_segment_ids != previous), axis=1) - 1  # (B, M) segment rank in the row
+    rc = merged_positions(vision_hw, merge_size)
+    inside = valid & (rank < max_segments) & (rc[..., 0] < max_side) & (rc[..., 1] < max_side)
+    cell = jnp.where(inside, (rank * max_side + rc[..., 0]) * max_side + rc[..., 1], slots)  # slots: dropped
+    grids = jax.vmap(lambda f, c: jnp.zeros((slots, width), f.dtype).at[c].set(f, mode="drop"))(features, cell)
+    extents = jax.vmap(lambda r, hw: jnp.zeros((max_segments, 2), jnp.int32).at[r].max(hw + 1, mode="drop"))(
+        jnp.where(inside, rank, max_segments), rc.astype(jnp.int32))
+    return grids.reshape(batch, max_segments, max_side, max_side, width), extents
 
 
 def fourier_features(fractions, num_frequencies: int):
@@ -162,11 +267,15 @@ class OmniModel(nn.Module):
         cfg = self.config
         self.llm = LLM(cfg.llm)
         self.vision = VisionEncoder(cfg.vision)
-        self.connector = make_connector(cfg.connector.kind, cfg.llm.width, mlp=cfg.connector.mlp,
+        c = cfg.connector
+        self.connector = make_connector(c.kind, cfg.llm.width, c.num_tokens if c.pools else None, mlp=c.mlp,
+                                        hidden_width=c.hidden_width or None, num_heads=c.num_heads, depth=c.depth,
                                         dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype)
-        if cfg.connector.position_frequencies:
-            self.position_embedding = nn.Dense(cfg.vision.out_width, kernel_init=kernel_init((None, "embed")),
-                                               bias_init=zeros_init(("embed",)))
+        if c.position_frequencies:
+            after = c.position_placement == "output"
+            self.position_embedding = nn.Dense(
+                cfg.llm.width if after else cfg.vision.out_width, bias_init=zeros_init(("embed",)),
+                kernel_init=zeros_init((None, "embed")) if after else kernel_init((None, "embed")))
         if cfg.audio is not None:
             if min(cfg.audio_placeholder_id, cfg.end_of_audio_id) < 0:
                 raise ValueError("OmniConfig.audio needs audio_placeholder_id and end_of_audio_id "
@@ -184,14 +293,60 @@ class OmniModel(nn.Module):
         return x
 
     def scatter_vision(self, x, tokens, vision_patches, vision_segment_ids, vision_hw):
-        features, merged_segment_ids = self.vision(vision_patches, vision_segment_ids, vision_hw)
-        if self.config.connector.position_frequencies:
-            fractions = grid_fractions(vision_hw, merged_segment_ids, self.config.vision.spatial_merge_size)
-            features = features + self.position_embedding(fourier_features(
-                fractions, self.config.connector.position_frequencies)).astype(features.dtype)
-        features = self.connector(features) * self.config.connector.output_scale
+        features, valid = self.vision_tokens(vision_patches, vision_segment_ids, vision_hw)
         is_placeholder = jnp.isin(tokens, jnp.asarray(self.config.placeholder_ids, tokens.dtype))
-        return scatter_features(x, is_placeholder, features, merged_segment_ids > 0)
+        return scatter_features(x, is_placeholder, features, valid)
+
+    def vision_tokens(self, vision_patches, vision_segment_ids, vision_hw):
+        """The row's LLM-width vision tokens, in placeholder order, and which are real:
+        "linear": (B, N/4, width), one per merged token (valid: not padding); pooling
+        kinds: (B, S·k, width), segment s's k tokens at s·k.. (valid: segment s exists)."""
+        cfg = self.config.connector
+        features, merged_segment_ids = self.vision_features(vision_patches, vision_segment_ids, vision_hw)
+        if cfg.pools:
+            features, valid = self.pooled_tokens(features, merged_segment_ids, vision_hw)
+        else:
+            features, valid = self.connector(features), merged_segment_ids > 0
+        features = features * cfg.output_scale
+        if cfg.position_frequencies and cfg.position_placement == "output":
+            features = features + self.position_features(vision_hw, merged_segment_ids).astype(features.dtype)
+        return features, valid
+
+    def position_features(self, vision_hw, merged_segment_ids):
+        """Projected Fourier features of each merged token's place in its image (B, M, ·)."""
+        fractions = grid_fractions(vision_hw, merged_segment_ids, self.config.vision.spatial_merge_size)
+        return self.position_embedding(fourier_features(fractions, self.config.connector.position_frequencies))
+
+    def vision_features(self, vision_patches, vision_segment_ids, vision_hw):
+        """The connector's input: merged tokens (B, N/4, out_width) (+ the position features)
+        and their segment ids (B, N/4)."""
+        features, merged_segment_ids = self.vision(vision_patches, vision_segment_ids, vision_hw)
+        cfg = self.config.connector
+        if cfg.position_frequencies and cfg.position_placement == "input":
+            features = features + self.position_features(vision_hw, merged_segment_ids).astype(features.dtype)
+        return features, merged_segment_ids
+
+    def pooled_tokens(self, features, merged_segment_ids, vision_hw):
+        """Pooling connectors: merged tokens (B, M, D) -> (B, S·k, width) tokens, (B, S·k) bool.
+
+        Each segment's grid (`segment_grids`) goes through the connector on its own
+        (B·S grids of Hmax×Wmax, pooled by their actual extent, padding masked), so
+        its k tokens depend on its tokens only.
+        """
+        cfg = self.config.connector
+        grids, extents = segment_grids(features, merged_segment_ids, vision_hw, cfg.max_segments_per_row,
+                                       cfg.max_grid_side, self.config.vision.spatial_merge_size)
+        grids = nn.with_logical_constraint(grids, SEGMENT_GRID)
+        batch, segments, height, width, channels = grids.shape
+        grids, extents = grids.reshape(batch * segments, height, width, channels), extents.reshape(-1, 2)
+        if cfg.kind == "attn_pool":
+            tokens = self.connector(grids.reshape(batch * segments, height * width, channels),
+                                    grid_mask(extents, height, width).reshape(batch * segments, -1))
+        else:
+            tokens = self.connector(grids, extents)
+        tokens = nn.with_logical_constraint(tokens.reshape(batch, segments * cfg.num_tokens, -1), ACTIVATION)
+        present = extents[:, 0].reshape(batch, segments) > 0
+        return tokens, jnp.repeat(present, cfg.num_tokens, axis=1)
 
     def scatter_audio(self, x, tokens, audio_features, audio_lengths):
         if self.config.audio is None:
@@ -228,12 +383,41 @@ class OmniModel(nn.Module):
 
 
 def vision_training_flops_per_pack(config: OmniConfig, pack_size: int) -> float:
-    """Model FLOPs (forward + backward) of one row's patch pack through the vision
-    tower, the position features and the connector (see vision.training_flops_per_pack)."""
+    """Model FLOPs (forward + backward, 6 per multiply-add) of one row's patch pack through
+    the vision tower, the position features and the connector (see
+    vision.training_flops_per_pack). Padding is computed, so it is counted: every merged
+    token slot, and for the pooling kinds every one of the S·Hmax·Wmax grid cells."""
     merged = pack_size // config.vision.spatial_merge_size ** 2
-    per_merged = config.vision.out_width * config.llm.width + (config.llm.width ** 2 if config.connector.mlp else 0)
-    per_merged += 4 * config.connector.position_frequencies * config.vision.out_width
-    return training_flops_per_pack(config.vision, pack_size) + 6.0 * per_merged * merged
+    position_width = config.llm.width if config.connector.position_placement == "output" else config.vision.out_width
+    per_merged = 4 * config.connector.position_frequencies * position_width
+    return (training_flops_per_pack(config.vision, pack_size) + 6.0 * per_merged * merged
+            + 6.0 * connector_macs_per_pack(config, merged))
+
+
+def connector_macs_per_pack(config: OmniConfig, merged: int) -> float:
+    """Multiply-adds of the connector over one row's `merged` token slots. Approximate for
+    the pooling kinds: their matmuls and the pooling einsums; norms, activations and
+    the attention softmax are left out."""
+    c, d, out = config.connector, config.vision.out_width, config.llm.width
+    if not c.pools:
+        return merged * (d * out + (out * out if c.mlp else 0))
+    k, cells = c.num_tokens, c.max_grid_side ** 2  # per segment
+    rows, cols = c.pooled_grid
+    pool = lambda width, side: (rows * cells + rows * cols * side) * width  # rows, then columns
+    if c.kind == "avg_pool":
+        per_segment = pool(d, c.max_grid_side) + k * d * out
+    elif c.kind == "attn_pool":
+        # keys and values of every cell, logits and weighted sum, output projection
+        per_segment = 2 * cells * d * d + 2 * k * cells * d + k * d * out
+    else:
+        h = c.hidden_width or d
+
+        def blocks(n, width_in):  # bottleneck: 1×1 reduce, 3×3, 1×1 expand, a 1×1 shortcut if widths differ
+            first = width_in * h + 9 * h * h + h * h + (width_in * h if width_in != h else 0)
+            return n * (first + (c.depth - 1) * 11 * h * h) if c.depth else 0
+        per_segment = blocks(cells, d) + pool(h if c.depth else d, c.max_grid_side) + blocks(k, h)
+        per_segment += k * ((h if c.depth else d) * out + out * out)
+    return float(c.max_segments_per_row * per_segment + (k * d * d if c.kind == "attn_pool" else 0))
 
 
 def init_cache(model: nn.Module, batch_size: int, max_len: int) -> Any:

@@ -36,10 +36,22 @@ class VisionConfig:
     spatial_merge_size: int = 2
     in_channels: int = 3
     rope_theta: float = 10000.0
+    # Qwen2-VL's 1e-6. For a tower trained from scratch on centred pixels [ours]: ~1, so
+    # the LayerNorms do not blow a near-empty patch (a faint gradient or noise
+    # background) up to the size of an object's; with 1e-6 a bluish background corner
+    # leaves the merger looking like a blue object.
     layer_norm_epsilon: float = 1e-6
     # Attend in query blocks of this many patches (None: all at once); bounds
     # the (heads, chunk, N) logits for large buckets. Must divide the bucket size.
     attention_query_chunk: int | None = None
+    # [ours] Zero-initialise each block's attention output and fc2 kernels, so a tower
+    # trained from scratch starts as the identity on its patch embeddings (SkipInit /
+    # zero-init residuals). A random tower's near-uniform attention otherwise mixes every
+    # image's average into all its tokens, and the merger's LayerNorm blows that mix up to
+    # full size: empty background tokens look like the objects, and the LLM learns no
+    # colour at all in the first hundreds of steps (shapes world). Leave it off when
+    # loading pretrained weights, which overwrite the init anyway.
+    zero_init_residual: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -134,7 +146,7 @@ class VisionAttention(nn.Module):
         q, k, v = (nn.with_logical_constraint(a, ACTIVATION_HEADS) for a in (q, k, v))
         out = segment_attention(q, k, v, segment_ids, cfg.attention_query_chunk)
         out = nn.with_logical_constraint(out, ACTIVATION_HEADS)
-        return MergeHeads(cfg.width, use_bias=True, name="out", **dtypes)(out)
+        return MergeHeads(cfg.width, use_bias=True, zero_init=cfg.zero_init_residual, name="out", **dtypes)(out)
 
 
 class VisionMLP(nn.Module):
@@ -147,8 +159,8 @@ class VisionMLP(nn.Module):
         h = nn.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), name="fc1", **dtypes)(x)
         h = quick_gelu(nn.with_logical_constraint(h, ACTIVATION_MLP))
-        return nn.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")),
-                        bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(h)
+        fc2_init = zeros_init(("mlp", "embed")) if cfg.zero_init_residual else kernel_init(("mlp", "embed"))
+        return nn.Dense(cfg.width, kernel_init=fc2_init, bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(h)
 
 
 class VisionBlock(nn.Module):
