@@ -477,5 +477,22 @@ def test_position_features_after_the_norm_start_at_zero_and_learn():
 def test_position_placement_errors_name_the_field():
     with pytest.raises(ValueError, match=r"model.connector.position_placement='middle'; use one of"):
         ConnectorConfig(position_placement="middle")
-    with pytest.raises(ValueError, match=r"position_placement='output' is for kind='linear' only"):
-        ConnectorConfig(kind="avg_pool", position_placement="output", position_frequencies=2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "avg_pool"])
+def test_output_position_features_start_at_zero_for_every_kind(kind):
+    batch = make_batch()
+    inputs = {k: train_step.model_inputs(batch)[k] for k in ("tokens",) + VISION_INPUTS}
+    connector = dict(kind=kind, output_scale=4.0, num_tokens=4, max_segments_per_row=2, max_grid_side=4)
+    with_pos = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(
+        **connector, position_frequencies=2, position_placement="output")))
+    without = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(**connector)))
+    params = nn.unbox(with_pos.init(jax.random.key(0), **inputs)["params"])
+    no_position = {k: v for k, v in params.items() if k != "position_embedding"}
+    tokens = lambda model, p: model.apply({"params": p}, *(inputs[k] for k in VISION_INPUTS),  # noqa: E731
+                                          method=OmniModel.vision_tokens)[0]
+    np.testing.assert_allclose(tokens(with_pos, params), tokens(without, no_position), atol=1e-6)
+    moved = jax.tree.map(lambda v: v + 0.1, params)  # a trained projection: tokens now depend on place
+    shifted = np.asarray(tokens(with_pos, moved) - tokens(without, {k: v for k, v in moved.items()
+                                                                    if k != "position_embedding"}))
+    assert np.abs(shifted[0, 0] - shifted[0, 1]).max() > 1e-4

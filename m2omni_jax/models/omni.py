@@ -79,8 +79,8 @@ class ConnectorConfig:
     # height/width ids rotate too slowly in a tiny model to tell "top left" from "center".
     position_frequencies: int = 0
     # Where those features go [ours]. "input": added to the connector's input, as above.
-    # "output" ("linear" only): added to the LLM-width tokens after the L2 norm and the
-    # scale, through a zero-initialised projection. With "input" every background token
+    # "output": added to the LLM-width tokens after the L2 norm and the scale, through a
+    # zero-initialised projection (pooling kinds: of each pooled-grid cell's place). With "input" every background token
     # becomes a full-norm position vector after the L2 norm, and an object's colour is a
     # small tilt of it (shapes world from scratch: colour VQA at chance after 300 steps);
     # with "output" empty tokens start empty and position is added only as it is learned.
@@ -103,9 +103,6 @@ class ConnectorConfig:
         if self.position_placement not in POSITION_PLACEMENTS:
             raise ValueError(f"model.connector.position_placement={self.position_placement!r}; "
                              f"use one of {POSITION_PLACEMENTS}")
-        if self.position_placement == "output" and self.kind != "linear":
-            raise ValueError(f"model.connector.position_placement='output' is for kind='linear' only, "
-                             f"not {self.kind!r}")
         if not self.pools:
             return
         field = "model.connector"
@@ -309,8 +306,20 @@ class OmniModel(nn.Module):
             features, valid = self.connector(features), merged_segment_ids > 0
         features = features * cfg.output_scale
         if cfg.position_frequencies and cfg.position_placement == "output":
-            features = features + self.position_features(vision_hw, merged_segment_ids).astype(features.dtype)
+            features = features + self.output_position_features(vision_hw, merged_segment_ids).astype(features.dtype)
         return features, valid
+
+    def output_position_features(self, vision_hw, merged_segment_ids):
+        """Position features of the LLM-width tokens: per merged token ("linear"), or per
+        cell of each segment's pooled grid, the same for every segment (pooling kinds)."""
+        cfg = self.config.connector
+        if not cfg.pools:
+            return self.position_features(vision_hw, merged_segment_ids)
+        rows, cols = cfg.pooled_grid
+        cells = jnp.stack(jnp.meshgrid(jnp.arange(rows), jnp.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        fractions = (cells + 0.5) / jnp.asarray([rows, cols], jnp.float32)
+        per_cell = self.position_embedding(fourier_features(fractions, cfg.position_frequencies))
+        return jnp.tile(per_cell, (cfg.max_segments_per_row, 1))[None]
 
     def position_features(self, vision_hw, merged_segment_ids):
         """Projected Fourier features of each merged token's place in its image (B, M, ·)."""
