@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.llm = ml_collections.ConfigDict(dict(
         vocab_size=1024, width=256, depth=4, num_heads=4, num_kv_heads=2, head_dim=64,
         mlp_dim=704, rope_theta=500_000.0, mrope_sections=(8, 12, 12), norm_eps=1e-5,
+        mrope_layout="sectioned",  # "interleaved": Qwen3-VL (models/rope.py: mrope_axis_of_pair)
         tie_embeddings=False, dtype="float32", param_dtype="float32",
         remat_policy="none", scan_layers=True))
     # NaViT vision tower (models/vision.py: VisionConfig) and its connector; read when kind="omni".

@@ -52,6 +52,26 @@ def test_mrope_sections_pick_their_axis():
     np.testing.assert_allclose(angles, expected, rtol=1e-6)
 
 
+def test_interleaved_mrope_matches_qwen3vl_and_spreads_every_axis():
+    # Qwen3-VL's rule for sections (24, 20, 20): pair j is h when j % 3 == 1 and w when
+    # j % 3 == 2 (j < 60), else t.
+    j = np.arange(64)
+    qwen3 = np.where((j % 3 == 1) & (j < 60), 1, np.where((j % 3 == 2) & (j < 60), 2, 0))
+    np.testing.assert_array_equal(rope.mrope_axis_of_pair((24, 20, 20), "interleaved"), qwen3)
+    for sections in ((2, 3, 3), (8, 12, 12), (16, 24, 24)):
+        axes = rope.mrope_axis_of_pair(sections, "interleaved")
+        np.testing.assert_array_equal(np.bincount(axes, minlength=3), sections)
+        # Every axis gets one of the three highest frequencies (sectioned: w gets the lowest).
+        assert set(axes[:3]) == {0, 1, 2}
+        assert 2 not in set(rope.mrope_axis_of_pair(sections, "sectioned")[:3])
+    t, h, w = (jnp.full((1, 1), v) for v in (3, 5, 7))
+    angles = np.asarray(rope.mrope_angles(jnp.stack([t, h, w]), 16, (2, 3, 3), 10_000.0, "interleaved"))[0, 0]
+    ids = np.array([3, 5, 7])[rope.mrope_axis_of_pair((2, 3, 3), "interleaved")]
+    np.testing.assert_allclose(angles, ids * 10_000.0 ** (-np.arange(0, 16, 2) / 16), rtol=1e-6)
+    with pytest.raises(ValueError, match="mrope_layout"):
+        LLMConfig(**{**TINY.__dict__, "mrope_layout": "spiral"})
+
+
 def test_model_mrope_equal_ids_equals_1d_positions():
     model, params = init_params()
     tokens = random_tokens((2, 12))

@@ -36,6 +36,8 @@ class LLMConfig:
     mlp_dim: int
     rope_theta: float = 500_000.0
     mrope_sections: tuple[int, ...] = (16, 24, 24)
+    # "sectioned" (Qwen2-VL, the paper's) | "interleaved" (Qwen3-VL): rope.mrope_axis_of_pair.
+    mrope_layout: str = "sectioned"
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
@@ -58,6 +60,8 @@ class LLMConfig:
         if sum(self.mrope_sections) * 2 != self.head_dim:
             raise ValueError(f"model.llm.mrope_sections={tuple(self.mrope_sections)} must sum to "
                              f"head_dim/2={self.head_dim // 2}")
+        if self.mrope_layout not in rope.MROPE_LAYOUTS:
+            raise ValueError(f"model.llm.mrope_layout={self.mrope_layout!r}; use one of {rope.MROPE_LAYOUTS}")
         if self.moe_num_experts and not 0 < self.moe_top_k <= self.moe_num_experts:
             raise ValueError(f"model.llm.moe_top_k={self.moe_top_k} must be in [1, "
                              f"moe_num_experts={self.moe_num_experts}]")
@@ -270,7 +274,8 @@ class LLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[None], (3, batch, length))
-        angles = rope.mrope_angles(positions, cfg.head_dim, cfg.mrope_sections, cfg.rope_theta)
+        angles = rope.mrope_angles(positions, cfg.head_dim, cfg.mrope_sections, cfg.rope_theta,
+                                 cfg.mrope_layout)
         x = self.decoder(x, angles, segment_ids, decode)
         hidden = self.final_norm(x)
         if cfg.tie_embeddings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def inverse_frequencies(rotary_dim: int, theta: float) -> jnp.ndarray:
@@ -23,20 +24,43 @@ def rope_angles(positions: jnp.ndarray, head_dim: int, theta: float) -> jnp.ndar
     return positions[..., None].astype(jnp.float32) * inverse_frequencies(head_dim, theta)
 
 
+MROPE_LAYOUTS = ("sectioned", "interleaved")
+
+
+def mrope_axis_of_pair(sections: Sequence[int], layout: str = "sectioned") -> np.ndarray:
+    """(head_dim/2,) the position axis (0 = t, 1 = h, 2 = w) each frequency pair rotates by.
+
+    "sectioned" (Qwen2-VL, M2-omni): contiguous runs, t takes the highest frequencies and w
+    the lowest. "interleaved" (Qwen3-VL): t, h, w, t, h, w, ... while each axis has pairs
+    left, then the rest are t; every axis spans the whole frequency range, so the height and
+    width ids of a small image grid are not left to frequencies that barely turn.
+    """
+    if layout not in MROPE_LAYOUTS:
+        raise ValueError(f"M-RoPE layout {layout!r}; use one of {MROPE_LAYOUTS}")
+    num_pairs = sum(sections)
+    if layout == "sectioned":
+        return np.repeat(np.arange(len(sections)), sections)
+    axis_of_pair, left = np.zeros(num_pairs, np.int32), list(sections)
+    for j in range(num_pairs):
+        preferred = j % len(sections)
+        axis = preferred if left[preferred] else next(a for a in range(len(sections)) if left[a])
+        axis_of_pair[j], left[axis] = axis, left[axis] - 1
+    return axis_of_pair
+
+
 def mrope_angles(positions: jnp.ndarray, head_dim: int, sections: Sequence[int],
-                 theta: float) -> jnp.ndarray:
-    """Multimodal RoPE (Qwen2-VL): frequency pairs split among (t, h, w).
+                 theta: float, layout: str = "sectioned") -> jnp.ndarray:
+    """Multimodal RoPE: frequency pairs split among (t, h, w) (`mrope_axis_of_pair`).
 
     positions: (3, B, L) temporal/height/width ids. Pair j uses the id of the
-    axis whose section contains j; with t == h == w this is exactly 1-D RoPE.
+    axis it belongs to; with t == h == w this is exactly 1-D RoPE.
     """
     if positions.shape[0] != len(sections):
         raise ValueError(f"positions has {positions.shape[0]} axes but sections={tuple(sections)}")
     if sum(sections) != head_dim // 2:
         raise ValueError(f"mrope sections {tuple(sections)} must sum to head_dim/2 = {head_dim // 2}")
     inv_freq = inverse_frequencies(head_dim, theta)
-    axis_of_pair = jnp.repeat(jnp.arange(len(sections)), jnp.asarray(sections),
-                              total_repeat_length=head_dim // 2)
+    axis_of_pair = jnp.asarray(mrope_axis_of_pair(sections, layout))
     # (3, B, L, D/2) -> pick per pair the axis it belongs to.
     all_angles = positions[..., None].astype(jnp.float32) * inv_freq
     one_hot = (axis_of_pair[None, :] == jnp.arange(len(sections))[:, None]).astype(jnp.float32)
