@@ -9,6 +9,7 @@ tower, the first `config.eval.num_speech_samples` held-out speech records
 (features normalised with the run's `workdir/cmvn.json`), and reports
   vqa_accuracy                 normalised exact match per question type
                                (color, shape, count, position, relation, ocr) and overall
+  vqa_accuracy_by_num_objects  the same per number of objects in the scene (1-3)
   caption_attribute_accuracy   fraction of a scene's (colour, shape) pairs the caption names
   video_motion_accuracy        fraction of moving objects with colour, shape and direction right
   asr_wer                      corpus word error rate of the transcripts (jiwer)
@@ -102,6 +103,19 @@ def accuracy_by_question_type(answered: Sequence[tuple[str, dict]]) -> tuple[dic
     return accuracy, {t: sum(r["task"] == t for _, r in typed) for t in accuracy if t != "overall"}
 
 
+def vqa_accuracy_by_num_objects(answered: Sequence[tuple[str, dict]]) -> dict:
+    """{question type: {objects in the scene: exact match}} of (prediction, record)s: with one
+    object a colour or shape answer needs no finding, so the gap to 2-3 objects is what
+    locating the asked-about object costs."""
+    groups: dict[str, dict[str, list[bool]]] = {}
+    for prediction, record in answered:
+        objects = record["attributes"].get("objects")
+        if objects:
+            hit = sw.normalize_answer(prediction) == sw.normalize_answer(record["answer"])
+            groups.setdefault(question_type(record), {}).setdefault(str(len(objects)), []).append(hit)
+    return {qtype: {n: sum(h) / len(h) for n, h in sorted(by_n.items())} for qtype, by_n in sorted(groups.items())}
+
+
 def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
     """The metrics of the module docstring, plus per-metric sample counts."""
     by_task: dict[str, list[tuple[str, dict]]] = {}
@@ -112,6 +126,9 @@ def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
         answered = [pair for t in tasks for pair in by_task.get(t, [])]
         if answered:
             result[f"{name}_accuracy"], counts[name] = accuracy_by_question_type(answered)
+    by_objects = vqa_accuracy_by_num_objects([pair for t in VQA_TASKS for pair in by_task.get(t, [])])
+    if by_objects:
+        result["vqa_accuracy_by_num_objects"] = by_objects
     transcripts = by_task.get("asr", [])
     if transcripts:
         result["asr_wer"] = speech.word_error_rate([r["answer"] for _, r in transcripts], [p for p, _ in transcripts])
@@ -142,6 +159,8 @@ def format_table(result: dict) -> str:
         for qtype, value in result.get(f"{name}_accuracy", {}).items():
             n = sum(by_type.values()) if qtype == "overall" else by_type.get(qtype, "")
             rows.append((f"{name}_accuracy/{qtype}", f"{value:.3f}", str(n)))
+    for qtype, by_n in result.get("vqa_accuracy_by_num_objects", {}).items():
+        rows.append((f"vqa_accuracy/{qtype} by objects", " ".join(f"{n}:{v:.2f}" for n, v in by_n.items()), ""))
     for name, count_key in (("caption_attribute_accuracy", "caption"),
                             ("interleaved_caption_attribute_accuracy", "interleaved"),
                             ("video_motion_accuracy", "video_motion"), ("asr_wer", "asr")):
@@ -154,8 +173,10 @@ def format_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def generate_answers(config, model, params, tokenizer, records: Sequence[dict], mesh, rules) -> list[str]:
-    """Greedy answers to the first user turn of each record, batched and left-padded."""
+def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules):
+    """answer(params) -> greedy answers to the first user turn of each record, batched and
+    left-padded. Prompts, batches and the compiled decoder are made once, so a training loop
+    can call it every `config.eval.every` steps without recompiling."""
     opts = omni_pipeline.VisionOptions.from_config(config)  # + model.connector: tokens per image
     audio_opts = omni_pipeline.AudioOptions.from_config(config)
     prompts = [omni_pipeline.eval_prompt(r, tokenizer, opts, audio_opts) for r in records]
@@ -164,7 +185,7 @@ def generate_answers(config, model, params, tokenizer, records: Sequence[dict], 
     batch_size = _eval_batch_size(config, mesh)
     decode = make_greedy_decoder(model, prompt_len + max_new)
     stop_ids = (tokenizer.special_id("<|eot_id|>"), tokenizer.eos_id)
-    answers = []
+    batches = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled batch shape
@@ -173,10 +194,21 @@ def generate_answers(config, model, params, tokenizer, records: Sequence[dict], 
         next_position = batch.pop("next_position")
         inputs = {k: v for k, v in batch.items() if k in _input_keys(config)}
         inputs["positions"] = np.moveaxis(inputs["positions"], 1, 0)
-        with sharding.activate(mesh, rules):
-            tokens = decode(params, inputs, next_position, max_new, stop_ids)
-        answers += [tokenizer.decode(cut_at_stop(row, stop_ids)) for row in tokens[:len(chunk)]]
-    return answers
+        batches.append((len(chunk), inputs, next_position))
+
+    def answer(params) -> list[str]:
+        answers = []
+        for size, inputs, next_position in batches:
+            with sharding.activate(mesh, rules):
+                tokens = decode(params, inputs, next_position, max_new, stop_ids)
+            answers += [tokenizer.decode(cut_at_stop(row, stop_ids)) for row in tokens[:size]]
+        return answers
+    return answer
+
+
+def generate_answers(config, model, params, tokenizer, records: Sequence[dict], mesh, rules) -> list[str]:
+    """Greedy answers to the first user turn of each record (see `make_answerer`)."""
+    return make_answerer(config, model, tokenizer, records, mesh, rules)(params)
 
 
 def _input_keys(config) -> tuple[str, ...]:
@@ -189,17 +221,41 @@ def _eval_batch_size(config, mesh) -> int:
     return -(-int(config.eval.batch_size) // ways) * ways  # a multiple of the batch mesh axes
 
 
-def evaluate_params(config, model, params, tokenizer, mesh, rules) -> dict:
-    """Scores `params` on the held-out records; returns the metrics plus example answers."""
+def make_evaluator(config, model, tokenizer, mesh, rules):
+    """evaluate(params) -> the metrics of the module docstring plus example answers, on the
+    first `config.eval.num_samples` held-out records (and speech records with audio)."""
     records = list(omni_pipeline.eval_records(config, int(config.eval.num_samples)))
     spoken = list(omni_pipeline.speech_eval_records(config, int(config.eval.num_speech_samples))
                   if audio_enabled(config) else [])
-    answers = generate_answers(config, model, params, tokenizer, records + spoken, mesh, rules)
-    result = score(answers, records + spoken)
-    shown = (list(zip(records, answers))[:NUM_EXAMPLES_SAVED]
-             + list(zip(spoken, answers[len(records):]))[:NUM_SPEECH_EXAMPLES_SAVED])
-    result["examples"] = [example(r, a) for r, a in shown]
-    return result
+    answer = make_answerer(config, model, tokenizer, records + spoken, mesh, rules)
+
+    def evaluate_fn(params) -> dict:
+        answers = answer(params)
+        result = score(answers, records + spoken)
+        shown = (list(zip(records, answers))[:NUM_EXAMPLES_SAVED]
+                 + list(zip(spoken, answers[len(records):]))[:NUM_SPEECH_EXAMPLES_SAVED])
+        result["examples"] = [example(r, a) for r, a in shown]
+        return result
+    return evaluate_fn
+
+
+def evaluate_params(config, model, params, tokenizer, mesh, rules) -> dict:
+    """Scores `params` on the held-out records; returns the metrics plus example answers."""
+    return make_evaluator(config, model, tokenizer, mesh, rules)(params)
+
+
+def scalar_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
+    """The numbers of an evaluation result, flattened: {"eval/vqa_accuracy/color": 0.9, ...}
+    (sample counts and examples left out), for the training log."""
+    out = {}
+    for key, value in result.items():
+        if key in ("counts", "examples", "step"):
+            continue
+        if isinstance(value, dict):
+            out.update(scalar_metrics(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)):
+            out[f"{prefix}/{key}"] = float(value)
+    return out
 
 
 def example(record: dict, prediction: str) -> dict:

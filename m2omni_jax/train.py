@@ -124,6 +124,10 @@ class Throughput:
     def tick(self):
         self._steps += 1
 
+    def exclude(self, seconds: float):
+        """Leaves `seconds` of non-step work (an evaluation) out of the next report."""
+        self._start += seconds
+
     def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         tokens_per_s = self._steps * self.tokens_per_step / elapsed
@@ -281,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logger = metrics_logging.MetricLogger(workdir, config.train.steps, log_every=config.train.log_every,
                                           start_step=start_step)
     loop = Loop(config, step_fn, to_global, data_iter, loss_weight_vector(config), throughput, schedule,
-                logger, checkpointer, balancer)
+                logger, checkpointer, balancer, make_periodic_evaluator(config, model, tokenizer, mesh, rules))
     with checkpointer, checkpointing.StopSignal() as stop:
         state, last = loop.run(state, stop)
     if config.train.get("heldout_batches", 0) > 0:
@@ -293,6 +297,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logger.summary({k: v for k, v in last.items() if k.startswith("heldout_loss/")})
     logger.close()
     return last
+
+
+def make_periodic_evaluator(config, model, tokenizer, mesh, rules) -> Callable[[Any], dict] | None:
+    """params -> flat held-out metrics (greedy answers, `m2omni-eval`'s), for the loop to run
+    every `config.eval.every` steps; None when that is 0."""
+    every = int(config.eval.get("every", 0))
+    if every <= 0:
+        return None
+    if config.model.get("kind", "llm") != "omni":
+        raise ValueError(f"config.eval.every={every} needs config.model.kind='omni' (held-out "
+                         "shapes-world answers); set it to 0 for a text-only run")
+    from m2omni_jax import evaluate  # it imports this module
+    evaluate_fn = evaluate.make_evaluator(config, model, tokenizer, mesh, rules)
+    return lambda params: evaluate.scalar_metrics(evaluate_fn(params))
 
 
 def stacked_global_batch(local_batch, mesh):
@@ -318,6 +336,18 @@ class Loop:
     logger: metrics_logging.MetricLogger
     checkpointer: checkpointing.Checkpointer
     balancer: dynamic_balance.DynamicBalancer | None = None
+    evaluator: Callable[[Any], dict] | None = None  # params -> held-out metrics, every config.eval.every
+
+    def evaluate(self, step, state):
+        if self.evaluator is None:
+            return
+        every = int(self.config.eval.every)
+        if step % every and step != self.config.train.steps:
+            return
+        start = time.perf_counter()
+        results = self.evaluator(state.params)
+        self.throughput.exclude(time.perf_counter() - start)
+        self.logger.record(step, results)
 
     def extra(self) -> dict | None:
         return None if self.balancer is None else {"dynamic_balance": self.balancer.to_json()}
@@ -344,6 +374,7 @@ class Loop:
                 last.update(self.throughput.report(), lr=float(self.schedule(step - 1)),
                             packing_efficiency=pipeline.packing_efficiency(local_batch), **balance_logs)
             self.logger.log(step, last)
+            self.evaluate(step, state)
             if stop.should_stop(step):
                 logging.warning("stop requested: saving step %d and exiting", step)
                 break

@@ -77,6 +77,16 @@ def test_score_per_question_type():
     assert "vqa_accuracy/color" in evaluate.format_table(perfect)
 
 
+def test_vqa_accuracy_by_number_of_objects():
+    records = [sw.make_record(0, "eval", i, ("vqa_color",)) for i in range(30)]
+    n_objects = [len(r["attributes"]["objects"]) for r in records]
+    # Right on the one-object scenes only.
+    answers = [r["answer"] if n == 1 else "nothing" for r, n in zip(records, n_objects)]
+    by_objects = evaluate.score(answers, records)["vqa_accuracy_by_num_objects"]
+    assert set(by_objects) == {"color"}
+    assert by_objects["color"] == {str(n): float(n == 1) for n in sorted(set(n_objects))}
+
+
 def test_score_speech_tasks():
     records = [speech.make_record(0, "eval", i) for i in range(8)]  # 2 of each speech task
     perfect = evaluate.score([r["answer"] for r in records], records)

@@ -90,6 +90,20 @@ def test_tiny_config_trains_with_audio_and_reads_cmvn_back(tmp_path):
     assert sorted(read_metrics(os.path.join(workdir, "metrics.jsonl"))) == [1, 2, 3, 4, 5]
 
 
+def test_periodic_held_out_eval_is_logged_beside_the_losses(tmp_path):
+    data_dir, workdir = tmp_path / "data", tmp_path / "work"
+    result = run(train_command(workdir, data_dir, "--config.train.steps=4", "--config.eval.every=2",
+                               "--config.eval.num_samples=8", "--config.eval.max_new_tokens=4",
+                               "--config.data.shapes_world.num_train=200", "--config.data.shapes_world.num_eval=50",
+                               "--config.model.audio.enabled=False", "--config.data.modality_weights.audio=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval at step 2 |" in result.stdout and "eval at step 4 |" in result.stdout
+    metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    for step in (2, 4):  # the step's losses and its evaluation, merged
+        assert "loss" in metrics[step] and 0.0 <= metrics[step]["eval/vqa_accuracy/overall"] <= 1.0
+    assert not any(k.startswith("eval/") for k in metrics[3])
+
+
 def test_unknown_config_key_is_one_clear_error(tmp_path):
     result = run(train_command(tmp_path / "w", tmp_path / "d", "--config.train.stepz=3"), timeout=120)
     assert result.returncode != 0

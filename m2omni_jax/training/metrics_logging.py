@@ -76,6 +76,22 @@ class MetricLogger:
             print(f"step {step}/{self.total_steps} | {line}", flush=True)
         return True
 
+    def record(self, step: int, metrics: Mapping[str, Any], label: str = "eval") -> None:
+        """Records `metrics` at `step` whatever the log interval (e.g. a held-out evaluation)."""
+        if not self.is_main:
+            return
+        values = _to_scalars(metrics)
+        record = {"step": step, "elapsed_s": round(time.perf_counter() - self._start_time, 3), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+        line = f"{label} at step {step} | {format_metrics(values)}"
+        if self._pbar is not None:
+            self._pbar.write(line)
+        else:
+            print(line, flush=True)
+
     def summary(self, metrics: Mapping[str, Any] | None = None) -> str:
         """Prints and returns the end-of-run line; `metrics` adds e.g. eval results."""
         elapsed = time.perf_counter() - self._start_time
@@ -108,10 +124,13 @@ class MetricLogger:
 
 
 def read_metrics(path) -> dict[int, dict[str, Any]]:
-    """Reads a metrics.jsonl into {step: record}, the last record winning."""
+    """Reads a metrics.jsonl into {step: record}: a step's records (training metrics, an
+    evaluation) merged, the last value of each key winning."""
+    merged: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
-        records = (json.loads(line) for line in f if line.strip())
-        return {r["step"]: r for r in records}
+        for record in (json.loads(line) for line in f if line.strip()):
+            merged.setdefault(record["step"], {}).update(record)
+    return merged
 
 
 def format_metrics(values: Mapping[str, float | int]) -> str:
