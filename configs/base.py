@@ -156,6 +156,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Stages (configs/stages/): the previous stage's workdir, relative to this workdir; its
     # parameters initialise this run (optimizer state starts fresh; new towers stay random).
     config.init_from = ""
+    config.init_from_include = ()  # parameter path regexes to load (e.g. ("^vision/",)); empty: all that fit
     config.data.split = "train"  # shapes-world split the pipeline reads ("eval": held out)
     config.train.heldout_batches = 0  # >0: end with a held-out loss per balanced modality
     config.train.heldout_batch_size = 0  # sequences per held-out batch; 0: train.batch_size

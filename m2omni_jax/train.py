@@ -215,7 +215,8 @@ def init_from_previous_stage(config, workdir, state, abstract_state, state_shard
     """This run's fresh state with the parameters of config.init_from's latest checkpoint."""
     path = config.init_from if os.path.isabs(config.init_from) else os.path.join(workdir, config.init_from)
     abstract = abstract_state_with(abstract_state, state_shardings).params
-    loaded, missing = checkpointing.load_params(os.path.normpath(path), abstract)
+    loaded, missing = checkpointing.load_params(os.path.normpath(path), abstract,
+                                                include=tuple(config.get("init_from_include", ())))
     if missing:
         logging.warning("init_from %s: %d tensors not in the checkpoint keep their fresh init (%s...)",
                         path, len(missing), missing[:3])

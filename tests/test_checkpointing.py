@@ -241,3 +241,10 @@ def test_load_params_reads_only_params_and_names_new_leaves(tmp_path):
     assert loaded["llm"]["w"].sharding == rep
     assert sorted(missing) == ["audio/a", "vision/v"]
     assert "vision" not in loaded and "audio" not in loaded
+    # `include` reads only the matching paths (a tower pre-trained beside a smaller LLM).
+    loaded, missing = load_params(tmp_path / "prev", abstract, include=("^vision/",))
+    assert loaded == {} and sorted(missing) == ["audio/a", "llm/w", "vision/v"]
+    abstract["vision"]["v"] = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=rep)
+    loaded, missing = load_params(tmp_path / "prev", abstract, include=("^vision/",))
+    assert list(loaded) == ["vision"] and sorted(missing) == ["audio/a", "llm/w"]
+    np.testing.assert_array_equal(loaded["vision"]["v"], np.ones(3))

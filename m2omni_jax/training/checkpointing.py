@@ -22,9 +22,10 @@ import atexit
 import json
 import logging
 import os
+import re
 import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -246,7 +247,8 @@ def _preemption_sync_available() -> bool:
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
-def load_params(directory, abstract_params, step: int | None = None) -> tuple[dict, list[str]]:
+def load_params(directory, abstract_params, step: int | None = None,
+                include: Sequence[str] = ()) -> tuple[dict, list[str]]:
     """Parameters from another run's checkpoint (a stage starting from the previous stage).
 
     `directory` is that run's `<workdir>/checkpoints` (or its workdir). Only
@@ -254,6 +256,7 @@ def load_params(directory, abstract_params, step: int | None = None) -> tuple[di
     (ShapeDtypeStructs); leaves the checkpoint lacks, or holds with another
     shape, are left out and named in the second return value (e.g. a tower
     added in this stage), so the caller keeps their fresh initialisation.
+    `include`: path regexes (e.g. "^vision/"); when given, only matching leaves are read.
     """
     root = _as_path(directory)
     if (root / "checkpoints").exists():
@@ -266,12 +269,19 @@ def load_params(directory, abstract_params, step: int | None = None) -> tuple[di
     saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree.get("params", {})
     saved_flat = {k: v for k, v in _flatten(saved)}
     wanted, missing = {}, []
+    patterns = [re.compile(p) for p in include]
     for key, leaf in _flatten(abstract_params):
+        if patterns and not any(p.search("/".join(key)) for p in patterns):
+            missing.append("/".join(key))
+            continue
         meta = saved_flat.get(key)
         if meta is not None and tuple(meta.shape) == tuple(leaf.shape):
             wanted[key] = leaf
         else:
             missing.append("/".join(key))
+    if not wanted:
+        log.warning("init_from %s step %d: no parameter fits this model; all %d kept fresh", root, step, len(missing))
+        return {}, missing
     item = {"params": _unflatten(wanted)}
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
     restored = ocp.PyTreeCheckpointer().restore(
