@@ -238,6 +238,16 @@ def test_write_read_and_idempotent(tmp_path):
         wsw.write_shapes_world(out, seed=0, num_train=1, num_eval=1, tasks=("nope",))
 
 
+def test_parallel_write_is_byte_identical_to_one_process(tmp_path):
+    serial, parallel = str(tmp_path / "serial"), str(tmp_path / "parallel")
+    n = 2 * wsw._MIN_RECORDS_PER_WORKER  # just enough for the worker pool
+    wsw.write_shapes_world(serial, seed=SEED, num_train=n, num_eval=4, progress=False, num_workers=1)
+    wsw.write_shapes_world(parallel, seed=SEED, num_train=n, num_eval=4, progress=False, num_workers=2)
+    for split in ("train", "eval"):
+        with open(wsw.split_path(serial, split), "rb") as a, open(wsw.split_path(parallel, split), "rb") as b:
+            assert a.read() == b.read()
+
+
 def test_task_subset(tmp_path):
     wsw.write_shapes_world(str(tmp_path), seed=0, num_train=4, num_eval=2, tasks=("ocr", "caption"),
                            progress=False)
