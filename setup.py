@@ -41,5 +41,6 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["m2omni-train=m2omni_jax.main:run",
-                                     "m2omni-eval=m2omni_jax.evaluate:run"]},
+                                     "m2omni-eval=m2omni_jax.evaluate:run",
+                                     "m2omni-pretrain-tower=m2omni_jax.pretrain_tower:run"]},
 )

@@ -155,6 +155,13 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     # Stages (configs/stages/): the previous stage's workdir, relative to this workdir; its
     # parameters initialise this run (optimizer state starts fresh; new towers stay random).
+    # Vision-tower pre-training (m2omni_jax/pretrain_tower.py, `m2omni-pretrain-tower`): the tower of
+    # config.model.vision learns to predict its caption's tokens; a run loads it with
+    # init_from=<that workdir>, init_from_include=("^vision/",).
+    config.tower_pretrain = ml_collections.ConfigDict(dict(
+        steps=1000, batch_size=32,  # rows per step
+        images_per_row=4, patches_per_row=256,  # ≥ images_per_row × the largest image's patches
+        peak_lr=3e-3, warmup_steps=50, weight_decay=0.05, log_every=10, checkpoint_every=500))
     config.init_from = ""
     config.init_from_include = ()  # parameter path regexes to load (e.g. ("^vision/",)); empty: all that fit
     config.data.split = "train"  # shapes-world split the pipeline reads ("eval": held out)

@@ -97,29 +97,31 @@ def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: 
 # Sharded construction
 # --------------------------------------------------------------------------
 
-def example_inputs(example_batch_shapes: dict) -> dict:
-    """Zero model inputs from {key: shape (int32) or jax.ShapeDtypeStruct}."""
+def example_inputs(example_batch_shapes: dict, inputs: Callable = model_inputs) -> dict:
+    """Zero model inputs from {key: shape (int32) or jax.ShapeDtypeStruct}; `inputs` maps a
+    batch to the model's keyword arguments."""
     def zeros(spec):
         if isinstance(spec, jax.ShapeDtypeStruct):
             return jnp.zeros(spec.shape, spec.dtype)
         return jnp.zeros(spec, jnp.int32)
-    return model_inputs({k: zeros(v) for k, v in example_batch_shapes.items()})
+    return inputs({k: zeros(v) for k, v in example_batch_shapes.items()})
 
 
-def abstract_boxed_params(model: nn.Module, example_batch_shapes: dict) -> Any:
+def abstract_boxed_params(model: nn.Module, example_batch_shapes: dict, inputs: Callable = model_inputs) -> Any:
     """Parameter shapes with their logical-axis boxes, without allocating."""
     def init(rng):
-        return model.init(rng, **example_inputs(example_batch_shapes))["params"]
+        return model.init(rng, **example_inputs(example_batch_shapes, inputs))["params"]
     return jax.eval_shape(init, jax.random.key(0))
 
 
-def state_shardings(model, tx, mesh: Mesh, rules, example_batch_shapes) -> tuple[Any, Any]:
+def state_shardings(model, tx, mesh: Mesh, rules, example_batch_shapes,
+                    inputs: Callable = model_inputs) -> tuple[Any, Any]:
     """(abstract TrainState, its NamedShardings) from the params' logical axes.
 
     Optimizer-state leaves that mirror a parameter get that parameter's
     sharding (optax keeps the tree structure); scalars are replicated.
     """
-    boxed = abstract_boxed_params(model, example_batch_shapes)
+    boxed = abstract_boxed_params(model, example_batch_shapes, inputs)
     param_shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
     params = nn.unbox(boxed)
     opt_state = jax.eval_shape(tx.init, params)
@@ -151,13 +153,14 @@ def _path_key(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def create_train_state(model, tx, mesh, rules, example_batch_shapes, seed: int):
+def create_train_state(model, tx, mesh, rules, example_batch_shapes, seed: int,
+                       inputs: Callable = model_inputs):
     """Initialises parameters directly into their shardings (no host copy)."""
-    abstract, shardings = state_shardings(model, tx, mesh, rules, example_batch_shapes)
+    abstract, shardings = state_shardings(model, tx, mesh, rules, example_batch_shapes, inputs)
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        params = nn.unbox(model.init(init_rng, **example_inputs(example_batch_shapes))["params"])
+        params = nn.unbox(model.init(init_rng, **example_inputs(example_batch_shapes, inputs))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(state_rng), tx=tx)
 

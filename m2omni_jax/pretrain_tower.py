@@ -1,0 +1,267 @@
+"""Vision-tower pre-training [ours]: a stand-in for the paper's pretrained ViT.
+
+    python -m m2omni_jax.pretrain_tower --config=configs/tiny.py:vqa --workdir=/tmp/vqa/tower
+
+M2-omni starts from Qwen2-VL's ViT, pre-trained on billions of image–text pairs;
+the built-in shapes world has no such tower, and one trained from scratch through
+the LLM learns colour and size fast but outlines (circle vs star) hardly at all in
+a CPU budget. This stage trains the NaViT tower alone on image–caption pairs with
+SuperClass's objective (Huang et al. 2024, "Classification Done Right for
+Vision-Language Pre-Training"): each image predicts the bag of its caption's
+tokens (softmax cross-entropy over the tokenizer's vocabulary) from the mean of
+its merged tokens. No text tower and no decoder, so a step costs the tower alone,
+and every caption word pulls on the image's features directly.
+
+    shapes-world train records (single-image tasks) → caption of the scene → tokens → multi-hot
+    image → resize → patchify → `images_per_row` images packed per row (segment ids)
+    → VisionEncoder → mean per image → LayerNorm → Dense(vocab) → cross-entropy vs the caption's tokens
+
+The tower is `config.model.vision` (so its parameters fit the omni model's
+`vision/` tree); `config.tower_pretrain` sets the run. The checkpoint has the
+omni layout (`checkpoints/<step>/state` with `params/vision/...`), so the next
+run loads it with `config.init_from` (this workdir) and
+`config.init_from_include = ("^vision/",)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from m2omni_jax.config_fields import dataclass_from_config
+from m2omni_jax.data import image_preprocessing as ip
+from m2omni_jax.data import omni_pipeline, pipeline, shapes_world as sw, tokenizer as tokenizer_lib
+from m2omni_jax.data import write_shapes_world
+from m2omni_jax.models.layers import LayerNorm, zeros_init
+from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
+from m2omni_jax.parallel import sharding
+from m2omni_jax.training import checkpointing, metrics_logging, mfu, optimizers, train_step
+
+BATCH_KEYS = ("patches", "segment_ids", "hw", "targets")
+_BATCH_NDIM = {"patches": 3, "hw": 3, "targets": 3, "segment_ids": 2}
+SCENE_TASKS = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position")  # one image with a scene
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class CaptionedImage:
+    """Record bytes -> the image's patches and the multi-hot tokens of its scene's caption,
+    or a bad-record marker (skipped and counted downstream)."""
+
+    def __init__(self, tokenizer, vocab_size: int, opts: omni_pipeline.VisionOptions):
+        self.tokenizer, self.vocab_size, self.opts = tokenizer, vocab_size, opts
+
+    def __call__(self, raw: bytes) -> dict:
+        try:
+            record = sw.decode_record(raw)
+            item = omni_pipeline.preprocess_media("image", record["images"][0], self.opts)
+            ids = self.tokenizer.encode(sw.caption_text(record["attributes"]))
+        except (ValueError, KeyError, TypeError, IndexError):
+            return {pipeline._BAD: 1}
+        targets = np.zeros(self.vocab_size, np.float32)
+        targets[[i for i in ids if i < self.vocab_size]] = 1.0
+        return {"patches": item.patches, "grid_thw": item.grid_thw, "targets": targets}
+
+
+def pack_row(images: list[dict], patches_per_row: int) -> dict:
+    """`images_per_row` images -> one fixed-size patch pack (image k is segment k + 1)."""
+    packed = ip.pack_patches([(im["patches"], im["grid_thw"]) for im in images], bucket_sizes=(patches_per_row,))
+    return {"patches": packed["patches"], "segment_ids": packed["segment_ids"], "hw": packed["hw_positions"],
+            "targets": np.stack([im["targets"] for im in images]),
+            "num_bad_records": sum(int(im.get("num_bad_records", 0)) for im in images)}
+
+
+def max_patches_per_image(opts: omni_pipeline.VisionOptions) -> int:
+    """The most patches one image can have under `data.vision.image_max_pixels`: its sides are
+    multiples of 28, so its area is a whole number of 28² blocks of 2×2 patches."""
+    return opts.image_max_pixels // ip.FACTOR ** 2 * ip.MERGE_SIZE ** 2
+
+
+def make_dataset(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches of `tower_pretrain.batch_size / process_count` rows for this process."""
+    tc, opts = config.tower_pretrain, omni_pipeline.VisionOptions.from_config(config)
+    per_row, per_pack = int(tc.images_per_row), int(tc.patches_per_row)
+    if per_pack % ip.MERGE_SIZE ** 2 or per_pack < per_row * max_patches_per_image(opts):
+        raise ValueError(f"config.tower_pretrain.patches_per_row={per_pack} must be a multiple of "
+                         f"{ip.MERGE_SIZE ** 2} holding images_per_row={per_row} images of up to "
+                         f"{max_patches_per_image(opts)} patches (data.vision.image_max_pixels)")
+    shapes_dir, file_tasks = omni_pipeline.write_builtin_shapes_world(config)
+    tasks = [t for t in file_tasks if t in SCENE_TASKS]
+    if not tasks:
+        raise ValueError(f"data.shapes_world.tasks={tuple(file_tasks)} has none of {SCENE_TASKS} to pre-train on")
+    source = write_shapes_world.open_split(shapes_dir, "train")
+    indices = [i for i in range(len(source)) if file_tasks[i % len(file_tasks)] in tasks]
+    ds = grain.MapDataset.source(indices)[process_index::process_count].shuffle(int(config.data.seed)).repeat(None)
+    ds = ds.map(lambda i: source[i]).map(CaptionedImage(tokenizer, int(config.model.llm.vocab_size), opts))
+    it = pipeline._SkipBadDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)))
+    it = it.batch(per_row, drop_remainder=True, batch_fn=functools.partial(pack_row, patches_per_row=per_pack))
+    return it.batch(int(tc.batch_size) // process_count, drop_remainder=True)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class TowerClassifier(nn.Module):
+    """The vision tower, the mean of each image's merged tokens, and a vocabulary classifier."""
+    vision: VisionConfig
+    vocab_size: int
+    images_per_row: int
+
+    @nn.compact
+    def __call__(self, patches, segment_ids, hw):
+        """patches (B, N, D), segment_ids (B, N) (image k = k + 1), hw (B, 2, N) -> logits (B, K, vocab)."""
+        features, merged_ids = VisionEncoder(self.vision, name="vision")(patches, segment_ids, hw)
+        member = (merged_ids[..., None] == jnp.arange(1, self.images_per_row + 1)).astype(features.dtype)
+        pooled = jnp.einsum("bmk,bmd->bkd", member, features) / jnp.maximum(member.sum(1), 1.0)[..., None]
+        pooled = LayerNorm(name="head_norm")(pooled)
+        # A zero head (as big_vision's classifiers): the first steps fit the token frequencies,
+        # not the noise of a random readout.
+        logits = nn.Dense(self.vocab_size, kernel_init=zeros_init(("embed", "vocab")),
+                          bias_init=zeros_init(("vocab",)), name="head")(pooled)
+        return nn.with_logical_constraint(logits, ("activation_batch", None, "activation_vocab"))
+
+
+def model_inputs(batch) -> dict:
+    return {k: batch[k] for k in ("patches", "segment_ids", "hw")}
+
+
+def loss_fn(params, batch, *, model):
+    logits = model.apply({"params": params}, **model_inputs(batch)).astype(jnp.float32)
+    targets = batch["targets"]
+    # SuperClass: softmax cross-entropy against the caption's tokens, each weighing 1/|caption|.
+    distribution = targets / jnp.maximum(targets.sum(-1, keepdims=True), 1.0)
+    loss = -(distribution * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
+    # Recall of the caption's tokens among each image's top-|caption| predictions.
+    k = targets.sum(-1, keepdims=True)
+    rank = jnp.argsort(jnp.argsort(-logits, axis=-1), axis=-1)
+    recall = ((rank < k) * targets).sum() / jnp.maximum(targets.sum(), 1.0)
+    return loss, {"loss": loss, "caption_token_recall": recall}
+
+
+def jit_step(model, mesh, rules, shardings):
+    def step(state, batch):
+        grads, metrics = jax.grad(functools.partial(loss_fn, model=model), has_aux=True)(state.params, batch)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics
+    batch_shardings = {k: sharding.batch_sharding(mesh, n) for k, n in _BATCH_NDIM.items()}
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
+                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+    def run(state, batch):
+        with sharding.activate(mesh, rules):
+            return jitted(state, batch)
+    return run
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerPretrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # rows per step (global)
+    images_per_row: int = 4
+    patches_per_row: int = 256  # ≥ images_per_row × the largest image's patches
+    peak_lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    log_every: int = 10
+    checkpoint_every: int = 500
+
+
+def example_shapes(tc: TowerPretrainConfig, vocab_size: int) -> dict:
+    b, n = tc.batch_size, tc.patches_per_row
+    return {"patches": jax.ShapeDtypeStruct((b, n, omni_pipeline.PATCH_DIM), jnp.float32),
+            "segment_ids": jax.ShapeDtypeStruct((b, n), jnp.int32), "hw": jax.ShapeDtypeStruct((b, 2, n), jnp.int32),
+            "targets": jax.ShapeDtypeStruct((b, tc.images_per_row, vocab_size), jnp.float32)}
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the tower; returns the last logged metrics. Resumes from `workdir`'s checkpoint."""
+    tc = dataclass_from_config(TowerPretrainConfig, config.tower_pretrain, "tower_pretrain")
+    if not 0 <= tc.warmup_steps <= tc.steps:
+        raise ValueError(f"config.tower_pretrain.warmup_steps={tc.warmup_steps} must be in [0, steps={tc.steps}]")
+    rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
+    mesh = sharding.make_mesh(config.mesh)
+    ways = sharding.batch_axis_size(mesh)
+    if tc.batch_size % (ways * jax.process_count()):
+        raise ValueError(f"config.tower_pretrain.batch_size={tc.batch_size} must divide over the "
+                         f"{ways} batch-axis devices and {jax.process_count()} processes")
+    tokenizer = tokenizer_lib.get_tokenizer(config)
+    vision = dataclass_from_config(VisionConfig, config.model.vision, "model.vision")
+    vocab_size = int(config.model.llm.vocab_size)
+    model = TowerClassifier(vision, vocab_size, tc.images_per_row)
+    opt = ml_collections.ConfigDict(dict(config.opt))
+    opt.update(dict(name="adamw", peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
+                    param_groups=(), lr_multipliers={}, frozen=()))
+    shapes = example_shapes(tc, vocab_size)
+    abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes, model_inputs))
+    tx = optimizers.make_optimizer(opt, tc.steps, abstract_params)
+    schedule = optimizers.make_schedule_from_config(opt, tc.steps)
+    state, abstract, shardings = train_step.create_train_state(model, tx, mesh, rules, shapes, config.seed,
+                                                               inputs=model_inputs)
+    data_iter = iter(make_dataset(config, tokenizer, process_index=jax.process_index(),
+                                  process_count=jax.process_count()))
+    checkpointer = checkpointing.Checkpointer(f"{workdir}/checkpoints", save_every=tc.checkpoint_every, keep=1)
+    if checkpointer.latest_step() is not None:
+        restore_into = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, _ = checkpointer.restore(restore_into, data_iter)
+        logging.info("resumed from step %d", int(state.step))
+    step_fn = jit_step(model, mesh, rules, shardings)
+    flops = training_flops_per_pack(vision, tc.patches_per_row) * tc.batch_size
+    peak = mfu.peak_flops_per_device(float(config.train.get("peak_flops_per_device", 0.0))) * jax.device_count()
+    logger = metrics_logging.MetricLogger(workdir, tc.steps, log_every=tc.log_every, start_step=int(state.step))
+    step, last, timer = int(state.step), {}, time.perf_counter()
+    with checkpointer, checkpointing.StopSignal() as stop, logger:
+        while step < tc.steps:
+            local = next(data_iter)
+            bad = int(np.sum(local.pop("num_bad_records", 0)))
+            state, metrics = step_fn(state, pipeline.make_global_batch(local, mesh))
+            step += 1
+            if logger.should_log(step):
+                now = time.perf_counter()
+                elapsed, timer = (now - timer) / tc.log_every, now
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last.update(step_time_s=elapsed, images_per_s=tc.batch_size * tc.images_per_row / elapsed,
+                            mfu=flops / elapsed / peak, bad_records=bad, lr=float(schedule(step - 1)))
+            logger.log(step, last)
+            if stop.should_stop(step):
+                logging.warning("stop requested: saving step %d and exiting", step)
+                break
+            if checkpointer.should_save(step):
+                checkpointer.save(step, state, data_iter)
+        if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, data_iter, force=True)
+        checkpointer.wait()
+        logger.summary()
+    return last
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from m2omni_jax import main as main_lib
+    pretrain(main_lib.FLAGS.config, os.path.abspath(main_lib.FLAGS.workdir))
+
+
+def run():
+    from m2omni_jax import main as main_lib  # shares its --config / --workdir flags
+    app.run(main, flags_parser=main_lib.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

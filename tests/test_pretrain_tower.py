@@ -1,0 +1,102 @@
+"""Vision-tower pre-training: caption-token targets, per-image pooling, a run whose tower the
+omni model loads with init_from."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from m2omni_jax import pretrain_tower as pt
+from m2omni_jax import train
+from m2omni_jax.data import omni_pipeline as op
+from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.data import write_shapes_world
+from m2omni_jax.data.tokenizer import get_tokenizer
+from m2omni_jax.models.vision import VisionConfig
+from m2omni_jax.parallel import sharding
+from m2omni_jax.training import checkpointing, train_step
+from m2omni_jax.training.metrics_logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VISION = VisionConfig(width=16, depth=1, num_heads=2, out_width=16)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tower")
+    sys.path.insert(0, REPO)
+    from configs import tiny
+    config = tiny.get_config("vqa")
+    config.model.llm.update(dict(vocab_size=512, width=32, depth=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                                 mlp_dim=64, mrope_sections=(2, 3, 3)))
+    config.model.vision.update(dict(width=16, depth=1, num_heads=2, out_width=16))
+    config.data.update(dict(dir=str(root / "data"), num_text_docs=200))
+    config.data.shapes_world.update(dict(num_train=70, num_eval=14))
+    config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=200, vocab_size=512, train_chats=50))
+    config.tower_pretrain.update(dict(steps=10, batch_size=8, images_per_row=2, patches_per_row=128,
+                                      warmup_steps=1, peak_lr=1e-2, log_every=1, checkpoint_every=100))
+    return config
+
+
+def test_targets_are_the_caption_tokens_of_the_scene(config):
+    tokenizer = get_tokenizer(config)
+    opts = op.VisionOptions.from_config(config)
+    record = sw.make_record(0, "train", 2, ("vqa_shape",))  # a question record: its scene's caption all the same
+    example = pt.CaptionedImage(tokenizer, 512, opts)(sw.encode_record(record))
+    caption_ids = set(tokenizer.encode(sw.caption_text(record["attributes"])))
+    assert set(np.flatnonzero(example["targets"])) == caption_ids
+    assert example["patches"].shape[0] == int(np.prod(example["grid_thw"]))
+    assert pt.CaptionedImage(tokenizer, 512, opts)(b"not msgpack") == {"bad_record": 1}
+
+
+def test_an_images_logits_ignore_the_other_images_of_its_row():
+    model = pt.TowerClassifier(TINY_VISION, vocab_size=7, images_per_row=2)
+    rng = np.random.default_rng(0)
+    grids = [(1, 4, 6), (1, 4, 4)]
+    images = [{"patches": rng.normal(size=(int(np.prod(g)), op.PATCH_DIM)).astype(np.float32), "grid_thw": g,
+               "targets": np.zeros(7, np.float32)} for g in grids]
+    row = pt.pack_row(images, 64)
+    assert list(np.unique(row["segment_ids"])) == [0, 1, 2] and row["targets"].shape == (2, 7)
+    inputs = [row[k][None] for k in ("patches", "segment_ids", "hw")]
+    params = model.init(jax.random.key(0), *inputs)["params"]
+    head = params["head"]["kernel"]  # zero at init: give it a readout to compare
+    params["head"]["kernel"] = head.replace(value=jax.random.normal(jax.random.key(1), head.value.shape))
+    logits = model.apply({"params": params}, *inputs)
+    images[1]["patches"] = images[1]["patches"] + 1.0
+    changed = pt.pack_row(images, 64)
+    logits2 = model.apply({"params": params}, *[changed[k][None] for k in ("patches", "segment_ids", "hw")])
+    np.testing.assert_allclose(logits[0, 0], logits2[0, 0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits[0, 1], logits2[0, 1])
+
+
+def test_a_row_too_small_for_its_images_is_one_clear_error(config):
+    bad = config.copy_and_resolve_references()
+    bad.tower_pretrain.patches_per_row = 64  # two images of up to 64 patches need 128
+    with pytest.raises(ValueError, match="tower_pretrain.patches_per_row=64"):
+        pt.make_dataset(bad, get_tokenizer(bad))
+
+
+def test_pretrain_learns_and_the_omni_model_loads_its_tower(config, tmp_path):
+    last = pt.pretrain(config, str(tmp_path / "tower"))
+    assert last["bad_records"] == 0 and np.isfinite(last["loss"])
+    losses = [record["loss"] for _, record in sorted(read_metrics(tmp_path / "tower" / "metrics.jsonl").items())]
+    assert len(losses) == 10 and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])  # batches differ: means
+
+    omni = config.copy_and_resolve_references()
+    omni.init_from, omni.init_from_include = str(tmp_path / "tower"), ("^vision/",)
+    tokenizer = get_tokenizer(omni)
+    model, tx, shapes = train.make_model_and_optimizer(omni, tokenizer)
+    mesh = sharding.make_mesh(omni.mesh)
+    state, abstract, shardings = train_step.create_train_state(model, tx, mesh, sharding.LOGICAL_AXIS_RULES,
+                                                               shapes, seed=1)
+    loaded = train.init_from_previous_stage(omni, str(tmp_path), state, abstract, shardings).params
+    tower_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract.params, shardings.params)
+    tower, _ = checkpointing.load_params(tmp_path / "tower", tower_abstract, include=("^vision/",))
+    for got, want in zip(jax.tree.leaves(loaded["vision"]), jax.tree.leaves(tower["vision"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # The LLM and the connector keep this run's fresh initialisation.
+    for name in ("llm", "connector"):
+        for got, fresh in zip(jax.tree.leaves(loaded[name]), jax.tree.leaves(state.params[name])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh))
