@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The held-out VQA run of configs/tiny.py:vqa on a CPU: vision-tower pre-training, then the
+# omni model from that tower, then held-out evaluation; prints each part's wall time.
+#
+#   bash launch/tiny_vqa.sh /tmp/m2omni_vqa [extra --config.* overrides for every part]
+#
+# The shapes world of the config is written first (once; not part of the timed run).
+set -euo pipefail
+root=${1:?usage: $0 ROOT [--config.x=... ...]}
+shift
+mkdir -p "$root"
+config=configs/tiny.py:vqa
+seconds() { date +%s; }
+echo "=== data (written once, cached) ==="
+python -c "
+from configs import tiny
+from m2omni_jax.data import omni_pipeline
+print(omni_pipeline.write_builtin_shapes_world(tiny.get_config('vqa'), progress=True)[0])"
+start=$(seconds)
+echo "=== tower pre-training ==="
+m2omni-pretrain-tower --config="$config" --workdir="$root/tower" "$@"
+tower=$(seconds)
+echo "=== omni model ==="
+m2omni-train --config="$config" --workdir="$root/main" "$@"
+main=$(seconds)
+echo "=== held-out evaluation ==="
+m2omni-eval --config="$config" --workdir="$root/main" "$@"
+echo "wall time: tower $((tower - start)) s, omni $((main - tower)) s," \
+     "training total $((main - start)) s; eval $(( $(seconds) - main )) s"
