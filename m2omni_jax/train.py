@@ -309,6 +309,9 @@ def make_periodic_evaluator(config, model, tokenizer, mesh, rules) -> Callable[[
     if config.model.get("kind", "llm") != "omni":
         raise ValueError(f"config.eval.every={every} needs config.model.kind='omni' (held-out "
                          "shapes-world answers); set it to 0 for a text-only run")
+    if jax.process_count() > 1:
+        raise ValueError(f"config.eval.every={every} runs in one process only (its prompts are host "
+                         "arrays); set it to 0 and run m2omni-eval on the checkpoints")
     from m2omni_jax import evaluate  # it imports this module
     evaluate_fn = evaluate.make_evaluator(config, model, tokenizer, mesh, rules)
     return lambda params: evaluate.scalar_metrics(evaluate_fn(params))

@@ -60,15 +60,10 @@ class MetricLogger:
         self._last_step = step
         if not (self.is_main and self.should_log(step)):
             return False
-        values = _to_scalars(metrics)
+        values = self._write(step, metrics)
         self._last = values
         if "loss" in values and math.isfinite(values["loss"]):
             self._best_loss = values["loss"] if self._best_loss is None else min(self._best_loss, values["loss"])
-        record = {"step": step, "elapsed_s": round(time.perf_counter() - self._start_time, 3), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for name, value in values.items():
-            self._writer.add_scalar(name, value, step)
         line = format_metrics(values)
         if self._pbar is not None:
             self._pbar.set_postfix_str(line, refresh=True)
@@ -80,17 +75,21 @@ class MetricLogger:
         """Records `metrics` at `step` whatever the log interval (e.g. a held-out evaluation)."""
         if not self.is_main:
             return
+        line = f"{label} at step {step} | {format_metrics(self._write(step, metrics))}"
+        if self._pbar is not None:
+            self._pbar.write(line)
+        else:
+            print(line, flush=True)
+
+    def _write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | int]:
+        """Appends a metrics.jsonl record and TensorBoard scalars; returns the scalars."""
         values = _to_scalars(metrics)
         record = {"step": step, "elapsed_s": round(time.perf_counter() - self._start_time, 3), **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for name, value in values.items():
             self._writer.add_scalar(name, value, step)
-        line = f"{label} at step {step} | {format_metrics(values)}"
-        if self._pbar is not None:
-            self._pbar.write(line)
-        else:
-            print(line, flush=True)
+        return values
 
     def summary(self, metrics: Mapping[str, Any] | None = None) -> str:
         """Prints and returns the end-of-run line; `metrics` adds e.g. eval results."""
