@@ -92,6 +92,7 @@ def get_config(variant: str = ""):
         config.train.steps = 1300
         config.checkpoint.every = 400
         config.eval.every = 500  # held-out answers at 500, 1000 and 1300 steps (eval/* in metrics.jsonl)
+        config.eval.num_samples = 500  # the whole held-out split: 72 questions per VQA type
     return config
 
 

@@ -34,7 +34,7 @@ def config(tmp_path_factory):
     config.data.update(dict(dir=str(root / "data"), num_text_docs=200))
     config.data.shapes_world.update(dict(num_train=70, num_eval=14))
     config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=200, vocab_size=512, train_chats=50))
-    config.tower_pretrain.update(dict(steps=10, batch_size=8, images_per_row=2, patches_per_row=128,
+    config.tower_pretrain.update(dict(steps=16, batch_size=8, images_per_row=2, patches_per_row=128,
                                       warmup_steps=1, peak_lr=1e-2, log_every=1, checkpoint_every=100))
     return config
 
@@ -60,8 +60,6 @@ def test_an_images_logits_ignore_the_other_images_of_its_row():
     assert list(np.unique(row["segment_ids"])) == [0, 1, 2] and row["targets"].shape == (2, 7)
     inputs = [row[k][None] for k in ("patches", "segment_ids", "hw")]
     params = model.init(jax.random.key(0), *inputs)["params"]
-    head = params["head"]["kernel"]  # zero at init: give it a readout to compare
-    params["head"]["kernel"] = head.replace(value=jax.random.normal(jax.random.key(1), head.value.shape))
     logits = model.apply({"params": params}, *inputs)
     images[1]["patches"] = images[1]["patches"] + 1.0
     changed = pt.pack_row(images, 64)
@@ -81,7 +79,7 @@ def test_pretrain_learns_and_the_omni_model_loads_its_tower(config, tmp_path):
     last = pt.pretrain(config, str(tmp_path / "tower"))
     assert last["bad_records"] == 0 and np.isfinite(last["loss"])
     losses = [record["loss"] for _, record in sorted(read_metrics(tmp_path / "tower" / "metrics.jsonl").items())]
-    assert len(losses) == 10 and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])  # batches differ: means
+    assert len(losses) == 16 and np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])  # batches differ: means
 
     omni = config.copy_and_resolve_references()
     omni.init_from, omni.init_from_include = str(tmp_path / "tower"), ("^vision/",)
