@@ -27,7 +27,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, logging
 
 from m2omni_jax import train
 from m2omni_jax.data import omni_pipeline, shapes_world as sw, speech, tokenizer as tokenizer_lib
@@ -298,17 +297,9 @@ def evaluate(config, workdir: str) -> dict:
     return result
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from m2omni_jax import main as main_lib
-    evaluate(main_lib.FLAGS.config, os.path.abspath(main_lib.FLAGS.workdir))
-
-
 def run():
     from m2omni_jax import main as main_lib  # shares its --config / --workdir flags
-    logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=main_lib.parse_flags)
+    main_lib.run_command(evaluate, quiet=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,18 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, os.path.abspath(FLAGS.workdir))
 
 
+def run_command(command, *, quiet: bool = False):
+    """An entry point with m2omni-train's --config / --workdir flags that calls
+    `command(config, absolute workdir)` (m2omni-eval, m2omni-pretrain-tower)."""
+    def command_main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        command(FLAGS.config, os.path.abspath(FLAGS.workdir))
+    if quiet:
+        logging.set_verbosity(logging.WARNING)
+    app.run(command_main, flags_parser=parse_flags)
+
+
 def parse_flags(argv):
     """absl parsing, but a bad --config.* override is one line, not a traceback."""
     try:

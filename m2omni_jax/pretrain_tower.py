@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 
 import flax.linen as nn
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, logging
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax.config_fields import dataclass_from_config
@@ -254,16 +253,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return last
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from m2omni_jax import main as main_lib
-    pretrain(main_lib.FLAGS.config, os.path.abspath(main_lib.FLAGS.workdir))
-
-
 def run():
     from m2omni_jax import main as main_lib  # shares its --config / --workdir flags
-    app.run(main, flags_parser=main_lib.parse_flags)
+    main_lib.run_command(pretrain)
 
 
 if __name__ == "__main__":
