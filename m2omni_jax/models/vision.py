@@ -52,12 +52,19 @@ class VisionConfig:
     # colour at all in the first hundreds of steps (shapes world). Leave it off when
     # loading pretrained weights, which overwrite the init anyway.
     zero_init_residual: bool = False
+    # [ours] Output channels of 3x3 stride-2 convolutions run inside each patch before the
+    # embedding (Xiao et al. 2021, "Early convolutions help transformers see better");
+    # () is Qwen2-VL's linear patch embedding. A from-scratch tower's linear embedding
+    # sees colour at once but an outline (circle vs. star) only after thousands of steps.
+    conv_stem_channels: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan: bool = True
 
     def __post_init__(self):
+        if any(int(c) <= 0 for c in self.conv_stem_channels):
+            raise ValueError(f"conv_stem_channels must be positive, got {self.conv_stem_channels}")
         if self.width % self.num_heads or (self.width // self.num_heads) % 4:
             raise ValueError(f"width {self.width} must split into {self.num_heads} heads "
                              "with a head dim divisible by 4 (2-D RoPE)")
@@ -65,6 +72,16 @@ class VisionConfig:
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def patch_embed_macs(self) -> int:
+        """Multiply-adds of the patch embedding (stem included) per patch."""
+        side, channels, macs = self.patch_size, self.in_channels * self.temporal_patch_size, 0
+        for out in self.conv_stem_channels:
+            side = -(-side // 2)
+            macs += side * side * 9 * channels * out
+            channels = out
+        return macs + side * side * channels * self.width
 
     @property
     def head_dim(self) -> int:
@@ -89,13 +106,13 @@ class VisionConfig:
 def training_flops_per_pack(config: VisionConfig, pack_size: int) -> float:
     """Model FLOPs (forward + backward) of one row's pack of `pack_size` patches.
 
-    6·N per patch for the patch embedding and each block's matmuls, plus the
+    6·N per patch for the patch embedding (and its conv stem) and each block's matmuls, plus the
     masked pack-wide attention as computed (12·depth·width·pack_size per
     patch, like the LLM's full L×L count), plus the PatchMerger's two matmuls
     per merged token. Padding patches are computed, so they are counted.
     """
     w, group = config.width, config.spatial_merge_size ** 2
-    per_patch = config.patch_dim * w + config.depth * (4 * w * w + 2 * w * config.mlp_dim)
+    per_patch = config.patch_embed_macs + config.depth * (4 * w * w + 2 * w * config.mlp_dim)
     per_merged = group * w * group * w + group * w * config.out_width
     attention = 12 * config.depth * w * pack_size
     return 6.0 * (per_patch * pack_size + per_merged * pack_size // group) + attention * pack_size
@@ -204,6 +221,29 @@ class PatchMerger(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION)
 
 
+class PatchConvStem(nn.Module):
+    """(B, N, C·T·P·P) flattened patches -> (B, N, features): 3x3 stride-2 convs, GELU.
+
+    It sees one patch at a time (time folded into channels), so packing and the
+    segment masks are unchanged.
+    """
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, patches):
+        cfg = self.config
+        batch, length, _ = patches.shape
+        p, channels = cfg.patch_size, cfg.in_channels * cfg.temporal_patch_size
+        x = patches.reshape(batch * length, channels, p, p).transpose(0, 2, 3, 1)
+        for i, out in enumerate(cfg.conv_stem_channels):
+            x = nn.Conv(out, (3, 3), strides=(2, 2), padding="SAME", name=f"conv_{i}",
+                        kernel_init=kernel_init(("conv", None, None, "conv_channels")),
+                        bias_init=zeros_init(("conv_channels",)),
+                        dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))(x)
+            x = nn.gelu(x, approximate=False)
+        return x.reshape(batch, length, -1)
+
+
 class VisionEncoder(nn.Module):
     config: VisionConfig
 
@@ -214,10 +254,12 @@ class VisionEncoder(nn.Module):
         """
         cfg = self.config
         dtype = to_dtype(cfg.dtype)
+        x = patches.astype(dtype)
+        if cfg.conv_stem_channels:
+            x = PatchConvStem(cfg, name="stem")(x)
         # A Linear over the flattened (C, T, P, P) patch equals the Conv3d with stride = kernel.
         x = nn.Dense(cfg.width, use_bias=False, kernel_init=kernel_init(("patch", "embed")),
-                     dtype=dtype, param_dtype=to_dtype(cfg.param_dtype), name="patch_embed")(
-                         patches.astype(dtype))
+                     dtype=dtype, param_dtype=to_dtype(cfg.param_dtype), name="patch_embed")(x)
         x = nn.with_logical_constraint(x, ACTIVATION)
         angles = vision_2d_rope_angles(jnp.moveaxis(hw_positions, 1, 0), cfg.head_dim, cfg.rope_theta)
 
