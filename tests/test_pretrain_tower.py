@@ -13,7 +13,7 @@ from m2omni_jax.data import omni_pipeline as op
 from m2omni_jax.data import shapes_world as sw
 from m2omni_jax.data import write_shapes_world
 from m2omni_jax.data.tokenizer import get_tokenizer
-from m2omni_jax.models.vision import VisionConfig
+from m2omni_jax.models.vision import VisionConfig, VisionEncoder
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
 from m2omni_jax.training.metrics_logging import read_metrics
@@ -50,8 +50,9 @@ def test_targets_are_the_caption_tokens_of_the_scene(config):
     assert pt.CaptionedImage(tokenizer, 512, opts)(b"not msgpack") == {"bad_record": 1}
 
 
-def test_an_images_logits_ignore_the_other_images_of_its_row():
-    model = pt.TowerClassifier(TINY_VISION, vocab_size=7, images_per_row=2)
+@pytest.mark.parametrize("pooling", pt.POOLINGS)
+def test_an_images_logits_ignore_the_other_images_of_its_row(pooling):
+    model = pt.TowerClassifier(TINY_VISION, vocab_size=7, images_per_row=2, pooling=pooling)
     rng = np.random.default_rng(0)
     grids = [(1, 4, 6), (1, 4, 4)]
     images = [{"patches": rng.normal(size=(int(np.prod(g)), op.PATCH_DIM)).astype(np.float32), "grid_thw": g,
@@ -66,6 +67,24 @@ def test_an_images_logits_ignore_the_other_images_of_its_row():
     logits2 = model.apply({"params": params}, *[changed[k][None] for k in ("patches", "segment_ids", "hw")])
     np.testing.assert_allclose(logits[0, 0], logits2[0, 0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(logits[0, 1], logits2[0, 1])
+
+
+def test_max_pooling_takes_each_words_best_token_of_the_image():
+    model = pt.TowerClassifier(TINY_VISION, vocab_size=7, images_per_row=3, pooling="max")
+    rng = np.random.default_rng(0)
+    images = [{"patches": rng.normal(size=(16, op.PATCH_DIM)).astype(np.float32), "grid_thw": (1, 4, 4),
+               "targets": np.zeros(7, np.float32)} for _ in range(2)]  # the third slot stays empty
+    row = pt.pack_row(images, 64)
+    inputs = [row[k][None] for k in ("patches", "segment_ids", "hw")]
+    params = model.init(jax.random.key(0), *inputs)["params"]
+    logits = np.asarray(model.apply({"params": params}, *inputs))[0]
+    features, merged_ids = VisionEncoder(TINY_VISION).apply({"params": params["vision"]}, *inputs)
+    token_logits = np.asarray(pt.CaptionTokenHead(7).apply({"params": params["head"]}, features))[0]
+    for k in (1, 2):
+        np.testing.assert_allclose(logits[k - 1], token_logits[np.asarray(merged_ids[0]) == k].max(0), rtol=1e-5)
+    assert np.all(logits[2] == -1e9)
+    with pytest.raises(ValueError, match="pooling='sum'"):
+        pt.TowerClassifier(TINY_VISION, vocab_size=7, images_per_row=3, pooling="sum").init(jax.random.key(0), *inputs)
 
 
 def test_a_row_too_small_for_its_images_is_one_clear_error(config):
