@@ -117,3 +117,28 @@ def test_pretrain_learns_and_the_omni_model_loads_its_tower(config, tmp_path):
     for name in ("llm", "connector"):
         for got, fresh in zip(jax.tree.leaves(loaded[name]), jax.tree.leaves(state.params[name])):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh))
+
+
+def test_caption_token_prior_is_each_tokens_share_of_images():
+    targets = np.zeros((2, 2, 4), np.float32)  # 2 rows of 2 image slots, vocabulary of 4
+    targets[0, 0, [0, 1]] = targets[0, 1, [0]] = targets[1, 0, [0, 2]] = 1  # 3 images; slot (1, 1) empty
+    prior = pt.caption_token_prior([{"targets": targets[:1]}, {"targets": targets[1:]}], num_images=3)
+    np.testing.assert_allclose(prior, [1 - 0.5 / 3, 1 / 3, 1 / 3, 0.5 / 3])
+
+
+def test_a_fresh_tower_heads_biases_start_at_the_caption_prior(config, tmp_path):
+    """After an update at lr 0: "a" opens every caption, so its bias starts high; a token no caption holds, low."""
+    fresh = config.copy_and_resolve_references()
+    fresh.tower_pretrain.update(dict(steps=1, warmup_steps=1))  # lr(0) = 0: one step that changes nothing
+    pt.pretrain(fresh, str(tmp_path / "tower"))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"head": {"classifier": {"bias": jax.ShapeDtypeStruct((512,), np.float32, sharding=one_device)}}}
+    params, missing = checkpointing.load_params(tmp_path / "tower", abstract)
+    assert not missing
+    bias = np.asarray(params["head"]["classifier"]["bias"])
+    tokenizer = get_tokenizer(fresh)
+    article = tokenizer.encode("a red circle")[0]
+    assert bias[article] > 4 and np.sum(bias < -4) > 400  # 4 batches of 16 images: logit(1 - 1/128) = 4.8
+    with pytest.raises(ValueError, match="head_bias='zero'"):
+        fresh.tower_pretrain.head_bias = "zero"
+        pt.pretrain(fresh, str(tmp_path / "other"))
