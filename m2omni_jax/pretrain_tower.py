@@ -10,12 +10,19 @@ classification on caption tokens as in SuperClass (Huang et al. 2024,
 "Classification Done Right for Vision-Language Pre-Training"): each image
 predicts the bag of its caption's tokens (a sigmoid cross-entropy per vocabulary
 token, where SuperClass uses an IDF-weighted softmax) from the mean of its
-merged tokens. No text tower and no decoder, so a step costs the tower alone,
-and every caption word pulls on the image's features directly.
+merged tokens (`pooling="mean"`) or, per word, from its best token
+(`pooling="max"`, multiple-instance learning). No text tower and no decoder, so a
+step costs the tower alone, and every caption word pulls on the image's features
+directly. The head's biases start at each token's caption frequency
+(`head_bias="prior"`), so the tower's first steps go to telling images apart.
 
     shapes-world train records (single-image tasks) → caption of the scene → tokens → multi-hot
     image → resize → patchify → `images_per_row` images packed per row (segment ids)
-    → VisionEncoder → mean per image → LayerNorm → Dense(vocab) → sigmoid cross-entropy
+    → VisionEncoder → [mean per image] → LayerNorm → Dense(vocab) → [max per image]
+    → sigmoid cross-entropy
+
+Measured (tiny tower, 900 steps of 128 images; the head's one-object shape accuracy,
+chance 20%): mean pooling, biases at -log V: 66%; max pooling, prior biases: 76%.
 
 The tower is `config.model.vision` (so its parameters fit the omni model's
 `vision/` tree); `config.tower_pretrain` sets the run. The checkpoint has the
