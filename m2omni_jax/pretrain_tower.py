@@ -247,8 +247,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vocab_size = int(config.model.llm.vocab_size)
     model = TowerClassifier(vision, vocab_size, tc.images_per_row, tc.pooling)
     opt = ml_collections.ConfigDict(dict(config.opt))
-    opt.update(dict(name="adamw", peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
-                    param_groups=(), lr_multipliers={}, frozen=()))
+    # Assigned one by one: ConfigDict.update would merge the omni run's lr_multipliers into {}.
+    for key, value in dict(name="adamw", peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps,
+                           weight_decay=tc.weight_decay, param_groups=(), lr_multipliers={}, frozen=()).items():
+        opt[key] = value
     shapes = example_shapes(tc, vocab_size)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes, model_inputs))
     tx = optimizers.make_optimizer(opt, tc.steps, abstract_params)

@@ -130,6 +130,9 @@ def test_a_fresh_tower_heads_biases_start_at_the_caption_prior(config, tmp_path)
     """After an update at lr 0: "a" opens every caption, so its bias starts high; a token no caption holds, low."""
     fresh = config.copy_and_resolve_references()
     fresh.tower_pretrain.update(dict(steps=1, warmup_steps=1))  # lr(0) = 0: one step that changes nothing
+    # The omni run's optimizer groups and frozen paths are not the tower's.
+    fresh.opt.update(dict(param_groups=((r"^vision/", "vision"),), lr_multipliers={"vision": 0.1},
+                          frozen=(r"^vision/",)))
     pt.pretrain(fresh, str(tmp_path / "tower"))
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {"head": {"classifier": {"bias": jax.ShapeDtypeStruct((512,), np.float32, sharding=one_device)}}}
