@@ -164,7 +164,8 @@ def get_config() -> ml_collections.ConfigDict:
         images_per_row=4, patches_per_row=256,  # ≥ images_per_row × the largest image's patches
         peak_lr=3e-3, warmup_steps=50, weight_decay=0.05, log_every=10, checkpoint_every=500,
         pooling="mean",  # "mean" | "max": each caption word from the image's best token
-        head_bias="prior", prior_batches=4))  # head biases at each token's caption frequency | "rare"
+        head_bias="prior", prior_batches=4,  # head biases at each token's caption frequency | "rare"
+        eval_batches=1))  # at the end: the head's shape/colour accuracy on fresh scenes -> tower_eval.json
     config.init_from = ""
     config.init_from_include = ()  # parameter path regexes to load (e.g. ("^vision/",)); empty: all that fit
     config.data.split = "train"  # shapes-world split the pipeline reads ("eval": held out)

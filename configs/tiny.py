@@ -103,7 +103,7 @@ def get_config(variant: str = ""):
         # the tower's head names a lone object's shape 76% of the time after 900 steps (66%
         # with a mean and -log V biases).
         config.tower_pretrain.update(dict(steps=900, batch_size=32, images_per_row=4, patches_per_row=256,
-                                          pooling="max", head_bias="prior"))
+                                          pooling="max", head_bias="prior", eval_batches=2))
         config.init_from = "../tower"
         config.init_from_include = (r"^vision/",)
         # The loaded tower stays frozen: trained on, the random LLM's early gradients wash out

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 
 import flax.linen as nn
@@ -44,6 +45,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax.config_fields import dataclass_from_config
@@ -217,6 +219,7 @@ class TowerPretrainConfig:
     pooling: str = "mean"  # "mean" (SuperClass) | "max": each word from its best token (TowerClassifier)
     head_bias: str = "prior"  # "prior": each token's caption frequency (prior_batches) | "rare": -log(vocab)
     prior_batches: int = 4
+    eval_batches: int = 1  # at the end: the head's shape/colour accuracy on fresh scenes (0: skip)
     log_every: int = 10
     checkpoint_every: int = 500
 
@@ -293,7 +296,66 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpointer.save(step, state, data_iter, force=True)
         checkpointer.wait()
         logger.summary()
+    if tc.eval_batches and step >= tc.steps and jax.process_count() == 1:
+        accuracy = evaluate_head(model, state.params, config, tokenizer, mesh, rules, tc.eval_batches)
+        (epath.Path(workdir) / "tower_eval.json").write_text(json.dumps(dict(accuracy, step=step), indent=2))
+        logging.info("tower head on fresh scenes (objects: accuracy): shape %s, colour %s; %s/tower_eval.json",
+                     accuracy["shape"], accuracy["color"], workdir)
+        last = dict(last, tower_eval=accuracy)
     return last
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def word_token_ids(tokenizer, words, context: str = "a large") -> list[int]:
+    """Each word's (first) token id as it appears mid-caption, after `context`."""
+    prefix = tokenizer.encode(context)
+    return [tokenizer.encode(f"{context} {word}")[len(prefix)] for word in words]
+
+
+def attribute_accuracy(logits: np.ndarray, scenes: list[dict], shape_ids, color_ids) -> dict:
+    """logits (num_images, vocab) of the head. For each scene, the share of its objects' shapes
+    (colours) among the head's top-|set| shape (colour) words; averaged per number of objects:
+    {"shape": {"1": acc, ...}, "color": {...}, "num_scenes": {"1": n, ...}}."""
+    hits = {"shape": {}, "color": {}}
+    for row, scene in zip(logits, scenes):
+        n = str(len(scene["objects"]))
+        for attr, ids, vocab in (("shape", shape_ids, sw.SHAPES), ("color", color_ids, list(sw.COLORS))):
+            truth = {o[attr] for o in scene["objects"]}
+            top = {vocab[i] for i in np.argsort(-row[list(ids)])[:len(truth)]}
+            hits[attr].setdefault(n, []).append(len(top & truth) / len(truth))
+    out = {attr: {n: float(np.mean(v)) for n, v in sorted(by_n.items())} for attr, by_n in hits.items()}
+    out["num_scenes"] = {n: len(v) for n, v in sorted(hits["shape"].items())}
+    return out
+
+
+def evaluate_head(model, params, config, tokenizer, mesh, rules, num_batches: int, seed: int = 7) -> dict:
+    """The head's shape and colour accuracy on fresh scenes (half with one object, where an
+    answer needs no locating), `num_batches` batches of tower_pretrain.batch_size rows."""
+    tc, opts = config.tower_pretrain, omni_pipeline.VisionOptions.from_config(config)
+    rng = np.random.default_rng(seed)
+    shape_ids = word_token_ids(tokenizer, sw.SHAPES)
+    color_ids = word_token_ids(tokenizer, sw.COLORS)
+    vocab_size = int(config.model.llm.vocab_size)
+    apply = jax.jit(lambda p, *inputs: model.apply({"params": p}, *inputs))
+    logits, scenes = [], []
+    for _ in range(num_batches):
+        rows = []
+        for _ in range(int(tc.batch_size)):
+            images = []
+            for _ in range(int(tc.images_per_row)):
+                scene = sw.sample_scene(rng, num_objects=1 if rng.random() < 0.5 else int(rng.integers(2, 4)))
+                item = omni_pipeline.preprocess_media("image", sw.render_scene(scene), opts)
+                images.append({"patches": item.patches, "grid_thw": item.grid_thw,
+                               "targets": np.zeros(vocab_size, np.float32)})
+                scenes.append(scene)
+            rows.append(pack_row(images, int(tc.patches_per_row)))
+        batch = {k: np.stack([r[k] for r in rows]) for k in ("patches", "segment_ids", "hw")}
+        with sharding.activate(mesh, rules):
+            out = apply(params, batch["patches"], batch["segment_ids"], batch["hw"])
+        logits.append(np.asarray(jax.device_get(out)).reshape(-1, vocab_size))
+    return attribute_accuracy(np.concatenate(logits), scenes, shape_ids, color_ids)
 
 
 def caption_token_prior(batches, num_images: int) -> np.ndarray:

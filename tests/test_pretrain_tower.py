@@ -1,5 +1,6 @@
 """Vision-tower pre-training: caption-token targets, per-image pooling, a run whose tower the
 omni model loads with init_from."""
+import json
 import os
 import sys
 
@@ -99,6 +100,9 @@ def test_pretrain_learns_and_the_omni_model_loads_its_tower(config, tmp_path):
     assert last["bad_records"] == 0 and np.isfinite(last["loss"])
     losses = [record["loss"] for _, record in sorted(read_metrics(tmp_path / "tower" / "metrics.jsonl").items())]
     assert len(losses) == 16 and np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])  # batches differ: means
+    written = json.loads((tmp_path / "tower" / "tower_eval.json").read_text())
+    assert written["step"] == 16 and sum(written["num_scenes"].values()) == 32  # 2 batches of 8 rows of 2
+    assert all(0 <= a <= 1 for attr in ("shape", "color") for a in written[attr].values())
 
     omni = config.copy_and_resolve_references()
     omni.init_from, omni.init_from_include = str(tmp_path / "tower"), ("^vision/",)
@@ -145,3 +149,17 @@ def test_a_fresh_tower_heads_biases_start_at_the_caption_prior(config, tmp_path)
     with pytest.raises(ValueError, match="head_bias='zero'"):
         fresh.tower_pretrain.head_bias = "zero"
         pt.pretrain(fresh, str(tmp_path / "other"))
+
+
+def test_attribute_accuracy_scores_the_top_words_against_the_scenes_objects():
+    def scene(*objects):
+        return {"objects": [{"shape": s, "color": c} for s, c in objects]}
+    shape_ids, color_ids = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12]
+    logits = np.full((3, 13), -1.0, np.float32)
+    logits[0, [3, 5]] = 1  # star, red: right
+    logits[1, [0, 1, 6]], logits[1, 11] = 1, 0.5  # circle, square (truth: circle, triangle); orange, purple
+    logits[2, [2, 7]] = 1  # triangle, yellow
+    scenes = [scene(("star", "red")), scene(("circle", "red"), ("triangle", "blue")), scene(("square", "yellow"))]
+    got = pt.attribute_accuracy(logits, scenes, shape_ids, color_ids)
+    assert sw.SHAPES[3] == "star" and list(sw.COLORS)[:3] == ["red", "orange", "yellow"]
+    assert got == {"shape": {"1": 0.5, "2": 0.5}, "color": {"1": 1.0, "2": 0.0}, "num_scenes": {"1": 2, "2": 1}}
