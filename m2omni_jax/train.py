@@ -273,9 +273,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step_fn = lambda st, batch, weights: balanced(st, batch, micro_weights)  # noqa: E731
         to_global = functools.partial(stacked_global_batch, mesh=mesh)
     else:
+        frozen = optimizers.frozen_mask(config.opt, abstract_state.params) if config.opt.get("frozen") else None
         step_fn = train_step.jit_train_step(model, mesh, rules, state_shardings,
                                             z_loss_weight=config.train.z_loss_weight,
-                                            batch_keys=batch_keys(config))
+                                            batch_keys=batch_keys(config), frozen=frozen)
         to_global = functools.partial(pipeline.make_global_batch, mesh=mesh)
     micro_batches = len(config.balance.modalities) if strategy == "step" else 1
     throughput = Throughput(

@@ -139,6 +139,19 @@ def test_frozen_tower_does_not_change_after_a_train_step():
         changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after[tower], before[tower]))
         assert all(changed), tower
 
+    # With the frozen mask the tower gets no backward pass: the same update, fewer FLOPs.
+    frozen = optimizers.frozen_mask(opt, abstract)
+    assert all(jax.tree.leaves(frozen["vision"])) and not any(jax.tree.leaves(frozen["llm"]))
+    fresh, _, _ = train_step.create_train_state(model, tx, mesh, sharding.LOGICAL_AXIS_RULES, shapes(batch), seed=0)
+    masked = train_step.jit_train_step(model, mesh, sharding.LOGICAL_AXIS_RULES, state_shardings,
+                                       batch_keys=tuple(batch), frozen=frozen)
+    flops = {name: fn.jitted.lower(fresh, batch, jnp.ones(NUM_MODALITIES)).compile().cost_analysis()["flops"]
+             for name, fn in (("all", step), ("masked", masked))}
+    fresh, _ = masked(fresh, batch, jnp.ones(NUM_MODALITIES))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(fresh.params), after)
+    assert flops["masked"] < flops["all"]
+
 
 def test_sharded_forward_equals_single_device(model_and_params):
     model, params = model_and_params

@@ -152,6 +152,12 @@ def param_labels(params, rules: Sequence[tuple[str, str]], default: str = DEFAUL
     return map_paths(label, params)
 
 
+def frozen_mask(opt, params):
+    """Tree of bools mirroring `params` (unboxed): True where `opt.frozen` matches the path."""
+    frozen = _matches(_get(opt, "frozen", ()), "opt.frozen")
+    return map_paths(frozen, params)
+
+
 def _matches(patterns: Sequence[str], field: str) -> Callable[[str], bool]:
     compiled = _compile(patterns, field)
     return lambda path: any(p.search(path) for p in compiled)

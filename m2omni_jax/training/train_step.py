@@ -81,16 +81,28 @@ def loss_fn(params, batch, loss_weights, *, model: nn.Module, z_loss_weight: flo
     return loss + aux, dict(metrics, moe_aux_loss=aux)
 
 
-def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: float = 0.0):
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, z_loss_weight=z_loss_weight),
-                                 has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, loss_weights)
+def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: float = 0.0, frozen=None):
+    """frozen: a tree of bools like the params (optimizers.frozen_mask); frozen leaves get no
+    backward pass (their gradient is zero, and grad_norm counts the trainable leaves only)."""
+    loss = functools.partial(loss_fn, model=model, z_loss_weight=z_loss_weight)
+    if frozen is not None:
+        loss = _without_gradient_through(frozen, loss)
+    (loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, loss_weights)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                    param_norm=optax.global_norm(params))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def _without_gradient_through(frozen, loss):
+    """`loss` with frozen leaves behind stop_gradient, so XLA drops their backward pass
+    (a frozen vision tower's, for one)."""
+    def wrapped(params, *args):
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        return loss(params, *args)
+    return wrapped
 
 
 # --------------------------------------------------------------------------
@@ -174,9 +186,9 @@ def batch_shardings(mesh: Mesh, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
 
 
 def jit_train_step(model, mesh, rules, shardings, *, z_loss_weight: float = 0.0,
-                   batch_keys=BATCH_KEYS) -> Callable:
+                   batch_keys=BATCH_KEYS, frozen=None) -> Callable:
     """The train step under jit with explicit in/out shardings; the state is donated."""
-    step = functools.partial(train_step, model=model, z_loss_weight=z_loss_weight)
+    step = functools.partial(train_step, model=model, z_loss_weight=z_loss_weight, frozen=frozen)
     rep = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh, batch_keys), rep),
                      out_shardings=(shardings, rep), donate_argnums=(0,))
