@@ -128,7 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
         no_decay=(r"(^|/)(scale|bias)$",),  # path regexes never decayed
         param_groups=(),  # ((path_regex, group), ...), first match wins, else "default"
         lr_multipliers={},  # {group: multiplier}
-        frozen=(),  # path regexes: zero updates, no optimizer state
+        frozen=(),  # path regexes: zero updates, no optimizer state, no backward pass
         fixnorm=dict(
             scale_invariant=(),  # path regexes of weights followed by a normalisation
             classifier=(r"(^|/)lm_head/kernel$",),  # the LLM's classifier
