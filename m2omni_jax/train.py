@@ -265,15 +265,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = init_from_previous_stage(config, workdir, state, abstract_state, state_shardings)
     start_step = int(state.step)
 
+    frozen = optimizers.frozen_mask(config.opt, abstract_state.params) if config.opt.get("frozen") else None
     if strategy == "step":
         ndims = {k: train_step._BATCH_NDIM.get(k, 2) for k in batch_keys(config)}
-        balanced = balanced_step.jit_balanced_step(loss_fn, mesh, rules, state_shardings, ndims)
+        step_loss = loss_fn if frozen is None else train_step.without_gradient_through(frozen, loss_fn)
+        balanced = balanced_step.jit_balanced_step(step_loss, mesh, rules, state_shardings, ndims)
         micro_weights = step_balance_weights(config)
         logging.info("step balance weights %s", dict(zip(config.balance.modalities, micro_weights.tolist())))
         step_fn = lambda st, batch, weights: balanced(st, batch, micro_weights)  # noqa: E731
         to_global = functools.partial(stacked_global_batch, mesh=mesh)
     else:
-        frozen = optimizers.frozen_mask(config.opt, abstract_state.params) if config.opt.get("frozen") else None
         step_fn = train_step.jit_train_step(model, mesh, rules, state_shardings,
                                             z_loss_weight=config.train.z_loss_weight,
                                             batch_keys=batch_keys(config), frozen=frozen)

@@ -59,3 +59,24 @@ def test_combined_gradient_is_weighted_sum_of_separate_gradients():
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6), applied, expected)
     assert np.asarray(metrics["micro_losses"]).shape == (3,)
     np.testing.assert_allclose(float(metrics["loss"]), float(np.dot(weights, metrics["micro_losses"])), rtol=1e-6)
+
+
+def test_frozen_leaves_get_a_zero_combined_gradient():
+    """train_step.without_gradient_through: the embedding, frozen, gets no gradient (sgd: no
+    change); the other leaves move as without the mask."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    state, shardings, loss_fn = setup(mesh)
+    before = jax.device_get(state.params)
+    frozen = jax.tree_util.tree_map_with_path(lambda path, _: "embed" in jax.tree_util.keystr(path), before)
+    assert 0 < sum(jax.tree.leaves(frozen)) < len(jax.tree.leaves(frozen))
+    batches, weights = micro_batches(), jnp.ones(len(MODALITIES), jnp.float32)
+    ndims = {k: np.ndim(v) - 1 for k, v in batches.items()}
+    masked = balanced_step.jit_balanced_step(train_step.without_gradient_through(frozen, loss_fn), mesh,
+                                             sharding.LOGICAL_AXIS_RULES, shardings, ndims)
+    after_masked = jax.device_get(masked(state, batches, weights)[0].params)
+    state, shardings, loss_fn = setup(mesh)  # the masked step donated the first state
+    plain = balanced_step.jit_balanced_step(loss_fn, mesh, sharding.LOGICAL_AXIS_RULES, shardings, ndims)
+    after_plain = jax.device_get(plain(state, batches, weights)[0].params)
+    for is_frozen, b, m, p in zip(*(jax.tree.leaves(t) for t in (frozen, before, after_masked, after_plain))):
+        np.testing.assert_allclose(m, b if is_frozen else p, rtol=1e-5, atol=1e-7)
+        assert is_frozen or np.abs(p - b).max() > 0

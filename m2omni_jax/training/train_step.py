@@ -86,7 +86,7 @@ def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: 
     backward pass (their gradient is zero, and grad_norm counts the trainable leaves only)."""
     loss = functools.partial(loss_fn, model=model, z_loss_weight=z_loss_weight)
     if frozen is not None:
-        loss = _without_gradient_through(frozen, loss)
+        loss = without_gradient_through(frozen, loss)
     (loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, loss_weights)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -96,7 +96,7 @@ def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: 
     return new_state, metrics
 
 
-def _without_gradient_through(frozen, loss):
+def without_gradient_through(frozen, loss):
     """`loss` with frozen leaves behind stop_gradient, so XLA drops their backward pass
     (a frozen vision tower's, for one)."""
     def wrapped(params, *args):
