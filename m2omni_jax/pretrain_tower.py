@@ -131,7 +131,8 @@ class CaptionTokenHead(nn.Module):
         features = LayerNorm(name="norm")(features)
         # A random kernel (a zero one, as big_vision's classifiers, passes the tower no gradient
         # at first: its one-object shape accuracy stayed at chance after 900 steps, against
-        # 42.5% after 600 with this one); biases start at a rare token's prior.
+        # 42.5% after 600 with this one). Biases start at a rare token's prior, -log V;
+        # pretrain() moves them to each token's caption frequency (head_bias="prior").
         prior = nn.with_logical_partitioning(nn.initializers.constant(-np.log(self.vocab_size)), ("vocab",))
         return nn.Dense(self.vocab_size, kernel_init=kernel_init(("embed", "vocab")), bias_init=prior,
                         name="classifier")(features)
@@ -156,16 +157,17 @@ class TowerClassifier(nn.Module):
         if self.pooling not in POOLINGS:
             raise ValueError(f"config.tower_pretrain.pooling={self.pooling!r}: use one of {POOLINGS}")
         features, merged_ids = VisionEncoder(self.vision, name="vision")(patches, segment_ids, hw)
-        member = merged_ids[..., None] == jnp.arange(1, self.images_per_row + 1)  # (B, M, K)
         if self.pooling == "mean":
-            weights = member.astype(features.dtype)
+            weights = (merged_ids[..., None] == jnp.arange(1, self.images_per_row + 1)).astype(features.dtype)
             features = jnp.einsum("bmk,bmd->bkd", weights, features) / jnp.maximum(weights.sum(1), 1.0)[..., None]
         logits = CaptionTokenHead(self.vocab_size, name="head")(features)
         if self.pooling == "max":
-            # An empty image slot gets -1e9: no loss and no gradient against its all-zero targets.
-            masked = jnp.where(member.swapaxes(1, 2)[..., None], logits[:, None], -1e9)  # (B, K, M, V)
-            logits = masked.max(axis=2)
+            per_image = jax.vmap(lambda x, ids: jax.ops.segment_max(x, ids, self.images_per_row + 1))
+            # Segment 0 is padding. An empty image slot (-inf) gets -1e9: no loss and no gradient
+            # against its all-zero targets.
+            logits = jnp.maximum(per_image(logits, merged_ids)[:, 1:], -1e9)
         return nn.with_logical_constraint(logits, ("activation_batch", None, "activation_vocab"))
+
 
 POOLINGS = ("mean", "max")
 
