@@ -21,8 +21,9 @@ directly. The head's biases start at each token's caption frequency
     → VisionEncoder → [mean per image] → LayerNorm → Dense(vocab) → [max per image]
     → sigmoid cross-entropy
 
-Measured (tiny tower, 900 steps of 128 images; the head's one-object shape accuracy,
-chance 20%): mean pooling, biases at -log V: 66%; max pooling, prior biases: 76%.
+Measured (tiny tower, steps of 128 images; the head's one-object shape accuracy, chance
+20%): mean pooling, biases at -log V: 66% after 900 steps; max pooling, prior biases: 76%
+after 900, 87% after 1300. The run ends by writing this figure to `tower_eval.json`.
 
 The tower is `config.model.vision` (so its parameters fit the omni model's
 `vision/` tree); `config.tower_pretrain` sets the run. The checkpoint has the
