@@ -163,6 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=32,  # rows per step
         images_per_row=4, patches_per_row=256,  # ≥ images_per_row × the largest image's patches
         peak_lr=3e-3, warmup_steps=50, weight_decay=0.05, log_every=10, checkpoint_every=500,
+        objective="caption",  # "caption" | "regions" (each token names its object) | "caption+regions"
         pooling="mean",  # "mean" | "max": each caption word from the image's best token
         head_bias="prior", prior_batches=4,  # head biases at each token's caption frequency | "rare"
         eval_batches=1))  # at the end: the head's shape/colour accuracy on fresh scenes -> tower_eval.json

@@ -58,17 +58,58 @@ from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, metrics_logging, mfu, optimizers, train_step
 
-BATCH_KEYS = ("patches", "segment_ids", "hw", "targets")
-_BATCH_NDIM = {"patches": 3, "hw": 3, "targets": 3, "segment_ids": 2}
+BATCH_KEYS = ("patches", "segment_ids", "hw", "targets", "region_labels")
+_BATCH_NDIM = {"patches": 3, "hw": 3, "targets": 3, "segment_ids": 2, "region_labels": 3}
 SCENE_TASKS = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position")  # one image with a scene
 
 
 # ----------------------------------------------------------------------------- data
 
 
+# Region targets: each merged token's object (0: background), as indices into these.
+REGION_ATTRIBUTES = (("shape", sw.SHAPES), ("color", tuple(sw.COLORS)), ("size", sw.SIZES))
+REGION_CLASSES = tuple(1 + len(values) for _, values in REGION_ATTRIBUTES)  # + background
+REGION_MIN_OVERLAP = 0.3  # of the smaller of the token's box and the object's box
+
+
+def region_owners(scene: dict, grid_thw) -> np.ndarray:
+    """(merged tokens,) int32: per merged token of the image (row-major), the index of the
+    object covering it, -1 for background. A token belongs to the object whose bounding box
+    overlaps it most, if that overlap is at least REGION_MIN_OVERLAP of the smaller box; the
+    token under an object's centre always does (a small object between four tokens). The
+    grid is the resized image's, the scene in its own pixels."""
+    _, h, w = (int(g) for g in grid_thw)
+    rows, cols = h // ip.MERGE_SIZE, w // ip.MERGE_SIZE
+    cell_h, cell_w = scene["height"] / rows, scene["width"] / cols
+    y0 = np.arange(rows)[:, None] * cell_h  # token boxes, (rows, 1) and (1, cols)
+    x0 = np.arange(cols)[None, :] * cell_w
+    best, owner = np.zeros((rows, cols)), np.full((rows, cols), -1, np.int32)
+    for k, obj in enumerate(scene["objects"]):
+        (cx, cy), r = obj["center"], obj["radius"]
+        over_y = np.clip(np.minimum(y0 + cell_h, cy + r) - np.maximum(y0, cy - r), 0, None)
+        over_x = np.clip(np.minimum(x0 + cell_w, cx + r) - np.maximum(x0, cx - r), 0, None)
+        overlap = over_y * over_x / min(cell_h * cell_w, (2 * r) ** 2)
+        wins = (overlap >= REGION_MIN_OVERLAP) & (overlap > best)
+        best, owner = np.where(wins, overlap, best), np.where(wins, k, owner)
+    for k, obj in enumerate(scene["objects"]):
+        cx, cy = obj["center"]
+        owner[min(int(cy // cell_h), rows - 1), min(int(cx // cell_w), cols - 1)] = k
+    return owner.reshape(-1)
+
+
+def region_labels(scene: dict, grid_thw) -> np.ndarray:
+    """(merged tokens, 3) int32: per merged token, the shape, colour and size class of the
+    object covering it (region_owners; 1 + index in REGION_ATTRIBUTES, 0: background)."""
+    owner = region_owners(scene, grid_thw)
+    table = np.array([[0] * len(REGION_ATTRIBUTES)]
+                     + [[1 + values.index(obj[attr]) for attr, values in REGION_ATTRIBUTES]
+                        for obj in scene["objects"]], np.int32)
+    return table[owner + 1]
+
+
 class CaptionedImage:
-    """Record bytes -> the image's patches and the multi-hot tokens of its scene's caption,
-    or a bad-record marker (skipped and counted downstream)."""
+    """Record bytes -> the image's patches, the multi-hot tokens of its scene's caption and its
+    tokens' region labels, or a bad-record marker (skipped and counted downstream)."""
 
     def __init__(self, tokenizer, vocab_size: int, opts: omni_pipeline.VisionOptions):
         self.tokenizer, self.vocab_size, self.opts = tokenizer, vocab_size, opts
@@ -78,18 +119,23 @@ class CaptionedImage:
             record = sw.decode_record(raw)
             item = omni_pipeline.preprocess_media("image", record["images"][0], self.opts)
             ids = self.tokenizer.encode(sw.caption_text(record["attributes"]))
+            regions = region_labels(record["attributes"], item.grid_thw)
         except (ValueError, KeyError, TypeError, IndexError):
             return {pipeline._BAD: 1}
         targets = np.zeros(self.vocab_size, np.float32)
         targets[[i for i in ids if i < self.vocab_size]] = 1.0
-        return {"patches": item.patches, "grid_thw": item.grid_thw, "targets": targets}
+        return {"patches": item.patches, "grid_thw": item.grid_thw, "targets": targets, "region_labels": regions}
 
 
 def pack_row(images: list[dict], patches_per_row: int) -> dict:
     """`images_per_row` images -> one fixed-size patch pack (image k is segment k + 1)."""
     packed = ip.pack_patches([(im["patches"], im["grid_thw"]) for im in images], bucket_sizes=(patches_per_row,))
+    regions = np.full((patches_per_row // ip.MERGE_SIZE ** 2, len(REGION_ATTRIBUTES)), -1, np.int32)  # -1: padding
+    if all("region_labels" in im for im in images):  # else no region targets: all padding
+        labels = np.concatenate([im["region_labels"] for im in images])
+        regions[:len(labels)] = labels
     return {"patches": packed["patches"], "segment_ids": packed["segment_ids"], "hw": packed["hw_positions"],
-            "targets": np.stack([im["targets"] for im in images]),
+            "targets": np.stack([im["targets"] for im in images]), "region_labels": regions,
             "num_bad_records": sum(int(im.get("num_bad_records", 0)) for im in images)}
 
 
@@ -139,25 +185,53 @@ class CaptionTokenHead(nn.Module):
                         name="classifier")(features)
 
 
-class TowerClassifier(nn.Module):
-    """The vision tower, a vocabulary classifier, and a pool over each image's merged tokens.
+class RegionHead(nn.Module):
+    """LayerNorm, then per merged token one logit per class of each region attribute
+    (shape, colour, size; class 0 background), concatenated."""
 
-    pooling "mean": classify the mean of the image's tokens (SuperClass). "max": classify
-    every token and take each word's largest logit in the image (multiple-instance
-    learning), so the one token that holds the star must itself say "star"; a mean lets
-    the background tokens dilute an object's outline.
+    @nn.compact
+    def __call__(self, features):
+        features = LayerNorm(name="norm")(features)
+        return nn.Dense(sum(REGION_CLASSES), kernel_init=kernel_init(("embed", "region_class")),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("region_class",)),
+                        name="classifier")(features)
+
+
+class TowerClassifier(nn.Module):
+    """The vision tower and its pre-training heads -> {"caption": (B, K, vocab), "regions": (B, M, classes)}.
+
+    "caption": a vocabulary classifier and a pool over each image's merged tokens. pooling
+    "mean": classify the mean of the image's tokens (SuperClass). "max": classify every
+    token and take each word's largest logit in the image (multiple-instance learning), so
+    the one token that holds the star must itself say "star"; a mean lets the background
+    tokens dilute an object's outline.
+    "regions": every merged token names the shape, colour and size of the object it covers
+    (RegionHead), as detector features with attribute heads (Anderson et al. 2018,
+    "Bottom-Up and Top-Down Attention"): one token holds one object's attributes together.
     """
     vision: VisionConfig
     vocab_size: int
     images_per_row: int
     pooling: str = "mean"
+    objective: str = "caption"
 
     @nn.compact
     def __call__(self, patches, segment_ids, hw):
-        """patches (B, N, D), segment_ids (B, N) (image k = k + 1), hw (B, 2, N) -> logits (B, K, vocab)."""
+        """patches (B, N, D), segment_ids (B, N) (image k = k + 1), hw (B, 2, N) -> the heads' logits."""
         if self.pooling not in POOLINGS:
             raise ValueError(f"config.tower_pretrain.pooling={self.pooling!r}: use one of {POOLINGS}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"config.tower_pretrain.objective={self.objective!r}: use one of {OBJECTIVES}")
         features, merged_ids = VisionEncoder(self.vision, name="vision")(patches, segment_ids, hw)
+        out = {}
+        if "regions" in self.objective:
+            regions = RegionHead(name="region_head")(features)
+            out["regions"] = nn.with_logical_constraint(regions, ("activation_batch", "activation_length", None))
+        if "caption" in self.objective:
+            out["caption"] = self.caption_logits(features, merged_ids)
+        return out
+
+    def caption_logits(self, features, merged_ids):
         if self.pooling == "mean":
             weights = (merged_ids[..., None] == jnp.arange(1, self.images_per_row + 1)).astype(features.dtype)
             features = jnp.einsum("bmk,bmd->bkd", weights, features) / jnp.maximum(weights.sum(1), 1.0)[..., None]
@@ -171,6 +245,7 @@ class TowerClassifier(nn.Module):
 
 
 POOLINGS = ("mean", "max")
+OBJECTIVES = ("caption", "regions", "caption+regions")
 
 
 def model_inputs(batch) -> dict:
@@ -178,8 +253,18 @@ def model_inputs(batch) -> dict:
 
 
 def loss_fn(params, batch, *, model):
-    logits = model.apply({"params": params}, **model_inputs(batch)).astype(jnp.float32)
-    targets = batch["targets"]
+    out = model.apply({"params": params}, **model_inputs(batch))
+    loss, metrics = 0.0, {}
+    if "caption" in out:
+        metrics.update(caption_loss(out["caption"].astype(jnp.float32), batch["targets"]))
+        loss += metrics["caption_loss"]
+    if "regions" in out:
+        metrics.update(region_loss(out["regions"].astype(jnp.float32), batch["region_labels"]))
+        loss += metrics["region_loss"]
+    return loss, dict(metrics, loss=loss)
+
+
+def caption_loss(logits, targets) -> dict:
     # One sigmoid classifier per token. (SuperClass's softmax needs IDF weights: without them,
     # on the shapes world, it learned the frequent words and no colour in 400 steps.)
     loss = optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1).mean()
@@ -187,7 +272,27 @@ def loss_fn(params, batch, *, model):
     k = targets.sum(-1, keepdims=True)
     rank = jnp.argsort(jnp.argsort(-logits, axis=-1), axis=-1)
     recall = ((rank < k) * targets).sum() / jnp.maximum(targets.sum(), 1.0)
-    return loss, {"loss": loss, "caption_token_recall": recall}
+    return {"caption_loss": loss, "caption_token_recall": recall}
+
+
+def split_regions(logits) -> list:
+    """(..., sum(REGION_CLASSES)) -> one (..., classes) array per region attribute."""
+    ends = np.cumsum(REGION_CLASSES)
+    return [logits[..., end - size:end] for size, end in zip(REGION_CLASSES, ends)]
+
+
+def region_loss(logits, labels) -> dict:
+    """Softmax cross-entropy per attribute over the image tokens (labels -1: padding), summed
+    over attributes; and the accuracy on the tokens that cover an object."""
+    valid = labels[..., 0] >= 0
+    on_object = labels[..., 0] > 0
+    loss, metrics = 0.0, {}
+    for (attr, _), part, label in zip(REGION_ATTRIBUTES, split_regions(logits), jnp.moveaxis(labels, -1, 0)):
+        ce = optax.softmax_cross_entropy_with_integer_labels(part, jnp.maximum(label, 0))
+        loss += jnp.where(valid, ce, 0.0).sum() / jnp.maximum(valid.sum(), 1)
+        hit = (part.argmax(-1) == label) & on_object
+        metrics[f"region_{attr}_accuracy"] = hit.sum() / jnp.maximum(on_object.sum(), 1)
+    return dict(metrics, region_loss=loss)
 
 
 def jit_step(model, mesh, rules, shardings):
@@ -219,6 +324,7 @@ class TowerPretrainConfig:
     peak_lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.05
+    objective: str = "caption"  # "caption" | "regions" | "caption+regions" (TowerClassifier)
     pooling: str = "mean"  # "mean" (SuperClass) | "max": each word from its best token (TowerClassifier)
     head_bias: str = "prior"  # "prior": each token's caption frequency (prior_batches) | "rare": -log(vocab)
     prior_batches: int = 4
@@ -231,7 +337,8 @@ def example_shapes(tc: TowerPretrainConfig, vocab_size: int) -> dict:
     b, n = tc.batch_size, tc.patches_per_row
     return {"patches": jax.ShapeDtypeStruct((b, n, omni_pipeline.PATCH_DIM), jnp.float32),
             "segment_ids": jax.ShapeDtypeStruct((b, n), jnp.int32), "hw": jax.ShapeDtypeStruct((b, 2, n), jnp.int32),
-            "targets": jax.ShapeDtypeStruct((b, tc.images_per_row, vocab_size), jnp.float32)}
+            "targets": jax.ShapeDtypeStruct((b, tc.images_per_row, vocab_size), jnp.float32),
+            "region_labels": jax.ShapeDtypeStruct((b, n // ip.MERGE_SIZE ** 2, len(REGION_ATTRIBUTES)), jnp.int32)}
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -251,7 +358,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer = tokenizer_lib.get_tokenizer(config)
     vision = dataclass_from_config(VisionConfig, config.model.vision, "model.vision")
     vocab_size = int(config.model.llm.vocab_size)
-    model = TowerClassifier(vision, vocab_size, tc.images_per_row, tc.pooling)
+    model = TowerClassifier(vision, vocab_size, tc.images_per_row, tc.pooling, tc.objective)
     opt = ml_collections.ConfigDict(dict(config.opt))
     # Assigned one by one: ConfigDict.update would merge the omni run's lr_multipliers into {}.
     for key, value in dict(name="adamw", peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps,
@@ -270,7 +377,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
         restore_into = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state, _ = checkpointer.restore(restore_into, data_iter)
         logging.info("resumed from step %d", int(state.step))
-    elif tc.head_bias == "prior":
+    elif tc.head_bias == "prior" and "caption" in tc.objective:
         state = _head_bias_at_prior(state, shardings, config, tokenizer, tc.prior_batches)
     step_fn = jit_step(model, mesh, rules, shardings)
     flops = training_flops_per_pack(vision, tc.patches_per_row) * tc.batch_size
@@ -333,16 +440,35 @@ def attribute_accuracy(logits: np.ndarray, scenes: list[dict], shape_ids, color_
     return out
 
 
+def region_accuracy(logits: list[np.ndarray], scenes: list[dict], grids: list) -> dict:
+    """logits: per image (its merged tokens, sum(REGION_CLASSES)) of the region head. Each
+    object's shape (colour) is the class, background aside, of the largest summed logit
+    over the tokens it covers (region_owners); the share right, averaged per number of
+    objects, in attribute_accuracy's layout."""
+    hits, num_scenes = {"shape": {}, "color": {}}, {}
+    for image, scene, grid in zip(logits, scenes, grids):
+        n, owner = str(len(scene["objects"])), region_owners(scene, grid)
+        num_scenes[n] = num_scenes.get(n, 0) + 1
+        parts = dict(zip([attr for attr, _ in REGION_ATTRIBUTES], split_regions(np.asarray(image))))
+        for k, obj in enumerate(scene["objects"]):
+            for attr, values in REGION_ATTRIBUTES[:2]:
+                guess = values[int(np.argmax(parts[attr][owner == k, 1:].sum(0)))]
+                hits[attr].setdefault(n, []).append(float(guess == obj[attr]))
+    out = {attr: {n: float(np.mean(v)) for n, v in sorted(by_n.items())} for attr, by_n in hits.items()}
+    out["num_scenes"] = dict(sorted(num_scenes.items()))
+    return out
+
+
 def evaluate_head(model, params, config, tokenizer, mesh, rules, num_batches: int, seed: int = 7) -> dict:
-    """The head's shape and colour accuracy on fresh scenes (half with one object, where an
-    answer needs no locating), `num_batches` batches of tower_pretrain.batch_size rows."""
+    """The heads' shape and colour accuracy on fresh scenes (half with one object, where an
+    answer needs no locating), `num_batches` batches of tower_pretrain.batch_size rows: the
+    region head's (region_accuracy) if the model has one, else the caption head's
+    (attribute_accuracy)."""
     tc, opts = config.tower_pretrain, omni_pipeline.VisionOptions.from_config(config)
     rng = np.random.default_rng(seed)
-    shape_ids = word_token_ids(tokenizer, sw.SHAPES)
-    color_ids = word_token_ids(tokenizer, sw.COLORS)
     vocab_size = int(config.model.llm.vocab_size)
     apply = jax.jit(lambda p, *inputs: model.apply({"params": p}, *inputs))
-    logits, scenes = [], []
+    outputs, scenes, grids = [], [], []
     for _ in range(num_batches):
         rows = []
         for _ in range(int(tc.batch_size)):
@@ -353,12 +479,22 @@ def evaluate_head(model, params, config, tokenizer, mesh, rules, num_batches: in
                 images.append({"patches": item.patches, "grid_thw": item.grid_thw,
                                "targets": np.zeros(vocab_size, np.float32)})
                 scenes.append(scene)
+                grids.append(item.grid_thw)
             rows.append(pack_row(images, int(tc.patches_per_row)))
         batch = {k: np.stack([r[k] for r in rows]) for k in ("patches", "segment_ids", "hw")}
         with sharding.activate(mesh, rules):
-            out = apply(params, batch["patches"], batch["segment_ids"], batch["hw"])
-        logits.append(np.asarray(jax.device_get(out)).reshape(-1, vocab_size))
-    return attribute_accuracy(np.concatenate(logits), scenes, shape_ids, color_ids)
+            out = jax.device_get(apply(params, batch["patches"], batch["segment_ids"], batch["hw"]))
+        outputs.append(out)
+    if "regions" in outputs[0]:
+        rows = [row for out in outputs for row in np.asarray(out["regions"])]
+        per_image, k = [], int(tc.images_per_row)
+        for i, row in enumerate(rows):
+            sizes = [ip.num_merged_tokens(g) for g in grids[i * k:(i + 1) * k]]
+            per_image += np.split(row[:sum(sizes)], np.cumsum(sizes)[:-1])
+        return dict(region_accuracy(per_image, scenes, grids), head="regions")
+    logits = np.concatenate([np.asarray(out["caption"]).reshape(-1, vocab_size) for out in outputs])
+    shape_ids, color_ids = word_token_ids(tokenizer, sw.SHAPES), word_token_ids(tokenizer, sw.COLORS)
+    return dict(attribute_accuracy(logits, scenes, shape_ids, color_ids), head="caption")
 
 
 def caption_token_prior(batches, num_images: int) -> np.ndarray:

@@ -62,10 +62,10 @@ def test_an_images_logits_ignore_the_other_images_of_its_row(pooling):
     assert list(np.unique(row["segment_ids"])) == [0, 1, 2] and row["targets"].shape == (2, 7)
     inputs = [row[k][None] for k in ("patches", "segment_ids", "hw")]
     params = model.init(jax.random.key(0), *inputs)["params"]
-    logits = model.apply({"params": params}, *inputs)
+    logits = model.apply({"params": params}, *inputs)["caption"]
     images[1]["patches"] = images[1]["patches"] + 1.0
     changed = pt.pack_row(images, 64)
-    logits2 = model.apply({"params": params}, *[changed[k][None] for k in ("patches", "segment_ids", "hw")])
+    logits2 = model.apply({"params": params}, *[changed[k][None] for k in ("patches", "segment_ids", "hw")])["caption"]
     np.testing.assert_allclose(logits[0, 0], logits2[0, 0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(logits[0, 1], logits2[0, 1])
 
@@ -78,7 +78,7 @@ def test_max_pooling_takes_each_words_best_token_of_the_image():
     row = pt.pack_row(images, 64)
     inputs = [row[k][None] for k in ("patches", "segment_ids", "hw")]
     params = model.init(jax.random.key(0), *inputs)["params"]
-    logits = np.asarray(model.apply({"params": params}, *inputs))[0]
+    logits = np.asarray(model.apply({"params": params}, *inputs)["caption"])[0]
     features, merged_ids = VisionEncoder(TINY_VISION).apply({"params": params["vision"]}, *inputs)
     token_logits = np.asarray(pt.CaptionTokenHead(7).apply({"params": params["head"]}, features))[0]
     for k in (1, 2):
@@ -163,3 +163,80 @@ def test_attribute_accuracy_scores_the_top_words_against_the_scenes_objects():
     got = pt.attribute_accuracy(logits, scenes, shape_ids, color_ids)
     assert sw.SHAPES[3] == "star" and list(sw.COLORS)[:3] == ["red", "orange", "yellow"]
     assert got == {"shape": {"1": 0.5, "2": 0.5}, "color": {"1": 1.0, "2": 0.0}, "num_scenes": {"1": 2, "2": 1}}
+
+
+def _scene(*objects, width=112, height=112):
+    return {"width": width, "height": height, "objects": [
+        {"shape": s, "color": c, "size": z, "center": list(center), "radius": r} for s, c, z, center, r in objects]}
+
+
+def test_region_labels_give_each_token_the_object_covering_it():
+    """112x112 at grid (1, 8, 8): 4x4 merged tokens of 28 px."""
+    scene = _scene(("star", "red", "small", (14, 14), 10),  # inside token (0, 0)
+                   ("circle", "blue", "large", (56, 56), 20),  # 20x20 px of each of the four middle tokens
+                   ("square", "green", "small", (84, 84), 5))  # between four tokens: only the one at its centre
+    owner = pt.region_owners(scene, (1, 8, 8)).reshape(4, 4)
+    np.testing.assert_array_equal(owner, [[0, -1, -1, -1], [-1, 1, 1, -1], [-1, 1, 1, -1], [-1, -1, -1, 2]])
+    labels = pt.region_labels(scene, (1, 8, 8))
+    star = [1 + sw.SHAPES.index("star"), 1 + list(sw.COLORS).index("red"), 1 + sw.SIZES.index("small")]
+    assert labels.shape == (16, 3) and list(labels[0]) == star and list(labels[1]) == [0, 0, 0]
+    assert labels[5, 0] == labels[10, 0] == 1 + sw.SHAPES.index("circle")
+    # The scene's pixels map onto the resized image's grid: at (1, 4, 4), tokens of 56 scene px.
+    np.testing.assert_array_equal(pt.region_owners(_scene(("star", "red", "small", (70, 20), 10)),
+                                                   (1, 4, 4)), [-1, 0, -1, -1])
+
+
+def test_record_region_labels_line_up_with_the_packed_merged_tokens(config):
+    tokenizer = get_tokenizer(config)
+    opts = op.VisionOptions.from_config(config)
+    raws = [sw.encode_record(sw.make_record(0, "train", i, ("caption",))) for i in (1, 2)]
+    images = [pt.CaptionedImage(tokenizer, 512, opts)(raw) for raw in raws]
+    row = pt.pack_row(images, 128)
+    sizes = [len(im["region_labels"]) for im in images]
+    assert sizes == [int(np.prod(im["grid_thw"])) // 4 for im in images]
+    np.testing.assert_array_equal(row["region_labels"][:sum(sizes)], np.concatenate([im["region_labels"] for im in images]))
+    assert np.all(row["region_labels"][sum(sizes):] == -1) and row["region_labels"].shape == (32, 3)
+    merged_ids = row["segment_ids"][::4]
+    assert np.all((merged_ids > 0) == (row["region_labels"][:, 0] >= 0))
+
+
+def test_region_loss_skips_padding_and_scores_object_tokens():
+    labels = np.array([[[2, 3, 1], [0, 0, 0], [-1, -1, -1]]], np.int32)  # an object, background, padding
+    perfect = np.full((1, 3, sum(pt.REGION_CLASSES)), -20.0, np.float32)
+    for token, label in enumerate(labels[0]):
+        for part, offset in zip(label, np.cumsum((0,) + pt.REGION_CLASSES[:-1])):
+            perfect[0, token, offset + max(part, 0)] = 20.0
+    out = pt.region_loss(perfect, labels)
+    assert float(out["region_loss"]) < 1e-6 and float(out["region_shape_accuracy"]) == 1.0
+    wrong_padding = perfect.copy()
+    wrong_padding[0, 2] = np.random.default_rng(0).normal(size=sum(pt.REGION_CLASSES)) * 5
+    assert float(pt.region_loss(wrong_padding, labels)["region_loss"]) < 1e-6  # padding: no loss
+    uniform = pt.region_loss(np.zeros_like(perfect), labels)["region_loss"]
+    np.testing.assert_allclose(float(uniform), sum(np.log(pt.REGION_CLASSES)), rtol=1e-5)
+
+
+def test_region_accuracy_reads_each_objects_tokens():
+    scene = _scene(("star", "red", "small", (14, 14), 10), ("circle", "blue", "large", (56, 56), 20))
+    logits = np.zeros((16, sum(pt.REGION_CLASSES)), np.float32)
+    shape, color = pt.split_regions(np.arange(sum(pt.REGION_CLASSES)))[:2]
+    logits[0, shape[1 + sw.SHAPES.index("star")]] = 1  # the star right, its colour wrong (purple)
+    logits[0, color[1 + list(sw.COLORS).index("purple")]] = 1
+    for token in (5, 6, 9):  # the circle's tokens: three say square, one (10) strongly circle
+        logits[token, shape[1 + sw.SHAPES.index("square")]] = 1
+    logits[10, shape[1 + sw.SHAPES.index("circle")]] = 5
+    logits[[5, 6, 9, 10], color[1 + list(sw.COLORS).index("blue")]] = 1
+    got = pt.region_accuracy([logits], [scene], [(1, 8, 8)])
+    assert got == {"shape": {"2": 1.0}, "color": {"2": 0.5}, "num_scenes": {"2": 1}}
+
+
+def test_pretrain_on_regions_learns_and_scores_its_region_head(config, tmp_path):
+    regions = config.copy_and_resolve_references()
+    regions.tower_pretrain.update(dict(objective="regions", steps=12))
+    last = pt.pretrain(regions, str(tmp_path / "tower"))
+    losses = [record["region_loss"] for _, record in sorted(read_metrics(tmp_path / "tower" / "metrics.jsonl").items())]
+    assert last["bad_records"] == 0 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    written = json.loads((tmp_path / "tower" / "tower_eval.json").read_text())
+    assert written["head"] == "regions" and sum(written["num_scenes"].values()) == 32
+    with pytest.raises(ValueError, match="objective='words'"):
+        regions.tower_pretrain.objective = "words"
+        pt.pretrain(regions, str(tmp_path / "other"))
