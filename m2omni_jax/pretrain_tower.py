@@ -67,7 +67,10 @@ SCENE_TASKS = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position")
 
 
 # Region targets: each merged token's object (0: background), as indices into these.
-REGION_ATTRIBUTES = (("shape", sw.SHAPES), ("color", tuple(sw.COLORS)), ("size", sw.SIZES))
+# The position is the object's grid cell ("top left"), not the token's: a token at a big
+# object's edge still says where its object is, as the caption's "at the top left" does.
+REGION_ATTRIBUTES = (("shape", sw.SHAPES), ("color", tuple(sw.COLORS)), ("size", sw.SIZES),
+                     ("position", sw.POSITIONS))
 REGION_CLASSES = tuple(1 + len(values) for _, values in REGION_ATTRIBUTES)  # + background
 REGION_MIN_OVERLAP = 0.3  # of the smaller of the token's box and the object's box
 
@@ -98,8 +101,8 @@ def region_owners(scene: dict, grid_thw) -> np.ndarray:
 
 
 def region_labels(scene: dict, grid_thw) -> np.ndarray:
-    """(merged tokens, 3) int32: per merged token, the shape, colour and size class of the
-    object covering it (region_owners; 1 + index in REGION_ATTRIBUTES, 0: background)."""
+    """(merged tokens, 4) int32: per merged token, the shape, colour, size and position class
+    of the object covering it (region_owners; 1 + index in REGION_ATTRIBUTES, 0: background)."""
     owner = region_owners(scene, grid_thw)
     table = np.array([[0] * len(REGION_ATTRIBUTES)]
                      + [[1 + values.index(obj[attr]) for attr, values in REGION_ATTRIBUTES]
@@ -187,7 +190,7 @@ class CaptionTokenHead(nn.Module):
 
 class RegionHead(nn.Module):
     """LayerNorm, then per merged token one logit per class of each region attribute
-    (shape, colour, size; class 0 background), concatenated."""
+    (REGION_ATTRIBUTES; class 0 background), concatenated."""
 
     @nn.compact
     def __call__(self, features):
@@ -205,7 +208,7 @@ class TowerClassifier(nn.Module):
     token and take each word's largest logit in the image (multiple-instance learning), so
     the one token that holds the star must itself say "star"; a mean lets the background
     tokens dilute an object's outline.
-    "regions": every merged token names the shape, colour and size of the object it covers
+    "regions": every merged token names the shape, colour, size and position of the object it covers
     (RegionHead), as detector features with attribute heads (Anderson et al. 2018,
     "Bottom-Up and Top-Down Attention"): one token holds one object's attributes together.
     """
@@ -442,16 +445,16 @@ def attribute_accuracy(logits: np.ndarray, scenes: list[dict], shape_ids, color_
 
 def region_accuracy(logits: list[np.ndarray], scenes: list[dict], grids: list) -> dict:
     """logits: per image (its merged tokens, sum(REGION_CLASSES)) of the region head. Each
-    object's shape (colour) is the class, background aside, of the largest summed logit
+    object's shape (colour, position) is the class, background aside, of the largest summed logit
     over the tokens it covers (region_owners); the share right, averaged per number of
     objects, in attribute_accuracy's layout."""
-    hits, num_scenes = {"shape": {}, "color": {}}, {}
+    hits, num_scenes = {"shape": {}, "color": {}, "position": {}}, {}
     for image, scene, grid in zip(logits, scenes, grids):
         n, owner = str(len(scene["objects"])), region_owners(scene, grid)
         num_scenes[n] = num_scenes.get(n, 0) + 1
         parts = dict(zip([attr for attr, _ in REGION_ATTRIBUTES], split_regions(np.asarray(image))))
         for k, obj in enumerate(scene["objects"]):
-            for attr, values in REGION_ATTRIBUTES[:2]:
+            for attr, values in (a for a in REGION_ATTRIBUTES if a[0] in hits):
                 guess = values[int(np.argmax(parts[attr][owner == k, 1:].sum(0)))]
                 hits[attr].setdefault(n, []).append(float(guess == obj[attr]))
     out = {attr: {n: float(np.mean(v)) for n, v in sorted(by_n.items())} for attr, by_n in hits.items()}

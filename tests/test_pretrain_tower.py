@@ -167,7 +167,9 @@ def test_attribute_accuracy_scores_the_top_words_against_the_scenes_objects():
 
 def _scene(*objects, width=112, height=112):
     return {"width": width, "height": height, "objects": [
-        {"shape": s, "color": c, "size": z, "center": list(center), "radius": r} for s, c, z, center, r in objects]}
+        {"shape": s, "color": c, "size": z, "center": list(center), "radius": r,
+         "position": sw.POSITIONS[min(int(center[1] * 3 / height), 2) * 3 + min(int(center[0] * 3 / width), 2)]}
+        for s, c, z, center, r in objects]}
 
 
 def test_region_labels_give_each_token_the_object_covering_it():
@@ -178,8 +180,10 @@ def test_region_labels_give_each_token_the_object_covering_it():
     owner = pt.region_owners(scene, (1, 8, 8)).reshape(4, 4)
     np.testing.assert_array_equal(owner, [[0, -1, -1, -1], [-1, 1, 1, -1], [-1, 1, 1, -1], [-1, -1, -1, 2]])
     labels = pt.region_labels(scene, (1, 8, 8))
-    star = [1 + sw.SHAPES.index("star"), 1 + list(sw.COLORS).index("red"), 1 + sw.SIZES.index("small")]
-    assert labels.shape == (16, 3) and list(labels[0]) == star and list(labels[1]) == [0, 0, 0]
+    star = [1 + sw.SHAPES.index("star"), 1 + list(sw.COLORS).index("red"), 1 + sw.SIZES.index("small"),
+            1 + sw.POSITIONS.index("top left")]
+    assert labels.shape == (16, 4) and list(labels[0]) == star and list(labels[1]) == [0, 0, 0, 0]
+    assert labels[5, 3] == labels[10, 3] == 1 + sw.POSITIONS.index("center")
     assert labels[5, 0] == labels[10, 0] == 1 + sw.SHAPES.index("circle")
     # The scene's pixels map onto the resized image's grid: at (1, 4, 4), tokens of 56 scene px.
     np.testing.assert_array_equal(pt.region_owners(_scene(("star", "red", "small", (70, 20), 10)),
@@ -195,13 +199,13 @@ def test_record_region_labels_line_up_with_the_packed_merged_tokens(config):
     sizes = [len(im["region_labels"]) for im in images]
     assert sizes == [int(np.prod(im["grid_thw"])) // 4 for im in images]
     np.testing.assert_array_equal(row["region_labels"][:sum(sizes)], np.concatenate([im["region_labels"] for im in images]))
-    assert np.all(row["region_labels"][sum(sizes):] == -1) and row["region_labels"].shape == (32, 3)
+    assert np.all(row["region_labels"][sum(sizes):] == -1) and row["region_labels"].shape == (32, 4)
     merged_ids = row["segment_ids"][::4]
     assert np.all((merged_ids > 0) == (row["region_labels"][:, 0] >= 0))
 
 
 def test_region_loss_skips_padding_and_scores_object_tokens():
-    labels = np.array([[[2, 3, 1], [0, 0, 0], [-1, -1, -1]]], np.int32)  # an object, background, padding
+    labels = np.array([[[2, 3, 1, 9], [0, 0, 0, 0], [-1, -1, -1, -1]]], np.int32)  # an object, background, padding
     perfect = np.full((1, 3, sum(pt.REGION_CLASSES)), -20.0, np.float32)
     for token, label in enumerate(labels[0]):
         for part, offset in zip(label, np.cumsum((0,) + pt.REGION_CLASSES[:-1])):
@@ -226,7 +230,8 @@ def test_region_accuracy_reads_each_objects_tokens():
     logits[10, shape[1 + sw.SHAPES.index("circle")]] = 5
     logits[[5, 6, 9, 10], color[1 + list(sw.COLORS).index("blue")]] = 1
     got = pt.region_accuracy([logits], [scene], [(1, 8, 8)])
-    assert got == {"shape": {"2": 1.0}, "color": {"2": 0.5}, "num_scenes": {"2": 1}}
+    # Position logits all 0: both objects read as the first class, "top left" (the star's).
+    assert got == {"shape": {"2": 1.0}, "color": {"2": 0.5}, "position": {"2": 0.5}, "num_scenes": {"2": 1}}
 
 
 def test_pretrain_on_regions_learns_and_scores_its_region_head(config, tmp_path):
