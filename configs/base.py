@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
         param_dtype="float32", remat_policy="none", scan=True,
         layer_norm_epsilon=1e-6,  # Qwen2-VL's; a tower from scratch wants ~1 (models/vision.py)
         zero_init_residual=False,  # True: blocks start as the identity (a tower from scratch)
-        conv_stem_channels=()))  # () = linear patch embedding; e.g. (32, 64): a conv stem per patch
+        conv_stem_channels=(),  # () = linear patch embedding; e.g. (32, 64): a conv stem per patch
+        fractional_position_frequencies=0))  # > 0: + where each patch sits in its image (NaViT)
     # output_scale: 1 = the paper's unit-norm tokens (right for a pretrained Llama); ≈ √width
     # for an LLM trained from scratch, whose N(0, 1) token embeddings have that norm.
     config.model.connector = ml_collections.ConfigDict(dict(

@@ -164,12 +164,13 @@ def test_activation_constraints_take_effect_under_activate(sharded_run):
         "i.e. sharding.activate did not make the mesh visible to flax (jax.set_mesh)")
 
 
-@pytest.mark.parametrize("stem", [(), (16, 32)])
-def test_training_flops_formula_matches_xla_forward_count(stem):
+@pytest.mark.parametrize("stem, fractions", [((), 0), ((16, 32), 0), ((), 4)])
+def test_training_flops_formula_matches_xla_forward_count(stem, fractions):
     """The 6·N + attention formula is 3× the forward FLOPs XLA counts (unrolled layers,
     so the cost analysis sees every block), to within the elementwise ops it leaves out."""
     from m2omni_jax.models.vision import training_flops_per_pack
-    cfg = VisionConfig.tiny(width=64, depth=2, scan=False, conv_stem_channels=stem)
+    cfg = VisionConfig.tiny(width=64, depth=2, scan=False, conv_stem_channels=stem,
+                            fractional_position_frequencies=fractions)
     pack = 64
     patches = jnp.zeros((1, pack, cfg.patch_dim))
     segments = jnp.ones((1, pack), jnp.int32)
@@ -255,3 +256,44 @@ def test_conv_stem_tower_keeps_images_and_padding_apart():
 def test_conv_stem_channels_must_be_positive():
     with pytest.raises(ValueError, match="conv_stem_channels"):
         VisionConfig.tiny(conv_stem_channels=(16, 0))
+
+
+def test_patch_grid_fractions_are_each_patchs_centre_within_its_image():
+    from m2omni_jax.models.vision import patch_grid_fractions
+    packed = ip.pack_patches([ip.patchify(np.zeros((28, 56, 3), np.float32)),  # 2x4 patches
+                              ip.patchify(np.zeros((28, 28, 3), np.float32))], bucket_sizes=(16,))
+    fractions = np.asarray(patch_grid_fractions(packed["hw_positions"][None], packed["segment_ids"][None]))[0]
+    rows, cols = packed["hw_positions"][:, :8]
+    np.testing.assert_allclose(fractions[:8], np.stack([(rows + 0.5) / 2, (cols + 0.5) / 4], -1))
+    np.testing.assert_allclose(fractions[8:12], (packed["hw_positions"][:, 8:12].T + 0.5) / 2)
+
+
+FRACTIONS = VisionConfig.tiny(out_width=32, fractional_position_frequencies=3)
+
+
+def test_fractional_positions_tell_the_places_of_a_uniform_image_apart():
+    """Identical patches everywhere: 2-D RoPE is relative, so without absolute positions every
+    merged token comes out the same; with them, each knows where in the image it is."""
+    uniform = _pack([np.ones((56, 56, 3), np.float32)], bucket=16)
+    for config, distinct in ((VisionConfig.tiny(out_width=32), False), (FRACTIONS, True)):
+        model, params = _tower_params(config, uniform)
+        features = np.asarray(model.apply(params, *uniform)[0][0])
+        spread = np.abs(features - features[:1]).max()
+        assert (spread > 1e-3) if distinct else (spread < 1e-5), (config, spread)
+    model, params = _tower_params(FRACTIONS, uniform)
+    assert params["params"]["position_embed"]["kernel"].names == (None, "embed")
+
+
+def test_fractional_position_tower_keeps_images_and_padding_apart():
+    model, params = _tower_params(FRACTIONS, _pack(_images(0)))
+    patches, segments, positions = _pack(_images(0))
+    clean, _ = model.apply(params, patches, segments, positions)
+    changed, moved = patches.copy(), positions.copy()
+    changed[0, 16:28] += 1.0  # image 1
+    changed[0, 36:], moved[0, :, 36:] = 100.0, 40  # the padding, far away
+    after, _ = model.apply(params, changed, segments, moved)
+    np.testing.assert_allclose(after[0, :4], clean[0, :4], atol=1e-6)
+    np.testing.assert_allclose(after[0, 7:], clean[0, 7:], atol=1e-6)
+    assert np.abs(np.asarray(after[0, 4:7] - clean[0, 4:7])).max() > 1e-3
+    alone, _ = model.apply(params, *_pack(_images(0)[2:], bucket=8))
+    np.testing.assert_allclose(clean[0, 7:9], alone[0], atol=1e-5)

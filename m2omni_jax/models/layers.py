@@ -43,6 +43,12 @@ REMAT_POLICIES = {
 }
 
 
+def fourier_features(fractions, num_frequencies: int):
+    """(..., 2) fractions in [0, 1] -> (..., 4·num_frequencies) sin/cos of π·2^k·fraction."""
+    angles = fractions[..., None] * (jnp.pi * 2.0 ** jnp.arange(num_frequencies))
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1).reshape(*fractions.shape[:-1], -1)
+
+
 def remat_policy(name: str):
     if name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {name!r}; use one of {sorted(REMAT_POLICIES)}")

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models.audio import AudioConfig, AudioEncoder
 from m2omni_jax.models.connectors import CONNECTOR_KINDS, grid_mask, make_connector
-from m2omni_jax.models.layers import kernel_init, zeros_init
+from m2omni_jax.models.layers import fourier_features, kernel_init, zeros_init  # noqa: F401 (re-exported)
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
 
@@ -231,12 +231,6 @@ def segment_grids(features, merged_segment_ids, vision_hw, max_segments: int, ma
     extents = jax.vmap(lambda r, hw: jnp.zeros((max_segments, 2), jnp.int32).at[r].max(hw + 1, mode="drop"))(
         jnp.where(inside, rank, max_segments), rc.astype(jnp.int32))
     return grids.reshape(batch, max_segments, max_side, max_side, width), extents
-
-
-def fourier_features(fractions, num_frequencies: int):
-    """(..., 2) fractions in [0, 1] -> (..., 4·num_frequencies) sin/cos of π·2^k·fraction."""
-    angles = fractions[..., None] * (jnp.pi * 2.0 ** jnp.arange(num_frequencies))
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1).reshape(*fractions.shape[:-1], -1)
 
 
 def scatter_features(embeddings, is_placeholder, features, feature_valid):

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m2omni_jax.models.layers import (LayerNorm, MergeHeads, SplitHeads, kernel_init, maybe_remat,
-                                     to_dtype, zeros_init)
+from m2omni_jax.models.layers import (LayerNorm, MergeHeads, SplitHeads, fourier_features, kernel_init,
+                                     maybe_remat, to_dtype, zeros_init)
 from m2omni_jax.models.rope import apply_rotary, vision_2d_rope_angles
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -57,6 +57,11 @@ class VisionConfig:
     # () is Qwen2-VL's linear patch embedding. A from-scratch tower's linear embedding
     # sees colour at once but an outline (circle vs. star) only after thousands of steps.
     conv_stem_channels: tuple[int, ...] = ()
+    # [ours] > 0: add to each patch embedding a projection of Fourier features of the patch's
+    # place in its image, as fractions of the image's rows and columns (NaViT's fractional
+    # positions). 2-D RoPE alone is relative: a from-scratch tower then hardly tells where
+    # in the image an object is ("top left") unless the image is only 2x2 tokens.
+    fractional_position_frequencies: int = 0
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -75,13 +80,13 @@ class VisionConfig:
 
     @property
     def patch_embed_macs(self) -> int:
-        """Multiply-adds of the patch embedding (stem included) per patch."""
+        """Multiply-adds of the patch embedding (stem and fractional positions included) per patch."""
         side, channels, macs = self.patch_size, self.in_channels * self.temporal_patch_size, 0
         for out in self.conv_stem_channels:
             side = -(-side // 2)
             macs += side * side * 9 * channels * out
             channels = out
-        return macs + side * side * channels * self.width
+        return macs + side * side * channels * self.width + 4 * self.fractional_position_frequencies * self.width
 
     @property
     def head_dim(self) -> int:
@@ -244,6 +249,15 @@ class PatchConvStem(nn.Module):
         return x.reshape(batch, length, -1)
 
 
+def patch_grid_fractions(hw_positions, segment_ids):
+    """(B, N, 2) centre of each patch as a fraction of its image's (rows, cols); hw_positions
+    (B, 2, N), segment_ids (B, N). An image's extent is its segment's largest row / col."""
+    rc = jnp.moveaxis(hw_positions, 1, 2)
+    extent = jax.vmap(lambda hw, seg: jax.ops.segment_max(hw, seg, num_segments=seg.shape[0] + 1)[seg])(
+        rc, segment_ids)
+    return (rc + 0.5) / (jnp.maximum(extent, 0) + 1)
+
+
 class VisionEncoder(nn.Module):
     config: VisionConfig
 
@@ -260,6 +274,11 @@ class VisionEncoder(nn.Module):
         # A Linear over the flattened (C, T, P, P) patch equals the Conv3d with stride = kernel.
         x = nn.Dense(cfg.width, use_bias=False, kernel_init=kernel_init(("patch", "embed")),
                      dtype=dtype, param_dtype=to_dtype(cfg.param_dtype), name="patch_embed")(x)
+        if cfg.fractional_position_frequencies:
+            fractions = fourier_features(patch_grid_fractions(hw_positions, segment_ids),
+                                         cfg.fractional_position_frequencies)
+            x = x + nn.Dense(cfg.width, use_bias=False, kernel_init=kernel_init((None, "embed")), dtype=dtype,
+                             param_dtype=to_dtype(cfg.param_dtype), name="position_embed")(fractions.astype(dtype))
         x = nn.with_logical_constraint(x, ACTIVATION)
         angles = vision_2d_rope_angles(jnp.moveaxis(hw_positions, 1, 0), cfg.head_dim, cfg.rope_theta)
 
