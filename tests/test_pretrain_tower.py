@@ -36,7 +36,8 @@ def config(tmp_path_factory):
     config.data.shapes_world.update(dict(num_train=70, num_eval=14))
     config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=200, vocab_size=512, train_chats=50))
     config.tower_pretrain.update(dict(steps=16, batch_size=8, images_per_row=2, patches_per_row=128,
-                                      warmup_steps=1, peak_lr=1e-2, log_every=1, checkpoint_every=100))
+                                      warmup_steps=1, peak_lr=1e-2, log_every=1, checkpoint_every=100,
+                                      objective="caption"))  # "regions": its own test below
     return config
 
 
