@@ -4,26 +4,26 @@
     m2omni-eval --config=configs/tiny.py --workdir=/tmp/m2omni_tiny
 
 The held-out VQA run (`:vqa`: no audio tower, 75% image tasks, 128-token rows, a 60,000-record
-world, interleaved M-RoPE; the vision tower pre-trained first for 1300 steps of 128 images by
-m2omni-pretrain-tower, then frozen through 1000 omni steps; held-out answers every 500 steps):
+world, interleaved M-RoPE; the vision tower pre-trained first for 800 steps of 128 images by
+m2omni-pretrain-tower, each token naming its object's shape, colour, size and position, then
+frozen through 1300 omni steps; held-out answers every 500 steps):
 
     bash launch/tiny_vqa.sh /tmp/m2omni_vqa      # = the three commands below, timed
     m2omni-pretrain-tower --config=configs/tiny.py:vqa --workdir=/tmp/m2omni_vqa/tower
     m2omni-train --config=configs/tiny.py:vqa --workdir=/tmp/m2omni_vqa/main   # init_from ../tower
     m2omni-eval --config=configs/tiny.py:vqa --workdir=/tmp/m2omni_vqa/main
 
-Held-out figures (500 records, 72 questions per colour/shape type; greedy), session 10:
-  this config: colour 90.3%, shape 58.3%, count 70.4%, position 75.9%; caption attribute 78.9%,
-    video motion 24.2%. Training: tower 1049 s + omni 745 s on 2 cores, the tower's part shared
-    with test runs (quiet about 0.6 s/step: 800 s); under 30 minutes in all.
-  the same with 900 tower and 1300 omni steps: colour 79.2%, shape 43.1%, caption 64.1%;
-    and with that tower trained on at a tenth of the learning rate, not frozen: shape 37.5%.
-  session 9's config (mean-pooled tower, -log V head biases, tower trained on at the full rate):
-    colour 69.4%, shape 25.0%, caption 34.3%.
-With one object in the scene colour is 100% and shape 86%; with three, 79% and 50%. The
-pre-trained tower's own head names a lone object's shape 87% of the time (76% after 900 steps):
-outlines, and finding the asked-about object among three, are the limit. The shape target
-(90%) is not met yet.
+Held-out figures (500 records, 72 questions per colour/shape type; greedy), session 11:
+  this config: colour 86.1%, shape 76.4%, count 67.6%, position 68.5%; caption attribute 84.7%,
+    video motion 35.4%. Training: tower 501 s + omni 949 s = 24.2 minutes on 2 quiet cores.
+    By objects in the scene: colour 100/80/75%, shape 90/76/65% (one/two/three).
+  session 10's config (tower on captions, 1300 steps, + 1000 omni steps): colour 90.3%,
+    shape 58.3%, caption 78.9%; session 9's (mean-pooled caption tower, trained on at the
+    full rate): colour 69.4%, shape 25.0%, caption 34.3%.
+  84x84 images with fractional positions (see below), 1700 omni steps: colour 62.5%, shape 76.4%.
+The tower names 86% of the objects' shapes (93-98% at 84x84); finding the asked-about object
+among two or three is the limit now (position questions: 97% with one object, 18% with
+three). The shape target (90%) is not met yet.
 
 The speech run (ASR word error rate 10.1% after 600 steps, 26 minutes on 2 shared CPU
 cores; 1.3% after 1000; spoken VQA 37%):
