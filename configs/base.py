@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
         packing_bins=0,  # first-fit bins open at once; 0: max(16, local batch)
         num_workers=0,  # grain worker processes (0: in the main process)
         read_threads=2,
+        # How a sample's trained tokens weigh in the loss: "token" | "square" | "sample"
+        # (data/pipeline.py LOSS_AVERAGING; "square": InternVL 2.5).
+        loss_averaging="token",
     ))
     # Omni data (data/omni_pipeline.py), read when model.kind="omni".
     config.data.shapes_world = ml_collections.ConfigDict(dict(

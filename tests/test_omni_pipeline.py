@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -152,6 +153,19 @@ def test_stats_count_oversized_samples(batches):
     stats = batches[1]
     assert stats["batches"] == len(batches[0])
     assert stats["bad_records"] > 0  # some interleaved chats exceed 128 tokens and are skipped
+
+
+def test_sample_loss_averaging_gives_each_packed_sample_weight_one(config, tok, batches):
+    sampled = ml_collections.ConfigDict(config.to_dict())
+    sampled.data.loss_averaging = "sample"
+    batch = next(op.make_train_iterator(sampled, tok, process_index=0, process_count=1))
+    plain = batches[0][0]
+    np.testing.assert_array_equal(batch["tokens"], plain["tokens"])
+    np.testing.assert_array_equal(batch["loss_mask"] > 0, plain["loss_mask"] > 0)
+    for row in range(BATCH):
+        seg, mask = batch["segment_ids"][row], batch["loss_mask"][row]
+        for s in np.unique(seg[(seg > 0) & (mask > 0)]):
+            np.testing.assert_allclose(mask[seg == s].sum(), 1.0, rtol=1e-5)
 
 
 def test_iterator_state_resume_is_bitwise(config, tok):

@@ -121,6 +121,29 @@ def test_text_and_chat_samples(tok):
     assert to_sample(text_corpus.encode_record({"text": "x", "modality": "audio"}))["modality"][0] == modality_id("audio")
 
 
+@pytest.mark.parametrize("averaging", ["sample", "square"])
+def test_loss_averaging_weighs_each_packed_sample(config, tok, batches, averaging):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.loss_averaging = averaging
+    it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+    for plain, weighted in zip(batches[0][:3], (next(it) for _ in range(3))):
+        np.testing.assert_array_equal(weighted["tokens"], plain["tokens"])  # same packing
+        np.testing.assert_array_equal(weighted["loss_mask"] > 0, plain["loss_mask"] > 0)
+        for row in range(BATCH):
+            for segment in set(weighted["segment_ids"][row].tolist()) - {0}:
+                in_segment = weighted["segment_ids"][row] == segment
+                n = plain["loss_mask"][row][in_segment].sum()
+                total = weighted["loss_mask"][row][in_segment].sum()
+                np.testing.assert_allclose(total, 1.0 if averaging == "sample" else np.sqrt(n), rtol=1e-5)
+
+
+def test_unknown_loss_averaging_is_named(config):
+    bad = ml_collections.ConfigDict(config.data.to_dict())
+    bad.loss_averaging = "tokens"
+    with pytest.raises(ValueError, match="loss_averaging='tokens'"):
+        pipeline.loss_averaging_power(bad)
+
+
 def test_iterator_state_resume_is_bitwise(config, tok):
     it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
     for _ in range(5):

@@ -51,6 +51,19 @@ def test_modality_weights_scale_only_their_tokens():
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
+def test_weighted_mask_averages_samples_and_reports_unweighted_counts():
+    logits, targets, batch = example()
+    mask = batch["loss_mask"]
+    per_sample = mask / mask.sum(1, keepdims=True)  # data.loss_averaging="sample": one sample per row
+    ce, log_z = train_step.cross_entropy_terms(jnp.asarray(logits), jnp.asarray(targets))
+    loss, metrics = train_step.weighted_loss(ce, log_z, {**batch, "loss_mask": per_sample},
+                                             jnp.ones(NUM_MODALITIES), 0.0)
+    ref = reference_ce(logits, targets)
+    np.testing.assert_allclose(loss, (ref[0, 2:].mean() + ref[1, :-1].mean()) / 2, rtol=1e-6)
+    assert np.asarray(metrics["token_count"])[TEXT] == 4 and np.asarray(metrics["token_count"])[IMAGE] == 5
+    np.testing.assert_allclose(np.asarray(metrics["ce_sum"])[TEXT], ref[0, 2:].sum(), rtol=1e-6)
+
+
 def test_z_loss_adds_mean_squared_log_partition():
     logits, targets, batch = example()
     ce, log_z = train_step.cross_entropy_terms(jnp.asarray(logits), jnp.asarray(targets))

@@ -605,7 +605,7 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     mixed = grain.MapDataset.mix(sources, [weights[name] for name in sorted(weights)])
     it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 2)),
                                                  prefetch_buffer_size=64))
-    it = pipeline._SkipBadDataset(it)
+    it = pipeline._SkipBadDataset(it).map(pipeline.WeighSampleLoss(pipeline.loss_averaging_power(data)))
     lengths = {**{k: seq_len for k in _TOKEN_KEYS}, **{k: opts.patches_per_row for k in _PATCH_KEYS}}
     if opts.connector.pools:
         lengths[SEGMENTS_KEY] = opts.connector.max_segments_per_row

@@ -8,7 +8,8 @@
 Batch (numpy, per-process local batch B, length T = seq_len):
   tokens      int32 (B,T)    inputs
   targets     int32 (B,T)    token after tokens[t] in the same sample (0 at a sample's last token)
-  loss_mask   float32 (B,T)  1 where targets[t] is trained
+  loss_mask   float32 (B,T)  > 0 where targets[t] is trained: 1, or n^-p with
+                             `data.loss_averaging` (a sample of n trained tokens)
   segment_ids int32 (B,T)    1,2,3… per packed sample in the row, 0 = padding
   positions   int32 (B,3,T)  M-RoPE (t,h,w) ids; for text all rows = position within the sample
   modality    int32 (B,T)    `modalities.modality_id` of each token (padding: 0, loss_mask 0)
@@ -119,6 +120,34 @@ class TokenizeRecord:
         return make_sample(ids, mask, modality, self.seq_len)
 
 
+# Power p of a sample's n trained tokens: each weighs n^-p in the loss (Σ w·ce / Σ w).
+LOSS_AVERAGING = {
+    "token": 0.0,  # every trained token alike: long answers (captions) dominate
+    "square": 0.5,  # InternVL 2.5's square averaging: between tokens and samples
+    "sample": 1.0,  # every sample alike: a one-word answer weighs as much as a caption
+}
+
+
+def loss_averaging_power(data_cfg) -> float:
+    name = data_cfg.get("loss_averaging", "token")
+    if name not in LOSS_AVERAGING:
+        raise ValueError(f"config.data.loss_averaging={name!r}; use one of {sorted(LOSS_AVERAGING)}")
+    return LOSS_AVERAGING[name]
+
+
+class WeighSampleLoss:
+    """Scales a sample's loss mask to n^-power on its n trained tokens (see LOSS_AVERAGING)."""
+
+    def __init__(self, power: float):
+        self.power = float(power)
+
+    def __call__(self, sample: dict) -> dict:
+        n = np.count_nonzero(sample["loss_mask"])
+        if self.power and n:
+            sample["loss_mask"] = (sample["loss_mask"] * np.float32(n) ** -self.power).astype(np.float32)
+        return sample
+
+
 # ----------------------------------------------------------------------------- iterators
 
 
@@ -197,17 +226,18 @@ def _finalize_row(row: dict) -> dict:
 
 def make_text_dataset(paths: Sequence[str], tokenizer, *, seq_len: int, batch_size: int, seed: int,
                       process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                      packing_bins: int = 0, num_workers: int = 0, read_threads: int = 2
-                      ) -> grain.IterDataset:
+                      packing_bins: int = 0, num_workers: int = 0, read_threads: int = 2,
+                      loss_averaging_power: float = 0.0) -> grain.IterDataset:
     """Packed, batched text pipeline over ArrayRecord `paths`; iterate it for `StatsIterator`s.
 
     `batch_size` is this process's batch. `num_epochs=None` repeats forever
     (reshuffled each epoch); a finite run drops the last partial batch.
+    `loss_averaging_power`: see LOSS_AVERAGING.
     """
     ds = make_record_dataset(paths, seed=seed, process_index=process_index, process_count=process_count)
     ds = ds.repeat(num_epochs).map(TokenizeRecord(tokenizer, seq_len))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
-    it = _SkipBadDataset(it)
+    it = _SkipBadDataset(it).map(WeighSampleLoss(loss_averaging_power))
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={k: seq_len for k in _SEQ_KEYS},
         num_packing_bins=packing_bins or max(16, batch_size), seed=seed,
@@ -256,7 +286,7 @@ def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
         batch_size=global_batch // process_count, seed=int(data.seed),
         process_index=process_index, process_count=process_count, num_epochs=None,
         packing_bins=int(data.get("packing_bins", 0)), num_workers=int(data.get("num_workers", 0)),
-        read_threads=int(data.get("read_threads", 2)))
+        read_threads=int(data.get("read_threads", 2)), loss_averaging_power=loss_averaging_power(data))
     return iter(ds)
 
 

@@ -5,6 +5,8 @@ carries a modality tag; the step takes a per-modality weight vector
 (`loss_weights`, length NUM_MODALITIES) so balance strategies change the
 weights, never the step. With all weights 1 the loss is the plain mean over
 trained tokens:  loss = Σₜ w[modₜ]·maskₜ·ceₜ / Σₜ maskₜ.
+The mask may weight tokens (`config.data.loss_averaging`, see data/pipeline.py:
+a sample's tokens get n^-p); the reported per-modality sums and counts are unweighted.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def cross_entropy_terms(logits, targets):
 def weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight: float):
     """Scalar training loss plus per-modality sums/counts for reporting."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    modality_one_hot = jax.nn.one_hot(batch["modality"], NUM_MODALITIES, dtype=jnp.float32) * mask[..., None]
+    trained = (mask > 0).astype(jnp.float32)
+    modality_one_hot = jax.nn.one_hot(batch["modality"], NUM_MODALITIES, dtype=jnp.float32) * trained[..., None]
     token_weights = jnp.asarray(loss_weights, jnp.float32)[batch["modality"]]
     num_tokens = jnp.maximum(mask.sum(), 1.0)
     loss = jnp.sum(ce * mask * token_weights) / num_tokens
