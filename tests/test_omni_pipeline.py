@@ -90,6 +90,15 @@ def test_chat_assembly_expands_placeholders_and_masks_the_prompt(tok):
     np.testing.assert_array_equal(chat["frames"], np.ones(32))
 
 
+def test_vqa_dialog_trains_every_answer(tok):
+    record = sw.make_record(0, "train", 0, ("vqa_dialog",))
+    media = [op.preprocess_media("image", record["images"][0], op.VisionOptions())]
+    chat = op.assemble_chat(tok, record["messages"], media)
+    answers = [m["content"] for m in record["messages"][1::2]]
+    assert tok.decode(chat["ids"][chat["mask"] == 1]) == "".join(a + "<|eot_id|>" for a in answers)
+    assert int((chat["ids"] == tok.special_id("<image>")).sum()) == 1
+
+
 def test_centered_pixels_have_zero_median_colour():
     image = sw.render_scene(sw.sample_scene(np.random.default_rng(1), size=(84, 84)))
     plain = op.preprocess_media("image", image, op.VisionOptions())

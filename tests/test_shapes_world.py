@@ -90,7 +90,7 @@ def test_schema_and_placeholders(train_records):
         for frame in r["images"] + r["video"]:
             assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
             assert 56 <= min(frame.shape[:2]) and max(frame.shape[:2]) <= 224
-        if r["task"] not in ("gen_image", "interleaved"):
+        if r["task"] not in ("gen_image", "interleaved", "vqa_dialog"):
             assert r["messages"][-1]["content"] == r["answer"]
 
 
@@ -127,38 +127,68 @@ def test_large_shapes_are_larger_than_small_ones(train_records):
                 assert obj["radius"] == pytest.approx(expected * cell / 2, abs=0.01)
 
 
+def check_answer(scene, image, question, answer, kind, target):
+    objects = scene["objects"]
+    if kind == "color":
+        obj = objects[target[0]]
+        assert answer == obj["color"] and obj["shape"] in question and obj["position"] in question
+        assert pixel(image, obj["center"]) == sw.COLORS[answer]
+    elif kind == "shape":
+        obj = objects[target[0]]
+        assert answer == obj["shape"]
+        assert f"the {obj['color']} object" in question or obj["position"] in question
+    elif kind == "count":
+        counted = re.search(r"How many (\w+?)s are", question).group(1)
+        assert int(answer) == sum(counted in ("shape", o["shape"]) for o in objects)
+    elif kind == "position":
+        obj = objects[target[0]]
+        assert answer == obj["position"] and f"{obj['color']} {obj['shape']}" in question
+    elif kind == "relation":
+        a, b = (objects[i] for i in target)
+        (ra, ca), (rb, cb) = cell_of(scene, a), cell_of(scene, b)
+        (xa, ya), (xb, yb) = a["center"], b["center"]
+        expected = {"left": xa < xb and ca < cb, "right": xa > xb and ca > cb,
+                    "above": ya < yb and ra < rb and ca == cb,
+                    "below": ya > yb and ra > rb and ca == cb}
+        assert expected[answer], (question, answer)
+    else:
+        raise AssertionError(kind)
+
+
 def test_vqa_answers_follow_metadata(train_records):
     for r in train_records:
-        if not r["task"].startswith("vqa_"):
+        if not r["task"].startswith("vqa_") or r["task"] == "vqa_dialog":
             continue
-        scene, question, answer = r["attributes"], r["messages"][0]["content"], r["answer"]
+        scene = r["attributes"]
         check_scene_pixels(scene, r["images"][0])
-        objects = scene["objects"]
-        kind = scene["question_type"]
-        if kind == "color":
-            obj = objects[scene["target"][0]]
-            assert answer == obj["color"] and obj["shape"] in question and obj["position"] in question
-            assert pixel(r["images"][0], obj["center"]) == sw.COLORS[answer]
-        elif kind == "shape":
-            obj = objects[scene["target"][0]]
-            assert answer == obj["shape"]
-            assert f"the {obj['color']} object" in question or obj["position"] in question
-        elif kind == "count":
-            counted = re.search(r"How many (\w+?)s are", question).group(1)
-            assert int(answer) == sum(counted in ("shape", o["shape"]) for o in objects)
-        elif kind == "position":
-            obj = objects[scene["target"][0]]
-            assert answer == obj["position"] and f"{obj['color']} {obj['shape']}" in question
-        elif kind == "relation":
-            a, b = (objects[i] for i in scene["target"])
-            (ra, ca), (rb, cb) = cell_of(scene, a), cell_of(scene, b)
-            (xa, ya), (xb, yb) = a["center"], b["center"]
-            expected = {"left": xa < xb and ca < cb, "right": xa > xb and ca > cb,
-                        "above": ya < yb and ra < rb and ca == cb,
-                        "below": ya > yb and ra > rb and ca == cb}
-            assert expected[answer], (question, answer)
-        else:
-            raise AssertionError(kind)
+        check_answer(scene, r["images"][0], r["messages"][0]["content"], r["answer"],
+                     scene["question_type"], scene.get("target"))
+
+
+def test_vqa_dialog_asks_several_questions_about_one_image(train_records):
+    dialogs = by_task(train_records, "vqa_dialog")
+    assert dialogs
+    for r in dialogs:
+        scene, questions = r["attributes"], r["attributes"]["questions"]
+        check_scene_pixels(scene, r["images"][0])
+        assert 2 <= len(questions) <= 4 and len(r["messages"]) == 2 * len(questions)
+        assert r["messages"][0]["content"].startswith("<image>\n") and len(r["images"]) == 1
+        for k, q in enumerate(questions):
+            assert r["messages"][2 * k]["content"].removeprefix("<image>\n") == q["question"]
+            assert r["messages"][2 * k + 1]["content"] == q["answer"]
+            check_answer(scene, r["images"][0], q["question"], q["answer"], q["question_type"], q.get("target"))
+        assert r["answer"] == "\n".join(q["answer"] for q in questions)
+
+
+def test_held_out_split_has_no_train_only_tasks():
+    tasks = ("caption", "vqa_color", "vqa_dialog")
+    assert sw.split_tasks(tasks, "eval") == ("caption", "vqa_color")
+    held_out = [sw.make_record(SEED, "eval", i, tasks) for i in range(6)]
+    assert [r["task"] for r in held_out] == ["caption", "vqa_color"] * 3
+    without = [sw.make_record(SEED, "eval", i, tasks[:2]) for i in range(6)]
+    assert [sw.encode_record(r) for r in held_out] == [sw.encode_record(r) for r in without]
+    with pytest.raises(ValueError, match="eval split holds none"):
+        sw.make_record(SEED, "eval", 0, ("vqa_dialog",))
 
 
 def test_video_motion_matches_pixels(train_records):

@@ -545,7 +545,7 @@ def task_file(config, task: str, split: str) -> tuple[str, tuple[str, ...]]:
         out_dir, tasks = write_builtin_speech(config)
         return speech.speech_split_path(out_dir, split), tasks
     out_dir, tasks = write_builtin_shapes_world(config)
-    return write_shapes_world.split_path(out_dir, split), tasks
+    return write_shapes_world.split_path(out_dir, split), sw.split_tasks(tasks, split)
 
 
 def with_cmvn(config, workdir: str, *, compute: bool = True):
@@ -593,6 +593,9 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     split = data.get("split", "train")
     sources = []
     for k, name in enumerate(sorted(weights)):
+        if split != "train" and name in sw.TRAIN_ONLY_TASKS:
+            weights.pop(name)  # e.g. vqa_dialog: no held-out records
+            continue
         if name == "text":
             ds = pipeline.make_record_dataset(pipeline.builtin_text_files(config, split), seed=seed + k,
                                               process_index=process_index, process_count=process_count)
@@ -723,6 +726,7 @@ def _batch_clips(clips_per_prompt: Sequence[Sequence[np.ndarray]], opts: AudioOp
 def eval_records(config, num_samples: int, tasks: Sequence[str] | None = None) -> Iterator[dict]:
     """The first `num_samples` held-out records of the given tasks (default: all understanding tasks)."""
     shapes_dir, file_tasks = write_builtin_shapes_world(config)
+    file_tasks = sw.split_tasks(file_tasks, "eval")
     wanted = [t for t in (tasks or file_tasks) if t in file_tasks]
     source = write_shapes_world.open_split(shapes_dir, "eval")
     count = 0

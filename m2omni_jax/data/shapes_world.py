@@ -69,12 +69,16 @@ TASK_MODALITY = {
     "vqa_shape": "image",
     "vqa_count": "image",
     "vqa_position": "image",
+    "vqa_dialog": "image",
     "ocr": "image",
     "video_motion": "video",
     "interleaved": "interleaved",
     "gen_image": "image_gen",
 }
 TASKS = tuple(TASK_MODALITY)
+# Training-only tasks: the held-out split is written round-robin over the other tasks, so
+# adding one leaves the held-out records (and every evaluated figure) unchanged.
+TRAIN_ONLY_TASKS = ("vqa_dialog",)
 assert set(TASK_MODALITY.values()) <= set(MODALITIES)
 
 IMAGE_SIDES = (56, 64, 80, 96, 112, 128, 160, 224)
@@ -275,25 +279,22 @@ def _caption(rng: np.random.Generator) -> dict:
     return _image_record(scene, _pick(rng, _CAPTION_PROMPTS), caption_text(scene))
 
 
-def _vqa_color(rng: np.random.Generator) -> dict:
-    scene = sample_scene(rng)
+def _color_question(rng: np.random.Generator, scene: dict) -> tuple[str, str, dict]:
     i = int(rng.integers(len(scene["objects"])))
     obj = scene["objects"][i]
     question = f"What color is the {obj['shape']} {position_phrase(obj['position'])}?"
-    return _image_record(scene, question, obj["color"], question_type="color", target=[i])
+    return question, obj["color"], {"question_type": "color", "target": [i]}
 
 
-def _vqa_shape(rng: np.random.Generator) -> dict:
-    scene = sample_scene(rng)
+def _shape_question(rng: np.random.Generator, scene: dict) -> tuple[str, str, dict]:
     i = int(rng.integers(len(scene["objects"])))
     obj = scene["objects"][i]
     question = _pick(rng, (f"What shape is the {obj['color']} object?",
                            f"What is the shape {position_phrase(obj['position'])}?"))
-    return _image_record(scene, question, obj["shape"], question_type="shape", target=[i])
+    return question, obj["shape"], {"question_type": "shape", "target": [i]}
 
 
-def _vqa_count(rng: np.random.Generator) -> dict:
-    scene = sample_scene(rng)
+def _count_question(rng: np.random.Generator, scene: dict) -> tuple[str, str, dict]:
     objects = scene["objects"]
     if rng.random() < 0.4:
         question, counted, count = "How many shapes are there?", "shape", len(objects)
@@ -302,17 +303,15 @@ def _vqa_count(rng: np.random.Generator) -> dict:
         counted = _pick(rng, pool)
         question = f"How many {counted}s are there?"
         count = sum(o["shape"] == counted for o in objects)
-    return _image_record(scene, question, str(count), question_type="count", counted=counted)
+    return question, str(count), {"question_type": "count", "counted": counted}
 
 
-def _vqa_position(rng: np.random.Generator) -> dict:
-    scene = sample_scene(rng)
+def _position_question(rng: np.random.Generator, scene: dict) -> tuple[str, str, dict]:
     objects = scene["objects"]
     if len(objects) == 1 or rng.random() < 0.5:
         i = int(rng.integers(len(objects)))
         question = f"Where is the {object_phrase(objects[i], with_size=False)}?"
-        return _image_record(scene, question, objects[i]["position"],
-                             question_type="position", target=[i])
+        return question, objects[i]["position"], {"question_type": "position", "target": [i]}
     i, j = (int(k) for k in rng.choice(len(objects), 2, replace=False))
     a, b = objects[i], objects[j]
     (ra, ca), (rb, cb) = (divmod(POSITIONS.index(o["position"]), 3) for o in (a, b))
@@ -323,7 +322,34 @@ def _vqa_position(rng: np.random.Generator) -> dict:
     else:
         question = f"Is the {pa} above or below the {pb}?"
         relation = "above" if ra < rb else "below"
-    return _image_record(scene, question, relation, question_type="relation", target=[i, j])
+    return question, relation, {"question_type": "relation", "target": [i, j]}
+
+
+_QUESTIONS = {"color": _color_question, "shape": _shape_question, "count": _count_question,
+              "position": _position_question}
+
+
+def _vqa(kind: str) -> Callable[[np.random.Generator], dict]:
+    def build(rng: np.random.Generator) -> dict:
+        scene = sample_scene(rng)
+        question, answer, extra = _QUESTIONS[kind](rng, scene)
+        return _image_record(scene, question, answer, **extra)
+    return build
+
+
+def _vqa_dialog(rng: np.random.Generator) -> dict:
+    """Two to four questions about one image in one chat (LLaVA's multi-turn VQA): more
+    answers per image seen. Every answer is trained; `answer` joins them by newlines."""
+    scene = sample_scene(rng)
+    messages, answers, questions = [], [], []
+    for turn in range(int(rng.integers(2, 5))):
+        kind = _pick(rng, tuple(_QUESTIONS))
+        question, answer, extra = _QUESTIONS[kind](rng, scene)
+        messages += _chat(("<image>\n" if turn == 0 else "") + question, answer)
+        answers.append(answer)
+        questions.append({"question": question, "answer": answer, **extra})
+    return {"messages": messages, "images": [render_scene(scene)], "answer": "\n".join(answers),
+            "attributes": {**scene, "questions": questions}}
 
 
 def _ocr(rng: np.random.Generator) -> dict:
@@ -424,15 +450,23 @@ def _gen_image(rng: np.random.Generator) -> dict:
 
 
 TASK_BUILDERS: dict[str, Callable[[np.random.Generator], dict]] = {
-    "caption": _caption, "vqa_color": _vqa_color, "vqa_shape": _vqa_shape,
-    "vqa_count": _vqa_count, "vqa_position": _vqa_position, "ocr": _ocr,
+    "caption": _caption, "vqa_color": _vqa("color"), "vqa_shape": _vqa("shape"),
+    "vqa_count": _vqa("count"), "vqa_position": _vqa("position"), "vqa_dialog": _vqa_dialog, "ocr": _ocr,
     "video_motion": _video_motion, "interleaved": _interleaved, "gen_image": _gen_image,
 }
 
 
+def split_tasks(tasks: Sequence[str], split: str) -> tuple[str, ...]:
+    """The tasks a split holds, in order: all of them, less TRAIN_ONLY_TASKS outside "train"."""
+    return tuple(t for t in tasks if split == "train" or t not in TRAIN_ONLY_TASKS)
+
+
 def make_record(seed: int, split: str, index: int, tasks: Sequence[str] = TASKS) -> dict:
-    """Sample `index` of `split`; tasks are assigned round-robin over `tasks`."""
-    task = tasks[index % len(tasks)]
+    """Sample `index` of `split`; tasks are assigned round-robin over `split_tasks(tasks, split)`."""
+    held = split_tasks(tasks, split)
+    if not held:
+        raise ValueError(f"the {split} split holds none of the tasks {tuple(tasks)} (train-only: {TRAIN_ONLY_TASKS})")
+    task = held[index % len(held)]
     body = TASK_BUILDERS[task](sample_rng(seed, split, index))
     return {"id": f"{split}/{index}", "split": split, "index": index,
             "modality": TASK_MODALITY[task], "task": task, "messages": body["messages"],
