@@ -1,8 +1,9 @@
 """Shapes world: a generated multimodal data set that needs no download.
 
 Scenes of coloured shapes on a 3x3 grid are sampled from a seed, rendered with
-Pillow and turned into task records (captioning, VQA, OCR-like text, moving
-shapes video, interleaved image-text chats, caption-to-image generation).
+Pillow and turned into task records (captioning, VQA, multi-turn VQA dialogs,
+OCR-like text, moving shapes video, interleaved image-text chats, caption-to-image
+generation).
 Sample `index` of split `split` depends only on `(seed, split, index)`, so any
 sample can be regenerated alone and the splits come from disjoint RNG streams.
 
@@ -14,7 +15,7 @@ Record schema (see `make_record`):
   messages: [{"role": "user"|"assistant", "content": str}], one `<image>` /
     `<video>` placeholder per media item, in order
   images: [uint8 HxWx3]; video: [uint8 HxWx3 frames] (empty unless video task)
-  answer: the assistant's text target ("" for gen_image)
+  answer: the assistant's text target ("" for gen_image; a dialog's answers joined by newlines)
   attributes: ground truth for evaluation (scene metadata, question type, ...)
 Records are serialised with `encode_record` (msgpack, media as PNG bytes).
 """
