@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
         kind="linear",  # M2-omni | MM1's "avg_pool", "attn_pool", "c_abstractor"
         mlp=False, output_scale=1.0, position_frequencies=0,
         position_placement="input",  # "output": after the L2 norm, zero-initialised (models/omni.py)
+        # Classes per attribute of a pre-trained region head (pretrain_tower.REGION_CLASSES), whose
+        # per-token predictions join the connector input ("linear"); () = none.
+        region_classes=(),
         # The pooling kinds only (ignored by "linear"):
         num_tokens=64,  # k per image / video frame-pair (a square for avg_pool, c_abstractor)
         max_segments_per_row=8,  # S: images + video frame-pairs one row's pack holds

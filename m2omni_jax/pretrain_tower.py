@@ -70,7 +70,8 @@ from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.data import omni_pipeline, pipeline, shapes_world as sw, tokenizer as tokenizer_lib
 from m2omni_jax.data import write_shapes_world
 from m2omni_jax.models.layers import LayerNorm, kernel_init
-from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
+from m2omni_jax.models.vision import (RegionHead, VisionConfig, VisionEncoder, split_region_logits,
+                                      training_flops_per_pack)
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, metrics_logging, mfu, optimizers, train_step
 
@@ -204,18 +205,6 @@ class CaptionTokenHead(nn.Module):
                         name="classifier")(features)
 
 
-class RegionHead(nn.Module):
-    """LayerNorm, then per merged token one logit per class of each region attribute
-    (REGION_ATTRIBUTES; class 0 background), concatenated."""
-
-    @nn.compact
-    def __call__(self, features):
-        features = LayerNorm(name="norm")(features)
-        return nn.Dense(sum(REGION_CLASSES), kernel_init=kernel_init(("embed", "region_class")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("region_class",)),
-                        name="classifier")(features)
-
-
 class TowerClassifier(nn.Module):
     """The vision tower and its pre-training heads -> {"caption": (B, K, vocab), "regions": (B, M, classes)}.
 
@@ -244,7 +233,7 @@ class TowerClassifier(nn.Module):
         features, merged_ids = VisionEncoder(self.vision, name="vision")(patches, segment_ids, hw)
         out = {}
         if "regions" in self.objective:
-            regions = RegionHead(name="region_head")(features)
+            regions = RegionHead(sum(REGION_CLASSES), name="region_head")(features)
             out["regions"] = nn.with_logical_constraint(regions, ("activation_batch", "activation_length", None))
         if "caption" in self.objective:
             out["caption"] = self.caption_logits(features, merged_ids)
@@ -296,8 +285,7 @@ def caption_loss(logits, targets) -> dict:
 
 def split_regions(logits) -> list:
     """(..., sum(REGION_CLASSES)) -> one (..., classes) array per region attribute."""
-    ends = np.cumsum(REGION_CLASSES)
-    return [logits[..., end - size:end] for size, end in zip(REGION_CLASSES, ends)]
+    return split_region_logits(logits, REGION_CLASSES)
 
 
 def region_loss(logits, labels) -> dict:

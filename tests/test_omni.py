@@ -509,3 +509,41 @@ def test_output_position_features_start_at_zero_for_every_kind(kind):
     shifted = np.asarray(tokens(with_pos, moved) - tokens(without, {k: v for k, v in moved.items()
                                                                     if k != "position_embedding"}))
     assert np.abs(shifted[0, 0] - shifted[0, 1]).max() > 1e-4
+
+
+def test_region_tags_join_the_connector_input():
+    """connector.region_classes: the region head's per-attribute softmax is concatenated to
+    each merged token (one distribution per attribute; padding stays zero), and it is a
+    parameter of its own (region_head/*) that a tower checkpoint fills."""
+    classes = (3, 4)
+    batch = make_batch()
+    inputs = train_step.model_inputs(batch)
+    model = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(
+        output_scale=4.0, position_frequencies=2, position_placement="input", region_classes=classes)))
+    params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
+    assert params["region_head"]["classifier"]["kernel"].shape == (16, 7)
+    assert params["connector"]["proj"]["kernel"].shape == (16 + 7, LLM_CONFIG.width)
+    features, merged_ids = model.apply({"params": params}, *(inputs[k] for k in VISION_INPUTS),
+                                       method=OmniModel.vision_features)
+    features, valid = np.asarray(features), np.asarray(merged_ids) > 0
+    no_position = dict(params, position_embedding=jax.tree.map(np.zeros_like, params["position_embedding"]))
+    bare = np.asarray(model.apply({"params": no_position}, *(inputs[k] for k in VISION_INPUTS),
+                                  method=OmniModel.vision_features)[0])
+    tags = bare[..., 16:]
+    np.testing.assert_allclose(tags[valid][:, :3].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(tags[valid][:, 3:].sum(-1), 1.0, rtol=1e-5)
+    assert not tags[~valid].any()
+    # The tags follow the head: a bias on class 1 of the first attribute makes it everyone's pick.
+    biased = dict(no_position, region_head=dict(no_position["region_head"], classifier=dict(
+        no_position["region_head"]["classifier"], bias=np.array([0, 30, 0, 0, 0, 0, 0], np.float32))))
+    tags = np.asarray(model.apply({"params": biased}, *(inputs[k] for k in VISION_INPUTS),
+                                  method=OmniModel.vision_features)[0])[..., 16:]
+    assert (tags[valid][:, 1] > 0.99).all()
+    assert features.shape[-1] == 16 + 7
+    flops = vision_training_flops_per_pack(model.config, 64)
+    plain = vision_training_flops_per_pack(dataclasses.replace(model.config, connector=ConnectorConfig(
+        output_scale=4.0, position_frequencies=2, position_placement="input")), 64)
+    merged = 16  # 64 patches / 4
+    assert flops - plain == 6.0 * merged * (16 * 7 + 4 * 2 * 7 + 7 * LLM_CONFIG.width)
+    with pytest.raises(ValueError, match=r"model.connector.region_classes=\(3, 4\) needs kind='linear'"):
+        ConnectorConfig(kind="avg_pool", region_classes=classes)

@@ -50,7 +50,7 @@ from m2omni_jax.models.audio import AudioConfig, AudioEncoder
 from m2omni_jax.models.connectors import CONNECTOR_KINDS, grid_mask, make_connector
 from m2omni_jax.models.layers import fourier_features, kernel_init, zeros_init  # noqa: F401 (re-exported)
 from m2omni_jax.models.llm import LLM, LLMConfig
-from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
+from m2omni_jax.models.vision import RegionHead, VisionConfig, VisionEncoder, region_tags, training_flops_per_pack
 
 VISION_KEYS = ("vision_patches", "vision_segment_ids", "vision_hw")
 AUDIO_KEYS = ("audio_features", "audio_lengths")
@@ -85,6 +85,13 @@ class ConnectorConfig:
     # small tilt of it (shapes world from scratch: colour VQA at chance after 300 steps);
     # with "output" empty tokens start empty and position is added only as it is learned.
     position_placement: str = "input"
+    # Non-empty [ours; "linear" only]: the classes per attribute of a region head on the
+    # tower (m2omni-pretrain-tower's "regions" objective: pretrain_tower.REGION_CLASSES).
+    # Its per-attribute softmax ("tags": each token's predicted shape, colour, size and
+    # position) is concatenated to the merged tokens before the connector, as detector
+    # object tags are fed with region features (Oscar, VinVL). Load and freeze
+    # ^region_head/ with the tower.
+    region_classes: tuple[int, ...] = ()
     # The pooling kinds only (ignored by "linear"):
     num_tokens: int = 64  # k per image / video frame-pair segment [MM1: 64 or 144]; a square for grids
     # S: image / frame-pair segments one row's patch pack holds (static; the pipeline skips,
@@ -98,6 +105,10 @@ class ConnectorConfig:
     num_heads: int = 8  # attn_pool heads; must divide model.vision.out_width
 
     def __post_init__(self):
+        object.__setattr__(self, "region_classes", tuple(int(n) for n in self.region_classes))
+        if self.region_classes and (self.kind != "linear" or min(self.region_classes) < 2):
+            raise ValueError(f"model.connector.region_classes={self.region_classes} needs kind='linear' "
+                             f"(not {self.kind!r}) and at least 2 classes per attribute")
         if self.kind not in CONNECTOR_KINDS:
             raise ValueError(f"model.connector.kind={self.kind!r}; use one of {CONNECTOR_KINDS}")
         if self.position_placement not in POSITION_PLACEMENTS:
@@ -262,10 +273,12 @@ class OmniModel(nn.Module):
         self.connector = make_connector(c.kind, cfg.llm.width, c.num_tokens if c.pools else None, mlp=c.mlp,
                                         hidden_width=c.hidden_width or None, num_heads=c.num_heads, depth=c.depth,
                                         dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype)
+        if c.region_classes:
+            self.region_head = RegionHead(sum(c.region_classes))
         if c.position_frequencies:
             after = c.position_placement == "output"
             self.position_embedding = nn.Dense(
-                cfg.llm.width if after else cfg.vision.out_width, bias_init=zeros_init(("embed",)),
+                cfg.llm.width if after else cfg.vision.out_width + sum(c.region_classes), bias_init=zeros_init(("embed",)),
                 kernel_init=zeros_init((None, "embed")) if after else kernel_init((None, "embed")))
         if cfg.audio is not None:
             if min(cfg.audio_placeholder_id, cfg.end_of_audio_id) < 0:
@@ -321,10 +334,14 @@ class OmniModel(nn.Module):
         return self.position_embedding(fourier_features(fractions, self.config.connector.position_frequencies))
 
     def vision_features(self, vision_patches, vision_segment_ids, vision_hw):
-        """The connector's input: merged tokens (B, N/4, out_width) (+ the position features)
-        and their segment ids (B, N/4)."""
+        """The connector's input: merged tokens (B, N/4, out_width) (+ region tags, + the position
+        features) and their segment ids (B, N/4)."""
         features, merged_segment_ids = self.vision(vision_patches, vision_segment_ids, vision_hw)
         cfg = self.config.connector
+        if cfg.region_classes:
+            tags = region_tags(self.region_head(features), cfg.region_classes)
+            tags = jnp.where(merged_segment_ids[..., None] > 0, tags, 0)  # padding stays empty
+            features = jnp.concatenate([features, tags.astype(features.dtype)], axis=-1)
         if cfg.position_frequencies and cfg.position_placement == "input":
             features = features + self.position_features(vision_hw, merged_segment_ids).astype(features.dtype)
         return features, merged_segment_ids
@@ -391,8 +408,10 @@ def vision_training_flops_per_pack(config: OmniConfig, pack_size: int) -> float:
     vision.training_flops_per_pack). Padding is computed, so it is counted: every merged
     token slot, and for the pooling kinds every one of the S·Hmax·Wmax grid cells."""
     merged = pack_size // config.vision.spatial_merge_size ** 2
-    position_width = config.llm.width if config.connector.position_placement == "output" else config.vision.out_width
+    position_width = (config.llm.width if config.connector.position_placement == "output"
+                      else config.vision.out_width + sum(config.connector.region_classes))
     per_merged = 4 * config.connector.position_frequencies * position_width
+    per_merged += config.vision.out_width * sum(config.connector.region_classes)  # the region head
     return (training_flops_per_pack(config.vision, pack_size) + 6.0 * per_merged * merged
             + 6.0 * connector_macs_per_pack(config, merged))
 
@@ -403,6 +422,7 @@ def connector_macs_per_pack(config: OmniConfig, merged: int) -> float:
     the attention softmax are left out."""
     c, d, out = config.connector, config.vision.out_width, config.llm.width
     if not c.pools:
+        d += sum(c.region_classes)  # the tags concatenated to the merged tokens
         return merged * (d * out + (out * out if c.mlp else 0))
     k, cells = c.num_tokens, c.max_grid_side ** 2  # per segment
     rows, cols = c.pooled_grid

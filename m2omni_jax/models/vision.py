@@ -297,3 +297,30 @@ class VisionEncoder(nn.Module):
         merged_segment_ids = segment_ids[:, ::cfg.spatial_merge_size ** 2]
         features = jnp.where(merged_segment_ids[..., None] > 0, features, 0).astype(features.dtype)
         return nn.with_logical_constraint(features, ACTIVATION), merged_segment_ids
+
+
+class RegionHead(nn.Module):
+    """LayerNorm, then one logit per merged token for each class of each region attribute
+    (e.g. shape, colour, size, position; class 0 background), concatenated. Trained by
+    m2omni-pretrain-tower's "regions" objective; `region_tags` turns it into connector input."""
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features):
+        features = LayerNorm(name="norm")(features)
+        return nn.Dense(self.num_classes, kernel_init=kernel_init(("embed", "region_class")),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("region_class",)),
+                        name="classifier")(features)
+
+
+def split_region_logits(logits, classes):
+    """(..., sum(classes)) -> one (..., n) array per attribute of `classes` (n per attribute)."""
+    ends = [sum(classes[:k + 1]) for k in range(len(classes))]
+    return [logits[..., end - size:end] for size, end in zip(classes, ends)]
+
+
+def region_tags(logits, classes):
+    """Per-attribute softmax of the region head's logits, concatenated (..., sum(classes)):
+    each token's predicted object labels, one distribution per attribute."""
+    return jnp.concatenate([jax.nn.softmax(part.astype(jnp.float32), axis=-1)
+                            for part in split_region_logits(logits, classes)], axis=-1)
