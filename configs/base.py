@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
         video_src_fps=2.0, video_fps=2.0, video_min_frames=4, video_max_frames=8,
         patches_per_row=256,  # fixed patch pack per row (a multiple of 4): one compiled shape
         pixel_norm="clip",  # "clip" (pretrained Qwen2-VL ViT) | "clip_centered" (tower from scratch)
+        question_first=False,  # True: "question\n<image>" in training and evaluation (data/omni_pipeline.py)
     ))
     # Spoken shapes-world tasks (data/speech.py, eSpeak NG), modality "audio"; read when
     # model.audio.enabled.

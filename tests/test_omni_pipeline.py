@@ -99,6 +99,23 @@ def test_vqa_dialog_trains_every_answer(tok):
     assert int((chat["ids"] == tok.special_id("<image>")).sum()) == 1
 
 
+def test_question_first_moves_the_image_after_the_question(config, tok):
+    record = sw.make_record(0, "train", 0, ("vqa_dialog",))
+    moved = op.question_first(record["messages"])
+    assert moved[0]["content"] == record["messages"][0]["content"].removeprefix("<image>\n") + "\n<image>"
+    assert moved[1:] == record["messages"][1:]  # later turns and answers unchanged
+    opts = dataclasses.replace(op.VisionOptions(), question_first=True)
+    chat = op.assemble_chat(tok, moved, op.record_media(record, opts, moved))
+    plain = op.assemble_chat(tok, record["messages"], op.record_media(record, op.VisionOptions()))
+    assert tok.decode(chat["ids"][chat["mask"] == 1]) == tok.decode(plain["ids"][plain["mask"] == 1])
+    np.testing.assert_array_equal(chat["patches"], plain["patches"])
+    prompt = op.eval_prompt(record, tok, opts)["ids"]
+    question = tok.encode(moved[0]["content"].split("\n")[0])
+    image_at = int(np.flatnonzero(prompt == tok.special_id("<image>"))[0])
+    assert image_at > int(np.flatnonzero(prompt == question[-1])[-1])  # the question comes first
+    assert op.question_first([{"role": "user", "content": "<audio>\nWhat was said?"}])[0]["content"].startswith("<audio>")
+
+
 def test_centered_pixels_have_zero_median_colour():
     image = sw.render_scene(sw.sample_scene(np.random.default_rng(1), size=(84, 84)))
     plain = op.preprocess_media("image", image, op.VisionOptions())

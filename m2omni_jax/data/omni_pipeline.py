@@ -114,6 +114,11 @@ class VisionOptions:
     # The median is the background's colour, whatever the objects are; a mean would
     # shift every background token with the objects' colours.
     pixel_norm: str = "clip"
+    # [ours] True: a user turn's leading <image>/<video> placeholders move after its text
+    # ("What shape is at the top left?\n<image>"), in training and in evaluation, so the
+    # image tokens can attend to the question (InstructBLIP's instruction-aware visual
+    # features, inside the LLM); the records keep the image first (LLaVA, M2-omni).
+    question_first: bool = False
     # Not a data.vision field: `from_config` copies `model.connector`. A pooling kind fixes
     # the tokens per image / frame-pair segment and bounds the segments per row and the
     # merged grid side; the default ("linear") gives one token per merged patch group.
@@ -315,6 +320,27 @@ def media_token_ids(tokenizer) -> dict[str, int]:
             ("image", "/image", "imagePatch", "video", "/video", "videoPatch", "audio", "/audio", "audioPatch")}
 
 
+_LEADING_MEDIA = re.compile(r"^((?:<(?:image|video)>\n)+)(\S.*)$", re.S)
+
+
+def question_first(messages: Sequence[dict]) -> list[dict]:
+    """Each user turn's leading image/video placeholders moved after its text (the media
+    keep their order, so `record_media` pairs them as before)."""
+    moved = []
+    for message in messages:
+        match = _LEADING_MEDIA.match(message["content"]) if message["role"] == "user" else None
+        if match:
+            message = dict(message, content=match.group(2) + "\n" + match.group(1).rstrip("\n"))
+        moved.append(message)
+    return moved
+
+
+def record_messages(record: dict, opts: VisionOptions, turns: int | None = None) -> list[dict]:
+    """The record's chat (its first `turns` messages), as the model sees it (`question_first`)."""
+    messages = record["messages"][:turns]
+    return question_first(messages) if opts.question_first else list(messages)
+
+
 def placeholder_ids(tokenizer) -> tuple[int, int]:
     """The token ids whose embeddings the vision features replace."""
     return tokenizer.special_id("<imagePatch>"), tokenizer.special_id("<videoPatch>")
@@ -388,8 +414,9 @@ class ShapesWorldSample:
         # and more than max_segments_per_row segments (pooling connectors).
         try:
             record = speech.decode_record(raw)  # a shapes-world record is a speech record without audio
-            media = record_media(record, self.opts, audio_opts=self.audio_opts)
-            chat = assemble_chat(self.tokenizer, record["messages"], media)
+            messages = record_messages(record, self.opts)
+            media = record_media(record, self.opts, messages, audio_opts=self.audio_opts)
+            chat = assemble_chat(self.tokenizer, messages, media)
             modality = modality_id(record["modality"])
         except (ValueError, KeyError, TypeError, AttributeError, StopIteration, OSError):
             return {_BAD: 1}
@@ -667,7 +694,7 @@ def batch_keys(config) -> tuple[str, ...]:
 
 def eval_prompt(record: dict, tokenizer, opts: VisionOptions, audio_opts: AudioOptions | None = None) -> dict:
     """The first user turn of a record, ready for generation (assistant header open)."""
-    messages = record["messages"][:1]
+    messages = record_messages(record, opts, turns=1)
     return assemble_chat(tokenizer, messages, record_media(record, opts, messages, audio_opts),
                          add_generation_prompt=True)
 
