@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
         # Bounds off the 28-multiples: smart_resize's floor() of an exact multiple can land
         # one step low in floating point (e.g. 96x96 with max 56·56 gives 28x28).
         image_min_pixels=56 * 56, image_max_pixels=115 * 115,  # square images ≤ 112x112: ≤ 16 tokens
+        image_side=0,  # > 0: images squashed to image_side² (a multiple of 28), not smart_resize'd
         video_min_pixels=56 * 56, video_max_pixels=60 * 60,  # frames 56x56: 4 tokens per 2 frames
         video_src_fps=2.0, video_fps=2.0, video_min_frames=4, video_max_frames=8,
         patches_per_row=256,  # fixed patch pack per row (a multiple of 4): one compiled shape

@@ -160,9 +160,11 @@ def pack_row(images: list[dict], patches_per_row: int) -> dict:
 
 
 def max_patches_per_image(opts: omni_pipeline.VisionOptions) -> int:
-    """The most patches one image can have under `data.vision.image_max_pixels`: its sides are
-    multiples of 28, so its area is a whole number of 28² blocks of 2×2 patches."""
-    return opts.image_max_pixels // ip.FACTOR ** 2 * ip.MERGE_SIZE ** 2
+    """The most patches one image can have under `data.vision.image_max_pixels` (or its
+    `image_side`): its sides are multiples of 28, so its area is a whole number of 28²
+    blocks of 2×2 patches."""
+    area = opts.image_side ** 2 if opts.image_side else opts.image_max_pixels
+    return area // ip.FACTOR ** 2 * ip.MERGE_SIZE ** 2
 
 
 def make_dataset(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:

@@ -94,6 +94,18 @@ def test_preprocess_image_and_video_shapes():
     assert grid[0] == 3 and patches.shape[0] == np.prod(grid)  # 6 frames -> 3 temporal patches
 
 
+def test_a_fixed_side_squashes_any_aspect_to_that_square():
+    image = np.zeros((112, 224, 3), np.uint8)
+    image[:, 112:] = 255  # right half white: after the squash, the right half of the patch columns
+    patches, grid = ip.preprocess_image(image, side=84)
+    assert grid == (1, 6, 6) and patches.shape == (36, 1176)
+    brightness = patches.reshape(3, 3, 2, 2, -1).mean(-1)  # merged (row, col), then 2x2 within
+    columns = brightness.transpose(0, 2, 1, 3).reshape(6, 6)  # (row, col) of each patch
+    assert np.all(columns[:, :3] < 0) and np.all(columns[:, 3:] > 0)
+    with pytest.raises(ValueError, match="image side 80 is not a multiple of 28"):
+        ip.preprocess_image(image, side=80)
+
+
 def test_split_by_frames_keeps_whole_frames_in_order():
     patches = np.arange(5 * 8, dtype=np.float32)[:, None]
     pieces = ip.split_by_frames(patches, (5, 2, 4), max_patches=20)

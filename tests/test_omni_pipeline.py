@@ -127,6 +127,15 @@ def test_centered_pixels_have_zero_median_colour():
         op.VisionOptions(pixel_norm="none")
 
 
+def test_image_side_gives_every_image_the_same_token_grid():
+    opts = op.VisionOptions(image_side=84)
+    for size in ((56, 56), (224, 112), (96, 160)):
+        item = op.preprocess_media("image", sw.render_scene(sw.sample_scene(np.random.default_rng(0), size=size)), opts)
+        assert item.grid_thw == (1, 6, 6) and item.num_tokens == 9
+    with pytest.raises(ValueError, match="data.vision.image_side=70"):
+        op.VisionOptions(image_side=70)
+
+
 def test_video_assembly_numbers_frames(tok):
     record = sw.make_record(0, "train", 0, ("video_motion",))
     media = op.record_media(record, op.VisionOptions())

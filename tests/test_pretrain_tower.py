@@ -191,6 +191,19 @@ def test_region_labels_give_each_token_the_object_covering_it():
                                                    (1, 4, 4)), [-1, 0, -1, -1])
 
 
+def test_at_a_fixed_84_pixel_side_each_object_owns_exactly_its_grid_cells_token():
+    """data.vision.image_side=84: 3x3 merged tokens, one per cell of the world's 3x3 grid,
+    whatever the scene's size and aspect."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sw.sample_scene(rng)
+        owner = pt.region_owners(scene, (1, 6, 6))
+        expected = np.full(9, -1)
+        for k, obj in enumerate(scene["objects"]):
+            expected[sw.POSITIONS.index(obj["position"])] = k
+        np.testing.assert_array_equal(owner, expected)
+
+
 def test_record_region_labels_line_up_with_the_packed_merged_tokens(config):
     tokenizer = get_tokenizer(config)
     opts = op.VisionOptions.from_config(config)

@@ -145,11 +145,17 @@ def sample_video_frames(num_frames_available: int, src_fps: float, target_fps: f
     return np.round(np.linspace(0, num_frames_available - 1, count)).astype(np.int64)
 
 
-def preprocess_image(image: np.ndarray, min_pixels: int = MIN_PIXELS,
-                     max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 image (H, W, 3) -> (patches, grid_thw)."""
-    height, width = smart_resize(image.shape[0], image.shape[1], min_pixels=min_pixels,
-                                 max_pixels=max_pixels)
+def preprocess_image(image: np.ndarray, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                     side: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 image (H, W, 3) -> (patches, grid_thw): at its smart_resize size, or, with
+    `side` > 0, squashed to side x side whatever its aspect (LLaVA's fixed resize)."""
+    if side:
+        if side % FACTOR:
+            raise ValueError(f"image side {side} is not a multiple of {FACTOR}")
+        height = width = side
+    else:
+        height, width = smart_resize(image.shape[0], image.shape[1], min_pixels=min_pixels,
+                                     max_pixels=max_pixels)
     return patchify(normalize(resize_frames(image, height, width)))
 
 

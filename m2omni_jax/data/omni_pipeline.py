@@ -100,6 +100,9 @@ MIXTURE_PRESETS = {
 class VisionOptions:
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 115 * 115
+    # > 0: every image squashed to image_side x image_side (a multiple of 28) instead of
+    # smart_resize's aspect-keeping size within the pixel bounds (LLaVA's fixed resize).
+    image_side: int = 0
     video_min_pixels: int = 56 * 56
     video_max_pixels: int = 60 * 60
     video_src_fps: float = 2.0
@@ -128,6 +131,9 @@ class VisionOptions:
         if self.patches_per_row <= 0 or self.patches_per_row % ip.MERGE_SIZE ** 2:
             raise ValueError(f"data.vision.patches_per_row={self.patches_per_row} must be a positive "
                              f"multiple of {ip.MERGE_SIZE ** 2} (merger groups)")
+        if self.image_side < 0 or self.image_side % ip.FACTOR:
+            raise ValueError(f"data.vision.image_side={self.image_side} must be 0 (smart_resize) "
+                             f"or a positive multiple of {ip.FACTOR}")
         if self.pixel_norm not in PIXEL_NORMS:
             raise ValueError(f"data.vision.pixel_norm={self.pixel_norm!r}; use one of {PIXEL_NORMS}")
 
@@ -240,7 +246,8 @@ class MediaItem:
 def preprocess_media(kind: str, pixels, opts: VisionOptions) -> MediaItem:
     """uint8 image (H,W,3) or frames [(H,W,3)] -> patches at the configured resolution."""
     if kind == "image":
-        patches, grid = ip.preprocess_image(np.asarray(pixels), opts.image_min_pixels, opts.image_max_pixels)
+        patches, grid = ip.preprocess_image(np.asarray(pixels), opts.image_min_pixels, opts.image_max_pixels,
+                                             opts.image_side)
     else:
         patches, grid = ip.preprocess_video(np.stack(pixels), opts.video_src_fps, opts.video_fps,
                                             opts.video_min_pixels, opts.video_max_pixels,
