@@ -10,6 +10,7 @@ tower, the first `config.eval.num_speech_samples` held-out speech records
   vqa_accuracy                 normalised exact match per question type
                                (color, shape, count, position, relation, ocr) and overall
   vqa_accuracy_by_num_objects  the same per number of objects in the scene (1-3)
+  shape_accuracy_by_selector   shape questions by what names the object: its colour or its position
   caption_attribute_accuracy   fraction of a scene's (colour, shape) pairs the caption names
   video_motion_accuracy        fraction of moving objects with colour, shape and direction right
   asr_wer                      corpus word error rate of the transcripts (jiwer)
@@ -102,6 +103,23 @@ def accuracy_by_question_type(answered: Sequence[tuple[str, dict]]) -> tuple[dic
     return accuracy, {t: sum(r["task"] == t for _, r in typed) for t in accuracy if t != "overall"}
 
 
+def shape_question_selector(record: dict) -> str:
+    """"position" for "What is the shape at the top left?", "color" for "... the red object?"."""
+    obj = record["attributes"]["objects"][record["attributes"]["target"][0]]
+    return "position" if sw.position_phrase(obj["position"]) in record["messages"][0]["content"] else "color"
+
+
+def shape_accuracy_by_selector(answered: Sequence[tuple[str, dict]]) -> dict:
+    """{"color" | "position": exact match} of the shape questions among (prediction, record)s:
+    finding an object by its colour and by where it is are different skills."""
+    groups: dict[str, list[bool]] = {}
+    for prediction, record in answered:
+        if question_type(record) == "shape" and record["attributes"].get("objects"):
+            hit = sw.normalize_answer(prediction) == sw.normalize_answer(record["answer"])
+            groups.setdefault(shape_question_selector(record), []).append(hit)
+    return {selector: sum(h) / len(h) for selector, h in sorted(groups.items())}
+
+
 def vqa_accuracy_by_num_objects(answered: Sequence[tuple[str, dict]]) -> dict:
     """{question type: {objects in the scene: exact match}} of (prediction, record)s: with one
     object a colour or shape answer needs no finding, so the gap to 2-3 objects is what
@@ -128,6 +146,9 @@ def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
     by_objects = vqa_accuracy_by_num_objects([pair for t in VQA_TASKS for pair in by_task.get(t, [])])
     if by_objects:
         result["vqa_accuracy_by_num_objects"] = by_objects
+    by_selector = shape_accuracy_by_selector(by_task.get("vqa_shape", []))
+    if by_selector:
+        result["shape_accuracy_by_selector"] = by_selector
     transcripts = by_task.get("asr", [])
     if transcripts:
         result["asr_wer"] = speech.word_error_rate([r["answer"] for _, r in transcripts], [p for p, _ in transcripts])
@@ -160,6 +181,9 @@ def format_table(result: dict) -> str:
             rows.append((f"{name}_accuracy/{qtype}", f"{value:.3f}", str(n)))
     for qtype, by_n in result.get("vqa_accuracy_by_num_objects", {}).items():
         rows.append((f"vqa_accuracy/{qtype} by objects", " ".join(f"{n}:{v:.2f}" for n, v in by_n.items()), ""))
+    if "shape_accuracy_by_selector" in result:
+        rows.append(("vqa_accuracy/shape by selector",
+                     " ".join(f"{k}:{v:.2f}" for k, v in result["shape_accuracy_by_selector"].items()), ""))
     for name, count_key in (("caption_attribute_accuracy", "caption"),
                             ("interleaved_caption_attribute_accuracy", "interleaved"),
                             ("video_motion_accuracy", "video_motion"), ("asr_wer", "asr")):

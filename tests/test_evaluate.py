@@ -1,6 +1,7 @@
 """Evaluation: cached greedy decoding equals the full forward's argmax; scoring; eval.json end to end."""
 import json
 import os
+import re
 import sys
 
 import flax.linen as nn
@@ -85,6 +86,16 @@ def test_vqa_accuracy_by_number_of_objects():
     by_objects = evaluate.score(answers, records)["vqa_accuracy_by_num_objects"]
     assert set(by_objects) == {"color"}
     assert by_objects["color"] == {str(n): float(n == 1) for n in sorted(set(n_objects))}
+
+
+def test_shape_accuracy_by_selector_splits_colour_from_position_questions():
+    records = [sw.make_record(0, "eval", i, ("vqa_shape",)) for i in range(30)]
+    by_colour = [" object?" in r["messages"][0]["content"] for r in records]
+    assert 0 < sum(by_colour) < len(records)
+    answers = [r["answer"] if c else "nothing" for r, c in zip(records, by_colour)]  # right by colour only
+    result = evaluate.score(answers, records)
+    assert result["shape_accuracy_by_selector"] == {"color": 1.0, "position": 0.0}
+    assert re.search(r"shape by selector +color:1.00 position:0.00", evaluate.format_table(result))
 
 
 def test_score_speech_tasks():
