@@ -22,7 +22,9 @@ session 13, each a single run:
   tower 300 steps + omni 1900 (--config.tower_pretrain.steps=300 --config.train.steps=1900;
     26.4 minutes): colour 93.1%, shape 80.6% (shape by colour 100%, by position 69%),
     caption 98.6%; + connector region tags (see README): colour 88.9%, shape 81.9%
-    (by position 73%), position 92.6% (79.6% without).
+    (by position 73%), position 92.6% (79.6% without). This config with
+    --config.data.loss_averaging=sample (1900 steps): colour 91.7%, shape 73.6%, caption 81.2%;
+    with --config.data.task_weights.vqa_shape=4.0: colour 79.2%, shape 87.5% (by position 80%).
   With smart_resize sizes (56x56 to 112x112, 2x2 to 4x4 tokens, a token mixing objects),
     session 11's config: colour 86.1%, shape 76.4%, caption 84.7%; with --config.seed=1
     58.3%, 75.0%: a ~30-point spread between seeds. Session 12 (84x84-minimum smart_resize):
