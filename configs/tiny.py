@@ -22,8 +22,8 @@ session 13, each a single run:
   tower 300 steps + omni 1900 (--config.tower_pretrain.steps=300 --config.train.steps=1900;
     26.4 minutes): colour 93.1%, shape 80.6% (shape by colour 100%, by position 69%),
     caption 98.6%; + connector region tags (see README): colour 88.9%, shape 81.9%
-    (by position 73%), position 92.6% (79.6% without). This config with
-    --config.data.loss_averaging=sample (1900 steps): colour 91.7%, shape 73.6%, caption 81.2%;
+    (by position 73%), position 92.6% (79.6% without); 300 + 1900 steps with
+    --config.data.loss_averaging=sample: colour 91.7%, shape 73.6%, caption 81.2%. This config
     with --config.data.task_weights.vqa_shape=4.0: colour 79.2%, shape 87.5% (by position 80%).
   With smart_resize sizes (56x56 to 112x112, 2x2 to 4x4 tokens, a token mixing objects),
     session 11's config: colour 86.1%, shape 76.4%, caption 84.7%; with --config.seed=1
@@ -31,7 +31,7 @@ session 13, each a single run:
     + data.loss_averaging="square" 81.9%, 81.9%; + region tags 70.8%, 79.2%; + vqa_dialog
     63.9%, 69.4%; + question_first 65.3%, 66.7%.
 The tower names every object's shape and colour on fresh scenes. What is left is finding the
-object a question names by its position: "What is the shape at the top left?" is 69-73%
+object a question names by its position: "What is the shape at the top left?" is 69-80%
 right where "What shape is the red object?" is 96-100%; its wrong answers are another object's
 shape. Shape's 90% target is not met yet; colour's is.
 
