@@ -42,5 +42,6 @@ setuptools.setup(
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["m2omni-train=m2omni_jax.main:run",
                                      "m2omni-eval=m2omni_jax.evaluate:run",
-                                     "m2omni-pretrain-tower=m2omni_jax.pretrain_tower:run"]},
+                                     "m2omni-pretrain-tower=m2omni_jax.pretrain_tower:run",
+                                     "m2omni-prepare-data=m2omni_jax.prepare_data:run"]},
 )

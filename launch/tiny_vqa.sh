@@ -4,7 +4,7 @@
 #
 #   bash launch/tiny_vqa.sh /tmp/m2omni_vqa [extra --config.* overrides for every part]
 #
-# The shapes world of the config is written first (once; not part of the timed run).
+# The data sets of the config (and overrides) are written first (once; not part of the timed run).
 set -euo pipefail
 root=${1:?usage: $0 ROOT [--config.x=... ...]}
 shift
@@ -12,10 +12,7 @@ mkdir -p "$root"
 config=configs/tiny.py:vqa
 seconds() { date +%s; }
 echo "=== data (written once, cached) ==="
-python -c "
-from configs import tiny
-from m2omni_jax.data import omni_pipeline
-print(omni_pipeline.write_builtin_shapes_world(tiny.get_config('vqa'), progress=True)[0])"
+m2omni-prepare-data --config="$config" --workdir="$root/main" "$@"
 start=$(seconds)
 echo "=== tower pre-training ==="
 m2omni-pretrain-tower --config="$config" --workdir="$root/tower" "$@"

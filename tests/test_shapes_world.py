@@ -90,7 +90,7 @@ def test_schema_and_placeholders(train_records):
         for frame in r["images"] + r["video"]:
             assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
             assert 56 <= min(frame.shape[:2]) and max(frame.shape[:2]) <= 224
-        if r["task"] not in ("gen_image", "interleaved", "vqa_dialog"):
+        if r["task"] not in ("gen_image", "interleaved", "vqa_dialog"):  # one answer each
             assert r["messages"][-1]["content"] == r["answer"]
 
 
@@ -143,6 +143,11 @@ def check_answer(scene, image, question, answer, kind, target):
     elif kind == "position":
         obj = objects[target[0]]
         assert answer == obj["position"] and f"{obj['color']} {obj['shape']}" in question
+    elif kind == "locate":
+        position = re.fullmatch(r"What is at the ([a-z ]+)\?", question.removeprefix("<image>\n")).group(1)
+        here = [o for o in objects if o["position"] == position]
+        assert answer == ("nothing" if not here else f"a {sw.object_phrase(here[0])}")
+        assert target == [objects.index(o) for o in here]
     elif kind == "relation":
         a, b = (objects[i] for i in target)
         (ra, ca), (rb, cb) = cell_of(scene, a), cell_of(scene, b)
@@ -178,6 +183,16 @@ def test_vqa_dialog_asks_several_questions_about_one_image(train_records):
             assert r["messages"][2 * k + 1]["content"] == q["answer"]
             check_answer(scene, r["images"][0], q["question"], q["answer"], q["question_type"], q.get("target"))
         assert r["answer"] == "\n".join(q["answer"] for q in questions)
+
+
+def test_vqa_locate_names_the_object_at_a_position_or_nothing():
+    records = [sw.make_record(SEED, "train", i, ("vqa_locate",)) for i in range(60)]
+    answers = [r["answer"] for r in records]
+    assert 3 <= answers.count("nothing") <= 25  # empty cells are asked about too
+    for r in records:
+        scene = r["attributes"]
+        check_scene_pixels(scene, r["images"][0])
+        check_answer(scene, r["images"][0], r["messages"][0]["content"], r["answer"], "locate", scene["target"])
 
 
 def test_held_out_split_has_no_train_only_tasks():

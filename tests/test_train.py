@@ -1,4 +1,5 @@
 """End-to-end training through the CLI: config errors, SIGTERM + exact resume."""
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +145,20 @@ def test_omni_mfu_counts_the_vision_tower():
     towers = train.model_flops_per_token(config, model) - llm_only
     tower_only = vision.training_flops_per_pack(model.config.vision, config.data.vision.patches_per_row)
     assert towers * config.data.seq_len > tower_only  # the connector is counted too
+
+
+def test_prepare_data_writes_the_world_its_overrides_name(tmp_path):
+    from m2omni_jax.data import write_shapes_world
+    data_dir = tmp_path / "data"
+    tasks = "('caption','vqa_shape','vqa_locate')"
+    proc = run([sys.executable, "-m", "m2omni_jax.prepare_data", f"--config={REPO}/configs/tiny.py:vqa",
+                f"--workdir={tmp_path}/unused", f"--config.data.dir={data_dir}", "--config.data.num_text_docs=200",
+                "--config.data.shapes_world.num_train=30", "--config.data.shapes_world.num_eval=8",
+                f"--config.data.shapes_world.tasks={tasks}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    world = data_dir / "shapes_world" / write_shapes_world.dataset_key(0, 30, 8, eval(tasks))
+    assert f"shapes_world: {world}" in proc.stdout
+    with open(world / "manifest.json") as f:
+        assert tuple(json.load(f)["tasks"]) == eval(tasks)
+    assert (data_dir / "text").is_dir() and (data_dir / "text_eval").is_dir()
+    assert not (tmp_path / "unused").exists() and "speech" not in proc.stdout  # the :vqa run has no audio

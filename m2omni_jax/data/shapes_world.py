@@ -71,6 +71,7 @@ TASK_MODALITY = {
     "vqa_count": "image",
     "vqa_position": "image",
     "vqa_dialog": "image",
+    "vqa_locate": "image",
     "ocr": "image",
     "video_motion": "video",
     "interleaved": "interleaved",
@@ -79,7 +80,7 @@ TASK_MODALITY = {
 TASKS = tuple(TASK_MODALITY)
 # Training-only tasks: the held-out split is written round-robin over the other tasks, so
 # adding one leaves the held-out records (and every evaluated figure) unchanged.
-TRAIN_ONLY_TASKS = ("vqa_dialog",)
+TRAIN_ONLY_TASKS = ("vqa_dialog", "vqa_locate")
 assert set(TASK_MODALITY.values()) <= set(MODALITIES)
 
 IMAGE_SIDES = (56, 64, 80, 96, 112, 128, 160, 224)
@@ -92,6 +93,7 @@ _OCR_WORDS = (
 )
 _OCR_COLORS = ("red", "green", "blue", "purple", "black")
 _PNG_COMPRESS_LEVEL = 6
+_LOCATE_EMPTY_FRACTION = 0.2
 
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -338,6 +340,23 @@ def _vqa(kind: str) -> Callable[[np.random.Generator], dict]:
     return build
 
 
+def _vqa_locate(rng: np.random.Generator) -> dict:
+    """"What is at the top left?" -> "a small red circle" (or "nothing"): finding an object by
+    its position alone, the step that held-out questions like "What is the shape at the top
+    left?" need and that no other task trains on its own. Empty cells are asked about too, so
+    a lone object cannot be named without looking where it is."""
+    scene = sample_scene(rng)
+    objects = scene["objects"]
+    empty = [p for p in POSITIONS if p not in {o["position"] for o in objects}]
+    if rng.random() < _LOCATE_EMPTY_FRACTION:
+        position, answer, target = _pick(rng, empty), "nothing", []
+    else:
+        i = int(rng.integers(len(objects)))
+        position, answer, target = objects[i]["position"], f"a {object_phrase(objects[i])}", [i]
+    question = f"What is {position_phrase(position)}?"
+    return _image_record(scene, question, answer, question_type="locate", target=target)
+
+
 def _vqa_dialog(rng: np.random.Generator) -> dict:
     """Two to four questions about one image in one chat (LLaVA's multi-turn VQA): more
     answers per image seen. Every answer is trained; `answer` joins them by newlines."""
@@ -452,7 +471,8 @@ def _gen_image(rng: np.random.Generator) -> dict:
 
 TASK_BUILDERS: dict[str, Callable[[np.random.Generator], dict]] = {
     "caption": _caption, "vqa_color": _vqa("color"), "vqa_shape": _vqa("shape"),
-    "vqa_count": _vqa("count"), "vqa_position": _vqa("position"), "vqa_dialog": _vqa_dialog, "ocr": _ocr,
+    "vqa_count": _vqa("count"), "vqa_position": _vqa("position"), "vqa_dialog": _vqa_dialog,
+    "vqa_locate": _vqa_locate, "ocr": _ocr,
     "video_motion": _video_motion, "interleaved": _interleaved, "gen_image": _gen_image,
 }
 
