@@ -252,19 +252,23 @@ def make_evaluator(config, model, tokenizer, mesh, rules):
                   if audio_enabled(config) else [])
     answer = make_answerer(config, model, tokenizer, records + spoken, mesh, rules)
 
-    def evaluate_fn(params) -> dict:
+    def evaluate_fn(params, *, every_answer: bool = False) -> dict:
         answers = answer(params)
         result = score(answers, records + spoken)
         shown = (list(zip(records, answers))[:NUM_EXAMPLES_SAVED]
                  + list(zip(spoken, answers[len(records):]))[:NUM_SPEECH_EXAMPLES_SAVED])
         result["examples"] = [example(r, a) for r, a in shown]
+        if every_answer:  # with what each record shows, for reading the failures
+            result["answers"] = [{**example(r, a), "attributes": r["attributes"]}
+                                 for r, a in zip(records + spoken, answers)]
         return result
     return evaluate_fn
 
 
-def evaluate_params(config, model, params, tokenizer, mesh, rules) -> dict:
-    """Scores `params` on the held-out records; returns the metrics plus example answers."""
-    return make_evaluator(config, model, tokenizer, mesh, rules)(params)
+def evaluate_params(config, model, params, tokenizer, mesh, rules, *, every_answer: bool = False) -> dict:
+    """Scores `params` on the held-out records; returns the metrics plus example answers
+    (and, with `every_answer`, under "answers" every record's answer and attributes)."""
+    return make_evaluator(config, model, tokenizer, mesh, rules)(params, every_answer=every_answer)
 
 
 def scalar_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
@@ -272,7 +276,7 @@ def scalar_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
     (sample counts and examples left out), for the training log."""
     out = {}
     for key, value in result.items():
-        if key in ("counts", "examples", "step"):
+        if key in ("counts", "examples", "answers", "step"):
             continue
         if isinstance(value, dict):
             out.update(scalar_metrics(value, f"{prefix}/{key}"))
@@ -307,14 +311,18 @@ def restore_params(config, workdir: str, tokenizer, mesh, rules):
 
 
 def evaluate(config, workdir: str) -> dict:
-    """Restores the latest checkpoint, evaluates, writes `workdir/eval.json`, prints the table."""
+    """Restores the latest checkpoint, evaluates, writes `workdir/eval.json` (the metrics and
+    a few examples) and `workdir/eval_answers.jsonl` (every record's question, answer,
+    prediction and attributes), prints the table."""
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh)
     if audio_enabled(config):  # the CMVN statistics the run was trained with
         config = omni_pipeline.with_cmvn(config, workdir, compute=False)
     tokenizer = tokenizer_lib.get_tokenizer(config)
     model, params, step = restore_params(config, workdir, tokenizer, mesh, rules)
-    result = {"step": step, **evaluate_params(config, model, params, tokenizer, mesh, rules)}
+    result = {"step": step, **evaluate_params(config, model, params, tokenizer, mesh, rules, every_answer=True)}
+    with open(os.path.join(workdir, "eval_answers.jsonl"), "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in result.pop("answers"))
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"eval at step {step} ({os.path.join(workdir, 'eval.json')}):\n{format_table(result)}")

@@ -150,6 +150,12 @@ def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path)
     assert len(saved["examples"]) == 14 and all(isinstance(e["prediction"], str) for e in saved["examples"])
     assert [e["task"] for e in saved["examples"][10:]] == list(speech.TASKS) and saved["examples"][10]["spoken"]
     assert sum(sum(c.values()) if isinstance(c, dict) else c for c in saved["counts"].values()) == 14
+    assert "answers" not in saved
+    answers = [json.loads(line) for line in (tmp_path / "eval_answers.jsonl").read_text().splitlines()]
+    assert [a["prediction"] for a in answers] == [e["prediction"] for e in saved["examples"]]
+    assert all(a["attributes"] for a in answers)
+    vqa = [a for a in answers if a["task"].startswith("vqa_")]
+    assert vqa and all(a["attributes"]["question_type"] and a["attributes"]["objects"] for a in vqa)
     with pytest.raises(FileNotFoundError, match="cmvn"):
         evaluate.evaluate(eval_config, str(tmp_path / "elsewhere"))
 
