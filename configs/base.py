@@ -157,6 +157,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_speech_samples=100,  # held-out speech records (with model.audio.enabled): ASR WER, spoken QA
         prompt_len=0,  # left-padded prompt length; 0: the longest held-out prompt (one compile)
         every=0,  # > 0: m2omni-train also evaluates every this many steps (and at the end), as eval/*
+        periodic_num_samples=0,  # held-out records of those evaluations; 0: num_samples
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(

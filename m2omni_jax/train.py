@@ -304,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def make_periodic_evaluator(config, model, tokenizer, mesh, rules) -> Callable[[Any], dict] | None:
     """params -> flat held-out metrics (greedy answers, `m2omni-eval`'s), for the loop to run
-    every `config.eval.every` steps; None when that is 0."""
+    every `config.eval.every` steps on the first `config.eval.periodic_num_samples` held-out
+    records (0: `num_samples`, as m2omni-eval); None when `every` is 0."""
     every = int(config.eval.get("every", 0))
     if every <= 0:
         return None
@@ -315,8 +316,12 @@ def make_periodic_evaluator(config, model, tokenizer, mesh, rules) -> Callable[[
         raise ValueError(f"config.eval.every={every} runs in one process only (its prompts are host "
                          "arrays); set it to 0 and run m2omni-eval on the checkpoints")
     from m2omni_jax import evaluate  # it imports this module
-    evaluate_fn = evaluate.make_evaluator(config, model, tokenizer, mesh, rules)
-    return lambda params: evaluate.scalar_metrics(evaluate_fn(params))
+    num_records = int(config.eval.get("periodic_num_samples", 0)) or int(config.eval.num_samples)
+    periodic = config.copy_and_resolve_references()
+    with periodic.unlocked():
+        periodic.eval.num_samples = num_records
+    evaluate_fn = evaluate.make_evaluator(periodic, model, tokenizer, mesh, rules)
+    return lambda params: {**evaluate.scalar_metrics(evaluate_fn(params)), "eval/num_records": float(num_records)}
 
 
 def stacked_global_batch(local_batch, mesh):

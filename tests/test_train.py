@@ -94,7 +94,8 @@ def test_tiny_config_trains_with_audio_and_reads_cmvn_back(tmp_path):
 def test_periodic_held_out_eval_is_logged_beside_the_losses(tmp_path):
     data_dir, workdir = tmp_path / "data", tmp_path / "work"
     result = run(train_command(workdir, data_dir, "--config.train.steps=4", "--config.eval.every=2",
-                               "--config.eval.num_samples=8", "--config.eval.max_new_tokens=4",
+                               "--config.eval.num_samples=40", "--config.eval.periodic_num_samples=8",
+                               "--config.eval.max_new_tokens=4",
                                "--config.data.shapes_world.num_train=200", "--config.data.shapes_world.num_eval=50",
                                "--config.model.audio.enabled=False", "--config.data.modality_weights.audio=0"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -102,6 +103,7 @@ def test_periodic_held_out_eval_is_logged_beside_the_losses(tmp_path):
     metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     for step in (2, 4):  # the step's losses and its evaluation, merged
         assert "loss" in metrics[step] and 0.0 <= metrics[step]["eval/vqa_accuracy/overall"] <= 1.0
+        assert metrics[step]["eval/num_records"] == 8  # eval.periodic_num_samples, not num_samples
     assert not any(k.startswith("eval/") for k in metrics[3])
 
 
