@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Factor per task within its modality (tasks not listed: 1).
     config.data.task_weights = ml_collections.ConfigDict(dict(
         caption=1.0, vqa_color=1.0, vqa_shape=1.0, vqa_count=1.0, vqa_position=1.0, vqa_dialog=1.0,
-        vqa_locate=1.0, ocr=1.0))
+        vqa_locate=1.0, vqa_color_by_shape=1.0, ocr=1.0))
 
     config.train = ml_collections.ConfigDict(dict(
         steps=200,

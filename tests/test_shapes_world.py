@@ -133,6 +133,11 @@ def check_answer(scene, image, question, answer, kind, target):
         obj = objects[target[0]]
         assert answer == obj["color"] and obj["shape"] in question and obj["position"] in question
         assert pixel(image, obj["center"]) == sw.COLORS[answer]
+    elif kind == "color_by_shape":
+        obj = objects[target[0]]
+        assert question.removeprefix("<image>\n") == f"What color is the {obj['shape']}?"
+        assert answer == obj["color"] and [o["shape"] for o in objects].count(obj["shape"]) == 1
+        assert pixel(image, obj["center"]) == sw.COLORS[answer]
     elif kind == "shape":
         obj = objects[target[0]]
         assert answer == obj["shape"]
@@ -193,6 +198,17 @@ def test_vqa_locate_names_the_object_at_a_position_or_nothing():
         scene = r["attributes"]
         check_scene_pixels(scene, r["images"][0])
         check_answer(scene, r["images"][0], r["messages"][0]["content"], r["answer"], "locate", scene["target"])
+
+
+def test_vqa_color_by_shape_asks_by_a_shape_the_scene_holds_once():
+    records = [sw.make_record(SEED, "train", i, ("vqa_color_by_shape",)) for i in range(60)]
+    kinds = [r["attributes"]["question_type"] for r in records]
+    assert kinds.count("color_by_shape") >= 50  # "color" (with the position) only when every shape repeats
+    for r in records:
+        scene = r["attributes"]
+        check_scene_pixels(scene, r["images"][0])
+        check_answer(scene, r["images"][0], r["messages"][0]["content"], r["answer"],
+                     scene["question_type"], scene["target"])
 
 
 def test_held_out_split_has_no_train_only_tasks():

@@ -72,6 +72,7 @@ TASK_MODALITY = {
     "vqa_position": "image",
     "vqa_dialog": "image",
     "vqa_locate": "image",
+    "vqa_color_by_shape": "image",
     "ocr": "image",
     "video_motion": "video",
     "interleaved": "interleaved",
@@ -80,7 +81,7 @@ TASK_MODALITY = {
 TASKS = tuple(TASK_MODALITY)
 # Training-only tasks: the held-out split is written round-robin over the other tasks, so
 # adding one leaves the held-out records (and every evaluated figure) unchanged.
-TRAIN_ONLY_TASKS = ("vqa_dialog", "vqa_locate")
+TRAIN_ONLY_TASKS = ("vqa_dialog", "vqa_locate", "vqa_color_by_shape")
 assert set(TASK_MODALITY.values()) <= set(MODALITIES)
 
 IMAGE_SIDES = (56, 64, 80, 96, 112, 128, 160, 224)
@@ -357,6 +358,22 @@ def _vqa_locate(rng: np.random.Generator) -> dict:
     return _image_record(scene, question, answer, question_type="locate", target=target)
 
 
+def _vqa_color_by_shape(rng: np.random.Generator) -> dict:
+    """"What color is the circle?" -> "red", asked of a shape the scene holds once: the shape
+    word alone finds the object. Held-out colour questions name shape and position, and the
+    other tasks never make the shape word a key (captions say colour before shape), so
+    without it a model can answer them from the position phrase alone."""
+    scene = sample_scene(rng)
+    objects = scene["objects"]
+    shapes = [o["shape"] for o in objects]
+    i = _pick(rng, [k for k, shape in enumerate(shapes) if shapes.count(shape) == 1] or [None])
+    if i is None:  # every shape repeated: the position tells the twins apart
+        question, answer, extra = _color_question(rng, scene)
+        return _image_record(scene, question, answer, **extra)
+    question = f"What color is the {shapes[i]}?"
+    return _image_record(scene, question, objects[i]["color"], question_type="color_by_shape", target=[i])
+
+
 def _vqa_dialog(rng: np.random.Generator) -> dict:
     """Two to four questions about one image in one chat (LLaVA's multi-turn VQA): more
     answers per image seen. Every answer is trained; `answer` joins them by newlines."""
@@ -472,7 +489,7 @@ def _gen_image(rng: np.random.Generator) -> dict:
 TASK_BUILDERS: dict[str, Callable[[np.random.Generator], dict]] = {
     "caption": _caption, "vqa_color": _vqa("color"), "vqa_shape": _vqa("shape"),
     "vqa_count": _vqa("count"), "vqa_position": _vqa("position"), "vqa_dialog": _vqa_dialog,
-    "vqa_locate": _vqa_locate, "ocr": _ocr,
+    "vqa_locate": _vqa_locate, "vqa_color_by_shape": _vqa_color_by_shape, "ocr": _ocr,
     "video_motion": _video_motion, "interleaved": _interleaved, "gen_image": _gen_image,
 }
 
