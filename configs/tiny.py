@@ -29,6 +29,13 @@ shape type, about +-2 points; greedy), each a single run (sessions 13-14):
   + the train-only vqa_locate task ("What is at the top left?" -> "a small red circle";
     tasks += ('vqa_locate',), task_weights.vqa_locate=2.0): colour 80.8%, shape 86.4%.
   --config.data.vision.question_first=True: colour 91.3%, shape 76.6% (by colour 70%), caption 99.4%.
+  Session 15 (train-only tasks are added with data.shapes_world.tasks += (NAME,) and
+  data.task_weights.NAME=2.0):
+  + vqa_color_by_shape ("What color is the circle?" of a shape the scene holds once): colour
+    85.7%, shape 86.4% (by position 77%); its colour misses still pick a different shape.
+  + vqa_dialog (2-4 questions per image in one chat): colour 85.0%, shape 87.4% (by position 77%).
+  tower 400 + omni 1800 steps (the tower's region heads are at 99.6% by step 400; about 26
+    minutes on quiet cores): colour 92.7%, shape 69.2% (by colour 64%: that lookup never formed).
   Earlier (500-record split, +-5 points): --config.data.loss_averaging=sample cost 12 points of
     shape and 17 of caption; with smart_resize sizes (a token mixing objects) session 11's config
     gave colour 86.1%, shape 76.4%, and 58.3%, 75.0% with --config.seed=1.
