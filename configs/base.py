@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
         # Classes per attribute of a pre-trained region head (pretrain_tower.REGION_CLASSES), whose
         # per-token predictions join the connector input ("linear"); () = none.
         region_classes=(),
+        region_words=False,  # + the tags as the LLM's embeddings of the class names (models/omni.py)
         # The pooling kinds only (ignored by "linear"):
         num_tokens=64,  # k per image / video frame-pair (a square for avg_pool, c_abstractor)
         max_segments_per_row=8,  # S: images + video frame-pairs one row's pack holds

@@ -89,6 +89,13 @@ SCENE_TASKS = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position")
 REGION_ATTRIBUTES = (("shape", sw.SHAPES), ("color", tuple(sw.COLORS)), ("size", sw.SIZES),
                      ("position", sw.POSITIONS))
 REGION_CLASSES = tuple(1 + len(values) for _, values in REGION_ATTRIBUTES)  # + background
+
+
+def region_word_ids(tokenizer) -> tuple[tuple[int, ...], ...]:
+    """Per region class (REGION_CLASSES order), the token ids of its name ("circle", "top
+    left"); () for background: model.connector.region_words embeds the tags with these."""
+    return tuple(ids for _, values in REGION_ATTRIBUTES
+                 for ids in [()] + [tuple(tokenizer.encode(str(value))) for value in values])
 REGION_MIN_OVERLAP = 0.3  # of the smaller of the token's box and the object's box
 
 

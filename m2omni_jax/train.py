@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from m2omni_jax import pretrain_tower
 from m2omni_jax.data import balance_sources, omni_pipeline, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import MODALITIES, modality_id
 from m2omni_jax.models import omni as omni_lib
@@ -57,7 +58,9 @@ def build_model(config, tokenizer) -> nn.Module:
         return OmniModel(OmniConfig.from_config(
             config.model, omni_pipeline.placeholder_ids(tokenizer),
             audio_placeholder_id=tokenizer.special_id("<audioPatch>"),
-            end_of_audio_id=tokenizer.special_id("<end_of_audio>")))
+            end_of_audio_id=tokenizer.special_id("<end_of_audio>"),
+            region_word_ids=(pretrain_tower.region_word_ids(tokenizer)
+                             if config.model.connector.get("region_words") else ())))
     return LLM(LLMConfig.from_config(config.model.llm))
 
 

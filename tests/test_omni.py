@@ -547,3 +547,38 @@ def test_region_tags_join_the_connector_input():
     assert flops - plain == 6.0 * merged * (16 * 7 + 4 * 2 * 7 + 7 * LLM_CONFIG.width)
     with pytest.raises(ValueError, match=r"model.connector.region_classes=\(3, 4\) needs kind='linear'"):
         ConnectorConfig(kind="avg_pool", region_classes=classes)
+
+
+def test_region_words_add_the_embeddings_of_the_tagged_class_names():
+    """connector.region_words: each image token gains sum_c tag_c * embedding(name of c) (the
+    mean over a name's tokens; background adds nothing), through the LLM's own table."""
+    classes, names = (3, 4), ((), (5,), (6, 7), (), (8,), (9,), (10,))
+    batch = make_batch()
+    inputs = train_step.model_inputs(batch)
+    model = OmniModel(dataclasses.replace(CONFIG, region_word_ids=names, connector=ConnectorConfig(
+        output_scale=4.0, region_classes=classes, region_words=True)))
+    params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
+    vision = [inputs[k] for k in VISION_INPUTS]
+    tokens, valid = (np.asarray(a) for a in model.apply({"params": params}, *vision, method=OmniModel.vision_tokens))
+    tags = np.asarray(model.apply({"params": params}, *vision, method=OmniModel.vision_features)[0])[..., 16:]
+    delta = np.arange(LLM_CONFIG.width, dtype=np.float32) / LLM_CONFIG.width
+    table = np.asarray(params["llm"]["embedding"])
+    for row, klass in ((5, 1), (6, 2), (8, 4)):  # "6" is half of class 2's two-token name
+        shifted = dict(params, llm=dict(params["llm"], embedding=_add_row(table, row, delta)))
+        moved = np.asarray(model.apply({"params": shifted}, *vision, method=OmniModel.vision_tokens)[0]) - tokens
+        share = 0.5 if row == 6 else 1.0
+        np.testing.assert_allclose(moved[valid], share * tags[valid][:, klass:klass + 1] * delta, atol=1e-5)
+    untouched = dict(params, llm=dict(params["llm"], embedding=_add_row(table, 11, delta)))
+    np.testing.assert_allclose(np.asarray(model.apply({"params": untouched}, *vision,
+                                                      method=OmniModel.vision_tokens)[0]), tokens, atol=1e-6)
+    with pytest.raises(ValueError, match="region_words=True needs model.connector.region_classes"):
+        ConnectorConfig(region_words=True)
+    wrong = OmniModel(dataclasses.replace(model.config, region_word_ids=names[:-1]))
+    with pytest.raises(ValueError, match="one name per region class: 6 names"):
+        wrong.init(jax.random.key(0), **inputs)
+
+
+def _add_row(table, row, delta):
+    out = np.array(table)
+    out[row] += delta
+    return out

@@ -44,6 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models.audio import AudioConfig, AudioEncoder
@@ -92,6 +93,12 @@ class ConnectorConfig:
     # object tags are fed with region features (Oscar, VinVL). Load and freeze
     # ^region_head/ with the tower.
     region_classes: tuple[int, ...] = ()
+    # [ours; with region_classes] + each token's tags as words: the LLM's own embeddings of
+    # the class names ("circle", "red", "small", "top left"), weighted by the tags, added to
+    # the token after the connector. The image token then carries the very vectors a
+    # question's words have, so finding "the circle" is matching a word (Oscar's object tags
+    # fed as text); the class names come from OmniConfig.region_word_ids.
+    region_words: bool = False
     # The pooling kinds only (ignored by "linear"):
     num_tokens: int = 64  # k per image / video frame-pair segment [MM1: 64 or 144]; a square for grids
     # S: image / frame-pair segments one row's patch pack holds (static; the pipeline skips,
@@ -109,6 +116,9 @@ class ConnectorConfig:
         if self.region_classes and (self.kind != "linear" or min(self.region_classes) < 2):
             raise ValueError(f"model.connector.region_classes={self.region_classes} needs kind='linear' "
                              f"(not {self.kind!r}) and at least 2 classes per attribute")
+        if self.region_words and not self.region_classes:
+            raise ValueError("model.connector.region_words=True needs model.connector.region_classes "
+                             "(the region head whose tags it embeds)")
         if self.kind not in CONNECTOR_KINDS:
             raise ValueError(f"model.connector.kind={self.kind!r}; use one of {CONNECTOR_KINDS}")
         if self.position_placement not in POSITION_PLACEMENTS:
@@ -155,6 +165,9 @@ class OmniConfig:
     audio_output_scale: float = 1.0
     audio_placeholder_id: int = -1  # <audioPatch>
     end_of_audio_id: int = -1  # <end_of_audio>: its LLM embedding fills the tokens past a clip
+    # connector.region_words: per region class (in region_classes order, background
+    # included), the token ids of its name; () for background (no word).
+    region_word_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         connector = self.connector
@@ -167,7 +180,7 @@ class OmniConfig:
 
     @classmethod
     def from_config(cls, model_cfg, placeholder_ids, *, audio_placeholder_id: int = -1,
-                    end_of_audio_id: int = -1) -> "OmniConfig":
+                    end_of_audio_id: int = -1, region_word_ids=()) -> "OmniConfig":
         """From `config.model` (llm, vision, connector, audio sections), naming unknown fields."""
         llm = LLMConfig.from_config(model_cfg.llm)
         audio, audio_output_scale = audio_from_config(model_cfg.get("audio"), llm.width)
@@ -176,7 +189,8 @@ class OmniConfig:
                    connector=dataclass_from_config(ConnectorConfig, model_cfg.connector, "model.connector"),
                    placeholder_ids=tuple(int(i) for i in placeholder_ids), audio=audio,
                    audio_output_scale=audio_output_scale, audio_placeholder_id=int(audio_placeholder_id),
-                   end_of_audio_id=int(end_of_audio_id))
+                   end_of_audio_id=int(end_of_audio_id),
+                   region_word_ids=tuple(tuple(int(i) for i in ids) for ids in region_word_ids))
 
 
 def audio_from_config(audio_cfg, llm_width: int) -> tuple[AudioConfig | None, float]:
@@ -275,6 +289,9 @@ class OmniModel(nn.Module):
                                         dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype)
         if c.region_classes:
             self.region_head = RegionHead(sum(c.region_classes))
+        if c.region_words and len(cfg.region_word_ids) != sum(c.region_classes):
+            raise ValueError(f"model.connector.region_words needs one name per region class: "
+                             f"{len(cfg.region_word_ids)} names for region_classes={c.region_classes}")
         if c.position_frequencies:
             after = c.position_placement == "output"
             self.position_embedding = nn.Dense(
@@ -306,7 +323,8 @@ class OmniModel(nn.Module):
         "linear": (B, N/4, width), one per merged token (valid: not padding); pooling
         kinds: (B, S·k, width), segment s's k tokens at s·k.. (valid: segment s exists)."""
         cfg = self.config.connector
-        features, merged_segment_ids = self.vision_features(vision_patches, vision_segment_ids, vision_hw)
+        tower, merged_segment_ids, tags = self.tower_outputs(vision_patches, vision_segment_ids, vision_hw)
+        features = self.connector_input(tower, merged_segment_ids, tags, vision_hw)
         if cfg.pools:
             features, valid = self.pooled_tokens(features, merged_segment_ids, vision_hw)
         else:
@@ -314,7 +332,20 @@ class OmniModel(nn.Module):
         features = features * cfg.output_scale
         if cfg.position_frequencies and cfg.position_placement == "output":
             features = features + self.output_position_features(vision_hw, merged_segment_ids).astype(features.dtype)
+        if cfg.region_words:
+            features = features + self.region_word_embeddings(tags).astype(features.dtype)
         return features, valid
+
+    def region_word_embeddings(self, tags):
+        """tags (B, M, classes) -> (B, M, width): the tag-weighted mean embedding of each
+        class's name (OmniConfig.region_word_ids); background adds nothing."""
+        names = self.config.region_word_ids
+        longest = max(len(ids) for ids in names)
+        ids = np.array([list(ids) + [0] * (longest - len(ids)) for ids in names], np.int32)
+        weights = np.array([[1.0 / max(len(ids), 1)] * len(ids) + [0.0] * (longest - len(ids)) for ids in names],
+                           np.float32)
+        per_class = jnp.einsum("cn,cnw->cw", weights, jnp.take(self.llm.embedding, ids, axis=0))
+        return jnp.einsum("bmc,cw->bmw", tags.astype(per_class.dtype), per_class)
 
     def output_position_features(self, vision_hw, merged_segment_ids):
         """Position features of the LLM-width tokens: per merged token ("linear"), or per
@@ -336,15 +367,25 @@ class OmniModel(nn.Module):
     def vision_features(self, vision_patches, vision_segment_ids, vision_hw):
         """The connector's input: merged tokens (B, N/4, out_width) (+ region tags, + the position
         features) and their segment ids (B, N/4)."""
+        features, merged_segment_ids, tags = self.tower_outputs(vision_patches, vision_segment_ids, vision_hw)
+        return self.connector_input(features, merged_segment_ids, tags, vision_hw), merged_segment_ids
+
+    def tower_outputs(self, vision_patches, vision_segment_ids, vision_hw):
+        """Merged tokens (B, N/4, out_width), their segment ids, and with region_classes their
+        tags (B, N/4, sum(region_classes); zero on padding), else None."""
         features, merged_segment_ids = self.vision(vision_patches, vision_segment_ids, vision_hw)
-        cfg = self.config.connector
-        if cfg.region_classes:
-            tags = region_tags(self.region_head(features), cfg.region_classes)
-            tags = jnp.where(merged_segment_ids[..., None] > 0, tags, 0)  # padding stays empty
+        classes = self.config.connector.region_classes
+        if not classes:
+            return features, merged_segment_ids, None
+        tags = region_tags(self.region_head(features), classes)
+        return features, merged_segment_ids, jnp.where(merged_segment_ids[..., None] > 0, tags, 0)
+
+    def connector_input(self, features, merged_segment_ids, tags, vision_hw):
+        if tags is not None:
             features = jnp.concatenate([features, tags.astype(features.dtype)], axis=-1)
-        if cfg.position_frequencies and cfg.position_placement == "input":
+        if self.config.connector.position_frequencies and self.config.connector.position_placement == "input":
             features = features + self.position_features(vision_hw, merged_segment_ids).astype(features.dtype)
-        return features, merged_segment_ids
+        return features
 
     def pooled_tokens(self, features, merged_segment_ids, vision_hw):
         """Pooling connectors: merged tokens (B, M, D) -> (B, S·k, width) tokens, (B, S·k) bool.
