@@ -40,8 +40,13 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["m2omni-train=m2omni_jax.main:run",
-                                     "m2omni-eval=m2omni_jax.evaluate:run",
-                                     "m2omni-pretrain-tower=m2omni_jax.pretrain_tower:run",
-                                     "m2omni-prepare-data=m2omni_jax.prepare_data:run"]},
+    entry_points={"console_scripts": [
+        "m2omni-train=m2omni_jax.main:run",
+        "m2omni-eval=m2omni_jax.evaluate:run",
+        "m2omni-prepare-data=m2omni_jax.prepare_data:run",
+        "m2omni-calibrate=m2omni_jax.calibrate:run",
+        "m2omni-tune-fixnorm=m2omni_jax.tune_fixnorm:run",
+        "m2omni-align=m2omni_jax.align:run",
+        "m2omni-pretrain-tower=m2omni_jax.experiments.shapes_world.tower:run",
+    ]},
 )

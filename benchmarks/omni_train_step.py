@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from m2omni_jax import train
+from m2omni_jax import build
 from m2omni_jax.data import omni_pipeline, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import NUM_MODALITIES
 from m2omni_jax.models import omni
@@ -50,7 +50,7 @@ def benchmark_config(config, modalities):
 
 
 def real_batches(config, tokenizer, num_batches):
-    data = train.make_train_iterator(config, tokenizer)
+    data = build.make_train_iterator(config, tokenizer)
     return [next(data) for _ in range(num_batches)]
 
 
@@ -89,9 +89,9 @@ def benchmark(config, steps: int, num_batches: int) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     tokenizer = tokenizer_lib.get_tokenizer(config)
-    model, tx, shapes = train.make_model_and_optimizer(config, tokenizer)
+    model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
     state, _, shardings = train_step.create_train_state(model, tx, mesh, rules, shapes, config.seed)
-    step = train_step.jit_train_step(model, mesh, rules, shardings, batch_keys=train.batch_keys(config))
+    step = train_step.jit_train_step(model, mesh, rules, shardings, batch_keys=build.batch_keys(config))
     host_batches = real_batches(config, tokenizer, num_batches)
     batches = [pipeline.make_global_batch(b, mesh) for b in host_batches]
 

@@ -26,12 +26,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
-from m2omni_jax import train
-from m2omni_jax.data import omni_pipeline, preference, tokenizer as tokenizer_lib
+from m2omni_jax import build, cli
+from m2omni_jax.data import omni_pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.experiments.shapes_world import preference
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, dpo, lora, metrics_logging, optimizers, train_step
 
@@ -44,8 +44,8 @@ def lora_config(config) -> lora.LoRAConfig:
 
 def model_kind(config) -> str:
     kind = config.model.get("kind", "llm")
-    if kind not in train.MODEL_KINDS:
-        raise ValueError(f"config.model.kind={kind!r}; use one of {train.MODEL_KINDS}")
+    if kind not in build.MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r}; use one of {build.MODEL_KINDS}")
     return kind
 
 
@@ -91,13 +91,13 @@ def check_batch_size(config, mesh) -> None:
                          f"multiple of the batch mesh axes' size {ways}")
 
 
-def build(config, workdir: str, tokenizer):
+def build_alignment(config, workdir: str, tokenizer):
     """(mesh, rules, model, LoRA config, sharded AlignmentState, its shardings)."""
     mesh = sharding.make_mesh(config.mesh)
     check_batch_size(config, mesh)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
-    model = train.build_model(config, tokenizer)
-    boxed = train_step.abstract_boxed_params(model, train.example_batch_shapes(config))
+    model = build.build_model(config, tokenizer)
+    boxed = train_step.abstract_boxed_params(model, build.example_batch_shapes(config))
     param_shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.unbox(boxed), param_shardings)
@@ -156,7 +156,7 @@ def held_out_reward_accuracy(state, model, lcfg, config, tokenizer, mesh, rules)
 
 def align(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tokenizer = tokenizer_lib.get_tokenizer(config)
-    mesh, rules, model, lcfg, state, state_shardings = build(config, workdir, tokenizer)
+    mesh, rules, model, lcfg, state, state_shardings = build_alignment(config, workdir, tokenizer)
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                               save_every=config.checkpoint.every, keep=config.checkpoint.keep)
     if checkpointer.latest_step() is not None:
@@ -194,16 +194,9 @@ def align(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return final
 
 
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    del argv
-    align(FLAGS.config, os.path.abspath(FLAGS.workdir))
+def run():
+    cli.run(align, "m2omni-align")
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Alignment stage config.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run()

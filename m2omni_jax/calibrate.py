@@ -13,27 +13,21 @@ step-balance weights it implies.
 import os
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from m2omni_jax import train
+from m2omni_jax import build, cli, train
 from m2omni_jax.training import balance
 from m2omni_jax.training.metrics_logging import read_metrics
 
-config_flags.DEFINE_config_file("config", None, "Stage config (e.g. configs/stages/pt3.py:tiny).",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "Parent directory of the per-modality runs.")
 flags.DEFINE_integer("steps", 100, "Training steps per modality.")
 flags.DEFINE_integer("tail", 10, "Logged steps averaged for the converged loss.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def single_modality_config(base, modality: str, steps: int):
-    config = base.copy_and_resolve_references()
+    """The stage's config reading `modality` alone, one stream, a log line every step."""
+    config = build.single_modality_config(base, modality)
     config.balance.strategy = "none"
-    config.data.mixture = "custom"
-    config.data.modality_weights = {modality: 1.0}
     config.train.steps = steps
     config.train.log_every = 1
     return config
@@ -45,25 +39,29 @@ def converged_loss(workdir: str, tail: int) -> float:
     return float(np.mean(losses))
 
 
-def main(argv):
-    del argv
-    root = os.path.abspath(FLAGS.workdir)
+def calibrate(base, root: str) -> dict[str, float]:
+    """Runs every balanced modality alone under `root`; writes and returns {modality: L*}."""
     losses = {}
-    for modality in FLAGS.config.balance.modalities:
+    for modality in base.balance.modalities:
         run_dir = os.path.join(root, modality)
         logging.info("calibration: %s alone for %d steps in %s", modality, FLAGS.steps, run_dir)
-        config = single_modality_config(FLAGS.config, modality, FLAGS.steps)
+        config = single_modality_config(base, modality, FLAGS.steps)
         if config.init_from and not os.path.isabs(config.init_from):
             config.init_from = os.path.normpath(os.path.join(root, config.init_from))
         train.train_and_evaluate(config, run_dir)
         losses[modality] = converged_loss(run_dir, FLAGS.tail)
     path = os.path.join(root, "converged_losses.json")
     balance.save_calibration(path, losses)
-    weights = balance.step_balance_weights(losses, alpha=FLAGS.config.balance.step.alpha)
+    weights = balance.step_balance_weights(losses, alpha=base.balance.step.alpha)
     for name in losses:
         print(f"{name:12s} L* = {losses[name]:.4f}   w = {weights[name]:.3f}")
     print(f"wrote {path}")
+    return losses
+
+
+def run():
+    cli.run(calibrate, "m2omni-calibrate")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2omni_jax import train
-from m2omni_jax.data import omni_pipeline, shapes_world as sw, speech, tokenizer as tokenizer_lib
+from m2omni_jax import build, cli
+from m2omni_jax.data import omni_pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.experiments.shapes_world import world as sw, speech
 from m2omni_jax.models.omni import audio_enabled, init_cache
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
@@ -297,7 +298,7 @@ def example(record: dict, prediction: str) -> dict:
 def restore_params(config, workdir: str, tokenizer, mesh, rules):
     """(model, params, step) from the latest checkpoint in `workdir/checkpoints`."""
     # The model and optimizer of training, so the restored state tree matches.
-    model, tx, shapes = train.make_model_and_optimizer(config, tokenizer)
+    model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
     abstract, shardings = train_step.state_shardings(model, tx, mesh, rules, shapes)
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                               save_every=int(config.checkpoint.every),
@@ -306,7 +307,7 @@ def restore_params(config, workdir: str, tokenizer, mesh, rules):
         step = checkpointer.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
-        state, _ = checkpointer.restore(train.abstract_state_with(abstract, shardings), step=step)
+        state, _ = checkpointer.restore(build.abstract_state_with(abstract, shardings), step=step)
     return model, state.params, step
 
 
@@ -330,8 +331,7 @@ def evaluate(config, workdir: str) -> dict:
 
 
 def run():
-    from m2omni_jax import main as main_lib  # shares its --config / --workdir flags
-    main_lib.run_command(evaluate, quiet=True)
+    cli.run(evaluate, "m2omni-eval", quiet=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ reads (text corpus, shapes world, spoken shapes world when the audio tower is on
 Training writes them on first use anyway; this does it ahead of a timed or multi-host run,
 with progress bars, and takes the same --config.* overrides (a new task list is a new world).
 """
-from absl import logging
-
+from m2omni_jax import cli
 from m2omni_jax.data import omni_pipeline, pipeline
 
 
@@ -23,9 +22,7 @@ def prepare(config, workdir: str) -> dict[str, str]:
 
 
 def run():
-    from m2omni_jax import main as main_lib  # shares its --config / --workdir flags
-    logging.set_verbosity(logging.WARNING)
-    main_lib.run_command(prepare)
+    cli.run(prepare, "m2omni-prepare-data", quiet=True)
 
 
 if __name__ == "__main__":

@@ -3,106 +3,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from m2omni_jax import pretrain_tower
+from m2omni_jax import build, evaluate
 from m2omni_jax.data import balance_sources, omni_pipeline, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import MODALITIES, modality_id
-from m2omni_jax.models import omni as omni_lib
-from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
-from m2omni_jax.models.omni import OmniConfig, OmniModel, audio_enabled
+from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import (balance, balanced_step, checkpointing, dynamic_balance, metrics_logging, mfu,
                                  optimizers, train_step)
 
-MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision (+ audio) towers
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
-    """Fails before anything compiles, naming the field and the value."""
-    mesh_shape = sharding.mesh_shape_from_config(config.mesh, num_devices)
-    batch_ways = int(np.prod([s for a, s in zip(sharding.MESH_AXES, mesh_shape) if a in sharding.BATCH_AXES]))
-    batch = config.train.batch_size
-    if batch <= 0 or batch % batch_ways:
-        raise ValueError(f"config.train.batch_size={batch} must be a positive multiple of the batch mesh "
-                         f"axes {sharding.BATCH_AXES} = {batch_ways} (mesh {dict(zip(sharding.MESH_AXES, mesh_shape))})")
-    if batch % process_count:
-        raise ValueError(f"config.train.batch_size={batch} must divide evenly among {process_count} processes")
-    for name in config.train.loss_weights:
-        modality_id(name)  # raises naming the unknown modality
-    if config.tokenizer.vocab_size > config.model.llm.vocab_size:
-        raise ValueError(f"config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds "
-                         f"config.model.llm.vocab_size={config.model.llm.vocab_size}")
-    LLMConfig.from_config(config.model.llm)
-    kind = config.model.get("kind", "llm")
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind={kind!r}; use one of {MODEL_KINDS}")
-    if kind == "omni":
-        OmniConfig.from_config(config.model, placeholder_ids=())
-        omni_pipeline.VisionOptions.from_config(config)
-        omni_pipeline.AudioOptions.from_config(config, read_cmvn=False)
-        omni_pipeline.modality_weights(config.data)
-        omni_pipeline.check_audio_mixture(config)
-
-
-def build_model(config, tokenizer) -> nn.Module:
-    if config.model.get("kind", "llm") == "omni":
-        return OmniModel(OmniConfig.from_config(
-            config.model, omni_pipeline.placeholder_ids(tokenizer),
-            audio_placeholder_id=tokenizer.special_id("<audioPatch>"),
-            end_of_audio_id=tokenizer.special_id("<end_of_audio>"),
-            region_word_ids=(pretrain_tower.region_word_ids(tokenizer)
-                             if config.model.connector.get("region_words") else ())))
-    return LLM(LLMConfig.from_config(config.model.llm))
-
-
-def example_batch_shapes(config) -> dict:
-    """Global batch shapes the model is initialised (and the step compiled) with."""
-    if config.model.get("kind", "llm") == "omni":
-        return {k: jax.ShapeDtypeStruct(shape, dtype)
-                for k, (shape, dtype) in omni_pipeline.example_batch_shapes(config).items()}
-    return {"tokens": (config.train.batch_size, config.data.seq_len)}
-
-
-def batch_keys(config) -> tuple[str, ...]:
-    return omni_pipeline.batch_keys(config) if config.model.get("kind", "llm") == "omni" else train_step.BATCH_KEYS
-
-
-def make_train_iterator(config, tokenizer):
-    if config.model.get("kind", "llm") == "omni":
-        return omni_pipeline.make_train_iterator(config, tokenizer)
-    return pipeline.make_train_iterator(config, tokenizer)
-
-
-def make_model_and_optimizer(config, tokenizer):
-    """(model, optax chain, example batch shapes): the pieces a train state is built from."""
-    model = build_model(config, tokenizer)
-    shapes = example_batch_shapes(config)
-    abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes))
-    return model, optimizers.make_optimizer(config.opt, config.train.steps, abstract_params), shapes
-
-
-def llm_config(model) -> LLMConfig:
-    return model.config.llm if isinstance(model, OmniModel) else model.config
-
-
-def model_flops_per_token(config, model) -> float:
-    """Training FLOPs per LLM token slot: the LLM's, plus for omni the vision tower's and
-    connector's over every patch slot of a row spread over its tokens. The audio tower's
-    are not counted (MFU is a lower bound when audio is on)."""
-    flops = training_flops_per_token(llm_config(model), config.data.seq_len)
-    if isinstance(model, OmniModel):
-        pack = int(config.data.vision.patches_per_row)
-        flops += omni_lib.vision_training_flops_per_pack(model.config, pack) / config.data.seq_len
-    return flops
 
 
 def loss_weight_vector(config) -> np.ndarray:
@@ -160,29 +76,13 @@ def balance_strategy(config) -> str:
     return strategy
 
 
-def single_modality_config(config, modality: str, *, split: str = "train", batch_size: int | None = None):
-    """The same data config reading one modality only (and optionally another split/batch)."""
-    config = config.copy_and_resolve_references()
-    if config.model.get("kind", "llm") == "omni":
-        config.data.mixture = "custom"
-        for name in config.data.modality_weights:
-            config.data.modality_weights[name] = 0.0
-        config.data.modality_weights[modality] = 1.0
-    elif modality != "text":
-        raise ValueError(f"config.balance.modalities has {modality!r} but model.kind='llm' reads text only")
-    config.data.split = split
-    if batch_size:
-        config.train.batch_size = batch_size
-    return config
-
-
 def make_batch_source(config, tokenizer):
     """The checkpointable training iterator the balance strategy asks for."""
     strategy = balance_strategy(config)
     if strategy in ("none", "dynamic"):
-        return make_train_iterator(config, tokenizer)
+        return build.make_train_iterator(config, tokenizer)
     modalities = tuple(config.balance.modalities)
-    iterators = {m: make_train_iterator(single_modality_config(config, m), tokenizer) for m in modalities}
+    iterators = {m: build.make_train_iterator(build.single_modality_config(config, m), tokenizer) for m in modalities}
     if strategy == "step":
         return balance_sources.StackedModalityBatches(iterators)
     if strategy == "round_robin":
@@ -208,32 +108,14 @@ def heldout_batches(config, tokenizer, mesh, modalities, num_batches: int, batch
     """Fixed held-out batches per modality (the eval split), as global arrays."""
     out = {}
     for m in modalities:
-        it = make_train_iterator(single_modality_config(config, m, split="eval", batch_size=batch_size), tokenizer)
+        it = build.make_train_iterator(build.single_modality_config(config, m, split="eval", batch_size=batch_size), tokenizer)
         out[m] = dynamic_balance.fixed_validation_batches(
             it, num_batches, lambda b: pipeline.make_global_batch(b, mesh))
     return out
 
 
-def init_from_previous_stage(config, workdir, state, abstract_state, state_shardings):
-    """This run's fresh state with the parameters of config.init_from's latest checkpoint."""
-    path = config.init_from if os.path.isabs(config.init_from) else os.path.join(workdir, config.init_from)
-    abstract = abstract_state_with(abstract_state, state_shardings).params
-    loaded, missing = checkpointing.load_params(os.path.normpath(path), abstract,
-                                                include=tuple(config.get("init_from_include", ())))
-    if missing:
-        logging.warning("init_from %s: %d tensors not in the checkpoint keep their fresh init (%s...)",
-                        path, len(missing), missing[:3])
-    return state.replace(params=merge_params(state.params, loaded))
-
-
-def merge_params(fresh, loaded):
-    if not isinstance(fresh, dict):
-        return loaded
-    return {k: merge_params(v, loaded[k]) if k in loaded else v for k, v in fresh.items()}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    validate_config(config, jax.device_count(), jax.process_count())
+    build.validate_config(config, jax.device_count(), jax.process_count())
     if audio_enabled(config):  # CMVN statistics: measured by the first run, read back on resume
         config = omni_pipeline.with_cmvn(config, workdir)
     strategy = balance_strategy(config)
@@ -242,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("mesh %s over %d devices; balance strategy %s", dict(mesh.shape), mesh.size, strategy)
 
     tokenizer = tokenizer_lib.get_tokenizer(config)
-    model, tx, shapes = make_model_and_optimizer(config, tokenizer)
+    model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
     data_iter = make_batch_source(config, tokenizer)
     state, abstract_state, state_shardings = train_step.create_train_state(
         model, tx, mesh, rules, shapes, config.seed)
@@ -260,17 +142,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         balancer = dynamic_balance.DynamicBalancer(adaptive, batches, validation_loss, int(dyn.interval_steps))
 
     if checkpointer.latest_step() is not None:
-        state, extra = checkpointer.restore(abstract_state_with(abstract_state, state_shardings), data_iter)
+        state, extra = checkpointer.restore(build.abstract_state_with(abstract_state, state_shardings), data_iter)
         if balancer is not None and "dynamic_balance" in extra:
             balancer.load_json(extra["dynamic_balance"])
         logging.info("resumed from step %d", int(state.step))
     elif config.get("init_from"):
-        state = init_from_previous_stage(config, workdir, state, abstract_state, state_shardings)
+        state = build.init_from_previous_stage(config, workdir, state, abstract_state, state_shardings)
     start_step = int(state.step)
 
     frozen = optimizers.frozen_mask(config.opt, abstract_state.params) if config.opt.get("frozen") else None
     if strategy == "step":
-        ndims = {k: train_step._BATCH_NDIM.get(k, 2) for k in batch_keys(config)}
+        ndims = {k: train_step._BATCH_NDIM.get(k, 2) for k in build.batch_keys(config)}
         step_loss = loss_fn if frozen is None else train_step.without_gradient_through(frozen, loss_fn)
         balanced = balanced_step.jit_balanced_step(step_loss, mesh, rules, state_shardings, ndims)
         micro_weights = step_balance_weights(config)
@@ -280,11 +162,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         step_fn = train_step.jit_train_step(model, mesh, rules, state_shardings,
                                             z_loss_weight=config.train.z_loss_weight,
-                                            batch_keys=batch_keys(config), frozen=frozen)
+                                            batch_keys=build.batch_keys(config), frozen=frozen)
         to_global = functools.partial(pipeline.make_global_batch, mesh=mesh)
     micro_batches = len(config.balance.modalities) if strategy == "step" else 1
     throughput = Throughput(
-        flops_per_token=model_flops_per_token(config, model),
+        flops_per_token=build.model_flops_per_token(config, model),
         peak_flops=mfu.peak_flops_per_device(config.train.peak_flops_per_device) * jax.device_count(),
         tokens_per_step=micro_batches * config.train.batch_size * config.data.seq_len)
     schedule = optimizers.make_schedule_from_config(config.opt, config.train.steps)
@@ -318,7 +200,6 @@ def make_periodic_evaluator(config, model, tokenizer, mesh, rules) -> Callable[[
     if jax.process_count() > 1:
         raise ValueError(f"config.eval.every={every} runs in one process only (its prompts are host "
                          "arrays); set it to 0 and run m2omni-eval on the checkpoints")
-    from m2omni_jax import evaluate  # it imports this module
     num_records = int(config.eval.get("periodic_num_samples", 0)) or int(config.eval.num_samples)
     periodic = config.copy_and_resolve_references()
     with periodic.unlocked():
@@ -398,9 +279,3 @@ class Loop:
             self.save(step, state, force=True)
         self.checkpointer.wait()
         return state, last
-
-
-def abstract_state_with(abstract_state, shardings):
-    """Pairs each abstract leaf with its sharding, for restoring in place."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, shardings)

@@ -11,19 +11,15 @@ best (η, τ) are printed and written to `<workdir>/fixnorm_tuning.json`.
 import json
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from m2omni_jax import train
+from m2omni_jax import cli, train
 from m2omni_jax.training import optimizers
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
-flags.DEFINE_string("workdir", None, "Parent directory of the trial runs.")
 flags.DEFINE_list("etas", ["1e-3", "3e-3", "1e-2"], "Peak learning rates tried at tau_default.")
 flags.DEFINE_list("taus", ["5", "10", "20"], "Classifier norms tried at the best eta.")
 flags.DEFINE_float("tau_default", 10.0, "Classifier norm used while searching eta.")
 flags.DEFINE_integer("steps", 100, "Training steps per trial.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -42,11 +38,10 @@ def run_trial(base, workdir: str, eta: float, tau: float, steps: int) -> float:
     return float(train.train_and_evaluate(trial_config(base, eta, tau, steps), trial_dir)["loss"])
 
 
-def main(argv):
-    del argv
-    workdir = os.path.abspath(FLAGS.workdir)
+def tune(base, workdir: str) -> dict:
+    """η at `--tau_default`, then τ at the best η; writes and returns the trial table."""
     (eta, tau), table = optimizers.tune_fixnorm(
-        lambda e, t: run_trial(FLAGS.config, workdir, e, t, FLAGS.steps),
+        lambda e, t: run_trial(base, workdir, e, t, FLAGS.steps),
         [float(e) for e in FLAGS.etas], [float(t) for t in FLAGS.taus], FLAGS.tau_default)
     print("stage  eta        tau      final loss")
     for row in table:
@@ -55,7 +50,12 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "fixnorm_tuning.json"), "w") as f:
         json.dump({"best": {"eta": eta, "tau": tau}, "trials": table}, f, indent=2)
+    return {"best": {"eta": eta, "tau": tau}, "trials": table}
+
+
+def run():
+    cli.run(tune, "m2omni-tune-fixnorm")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from m2omni_jax import align, train
+from m2omni_jax import align, build
 from m2omni_jax.data import tokenizer as tokenizer_lib
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.parallel import sharding
@@ -50,8 +50,8 @@ def save_previous_stage(state, workdir):
 
 def write_omni_stage(config, workdir):
     """A freshly initialised omni model (llm/, vision/, connector/, ...) as IT3's checkpoint."""
-    model = train.build_model(config, tokenizer_lib.get_tokenizer(config))
-    inputs = train_step.example_inputs(train.example_batch_shapes(config))
+    model = build.build_model(config, tokenizer_lib.get_tokenizer(config))
+    inputs = train_step.example_inputs(build.example_batch_shapes(config))
     key = jax.random.key(1, impl="rbg")  # compiles much faster than threefry on CPU
     params = jax.jit(lambda x: nn.unbox(model.init(key, **x)["params"]))(inputs)
     tx = optax.identity()  # the next stage reads the params only
@@ -75,7 +75,7 @@ def write_llm_stage(config, workdir):
 
 def saved_alignment_state(config, workdir):
     """(the state align starts from, the state of the last alignment checkpoint)."""
-    _, _, _, _, start, _ = align.build(config, workdir, tokenizer_lib.get_tokenizer(config))
+    _, _, _, _, start, _ = align.build_alignment(config, workdir, tokenizer_lib.get_tokenizer(config))
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=3)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), start)
     saved, _ = ckpt.restore(abstract)

@@ -21,7 +21,7 @@ def _knf_fbank(waveform: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def sentence():
     pytest.importorskip("espeakng_loader")
-    from m2omni_jax.data import speech
+    from m2omni_jax.experiments.shapes_world import speech
 
     voice = speech.Voice("en-us", "Hugo", rate=170, pitch=50)
     return speech.synthesize("The quick brown fox jumps over the lazy dog near the river bank.", voice)

@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from m2omni_jax import evaluate, train
+from m2omni_jax import build, evaluate
 from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.data import omni_pipeline as op
-from m2omni_jax.data import shapes_world as sw
-from m2omni_jax.data import speech
+from m2omni_jax.experiments.shapes_world import world as sw
+from m2omni_jax.experiments.shapes_world import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.models.llm import LLMConfig
 from m2omni_jax.models.omni import ConnectorConfig, OmniConfig, OmniModel
@@ -134,7 +134,7 @@ def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path)
     config = op.with_cmvn(eval_config, str(tmp_path))  # what training leaves in its workdir
     tokenizer = get_tokenizer(config)
     mesh = sharding.make_mesh(config.mesh)
-    model, tx, shapes = train.make_model_and_optimizer(config, tokenizer)
+    model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
     state, _, _ = train_step.create_train_state(model, tx, mesh, sharding.LOGICAL_AXIS_RULES, shapes, seed=0)
     with checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=10, keep=1, async_save=False) as ckpt:
         ckpt.save(3, state, force=True)

@@ -10,8 +10,8 @@ import pytest
 
 from m2omni_jax.data import audio as audio_frontend
 from m2omni_jax.data import omni_pipeline as op
-from m2omni_jax.data import shapes_world as sw
-from m2omni_jax.data import speech
+from m2omni_jax.experiments.shapes_world import world as sw
+from m2omni_jax.experiments.shapes_world import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.models import omni

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from m2omni_jax.data import pipeline, text_corpus
+from m2omni_jax.data import pipeline
+from m2omni_jax.experiments.shapes_world import text_corpus
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.parallel.sharding import batch_sharding, make_mesh

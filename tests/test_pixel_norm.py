@@ -3,7 +3,7 @@ import numpy as np
 
 from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.data import omni_pipeline as op
-from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.experiments.shapes_world import world as sw
 
 
 def centered_patches(color: str) -> np.ndarray:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline, preference, shapes_world, text_corpus
+from m2omni_jax.data import omni_pipeline
+from m2omni_jax.experiments.shapes_world import preference, world as shapes_world, text_corpus
 from m2omni_jax.data.tokenizer import Tokenizer, train_tokenizer, training_text
 
 SEQ_LEN = 96

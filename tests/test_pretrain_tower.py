@@ -8,11 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from m2omni_jax import pretrain_tower as pt
-from m2omni_jax import train
+from m2omni_jax.experiments.shapes_world import tower as pt
+from m2omni_jax import build
 from m2omni_jax.data import omni_pipeline as op
-from m2omni_jax.data import shapes_world as sw
-from m2omni_jax.data import write_shapes_world
+from m2omni_jax.experiments.shapes_world import world as sw
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.models.vision import VisionConfig, VisionEncoder
 from m2omni_jax.parallel import sharding
@@ -108,11 +107,11 @@ def test_pretrain_learns_and_the_omni_model_loads_its_tower(config, tmp_path):
     omni = config.copy_and_resolve_references()
     omni.init_from, omni.init_from_include = str(tmp_path / "tower"), ("^vision/",)
     tokenizer = get_tokenizer(omni)
-    model, tx, shapes = train.make_model_and_optimizer(omni, tokenizer)
+    model, tx, shapes = build.make_model_and_optimizer(omni, tokenizer)
     mesh = sharding.make_mesh(omni.mesh)
     state, abstract, shardings = train_step.create_train_state(model, tx, mesh, sharding.LOGICAL_AXIS_RULES,
                                                                shapes, seed=1)
-    loaded = train.init_from_previous_stage(omni, str(tmp_path), state, abstract, shardings).params
+    loaded = build.init_from_previous_stage(omni, str(tmp_path), state, abstract, shardings).params
     tower_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract.params, shardings.params)
     tower, _ = checkpointing.load_params(tmp_path / "tower", tower_abstract, include=("^vision/",))

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from m2omni_jax.data import shapes_world as sw
-from m2omni_jax.data import write_shapes_world as wsw
+from m2omni_jax.experiments.shapes_world import world as sw
+from m2omni_jax.experiments.shapes_world import writer as wsw
 from m2omni_jax.modalities import MODALITIES
 
 SEED = 7
@@ -322,7 +322,7 @@ def test_task_subset(tmp_path):
 def test_tfds_builder_and_data_source(tmp_path):
     import tensorflow_datasets as tfds
 
-    from m2omni_jax.data import shapes_world_tfds as swt
+    from m2omni_jax.experiments.shapes_world import tfds_builder as swt
 
     config = swt.make_config(seed=SEED, num_train=len(sw.TASKS) + 1, num_eval=3)
     data_dir = str(tmp_path / "tfds")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from m2omni_jax.data import audio
-from m2omni_jax.data import shapes_world as sw
-from m2omni_jax.data import speech
+from m2omni_jax.experiments.shapes_world import world as sw
+from m2omni_jax.experiments.shapes_world import speech
 
 pytest.importorskip("espeakng_loader")
 

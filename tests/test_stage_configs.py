@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 
-from m2omni_jax import train
+from m2omni_jax import build
 from m2omni_jax.data import omni_pipeline
 
 STAGES = ("pt1", "pt2", "pt3", "it1", "it2", "it3", "alignment")
@@ -19,7 +19,7 @@ def stage(name, size="tiny"):
 @pytest.mark.parametrize("name", STAGES)
 def test_every_stage_validates_and_chains_to_the_previous_one(name, size):
     config = stage(name, size)
-    train.validate_config(config, num_devices=8 if size == "tiny" else 64, process_count=1)
+    build.validate_config(config, num_devices=8 if size == "tiny" else 64, process_count=1)
     assert config.init_from == PREVIOUS[name]
 
 

@@ -5,7 +5,7 @@ import ml_collections
 import pytest
 import sentencepiece as spm
 
-from m2omni_jax.data import shapes_world, text_corpus
+from m2omni_jax.experiments.shapes_world import world as shapes_world, text_corpus
 from m2omni_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer,
                                        get_tokenizer, train_tokenizer, training_text)
 

@@ -9,7 +9,7 @@ import time
 import ml_collections
 import pytest
 
-from m2omni_jax import train
+from m2omni_jax import build
 from m2omni_jax.training.metrics_logging import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,7 @@ def test_bad_config_fails_before_compiling(field, value, match):
     target = config[section] if section else config
     target[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     with pytest.raises(ValueError, match=match):
-        train.validate_config(config, num_devices=8, process_count=1)
+        build.validate_config(config, num_devices=8, process_count=1)
 
 
 def test_omni_mfu_counts_the_vision_tower():
@@ -144,13 +144,13 @@ def test_omni_mfu_counts_the_vision_tower():
     from m2omni_jax.models import omni, vision
     model = omni.OmniModel(omni.OmniConfig.from_config(config.model, placeholder_ids=(5, 6)))
     llm_only = training_flops_per_token(model.config.llm, config.data.seq_len)
-    towers = train.model_flops_per_token(config, model) - llm_only
+    towers = build.model_flops_per_token(config, model) - llm_only
     tower_only = vision.training_flops_per_pack(model.config.vision, config.data.vision.patches_per_row)
     assert towers * config.data.seq_len > tower_only  # the connector is counted too
 
 
 def test_prepare_data_writes_the_world_its_overrides_name(tmp_path):
-    from m2omni_jax.data import write_shapes_world
+    from m2omni_jax.experiments.shapes_world import writer as write_shapes_world
     data_dir = tmp_path / "data"
     tasks = "('caption','vqa_shape','vqa_locate')"
     proc = run([sys.executable, "-m", "m2omni_jax.prepare_data", f"--config={REPO}/configs/tiny.py:vqa",

@@ -67,9 +67,10 @@ from jax.experimental import multihost_utils
 from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.data import audio as audio_frontend
 from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import pipeline, speech
-from m2omni_jax.data import shapes_world as sw
-from m2omni_jax.data import write_shapes_world
+from m2omni_jax.data import pipeline
+from m2omni_jax.experiments.shapes_world import speech
+from m2omni_jax.experiments.shapes_world import world as sw
+from m2omni_jax.experiments.shapes_world import writer as write_shapes_world
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.models import omni
 

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from m2omni_jax.data import text_corpus
+from m2omni_jax.experiments.shapes_world import text_corpus
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.parallel.sharding import batch_sharding
 

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from m2omni_jax.data import text_corpus
+from m2omni_jax.experiments.shapes_world import text_corpus
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -194,7 +194,7 @@ def shapes_world_chats(num_chats: int, seed: int) -> Iterable[str]:
     sentences). Without these the built-in tokenizer splits them ("y" + "ellow",
     "bl" + "ue" / "bl" + "ack"), so VQA answers share no tokens with the captions'
     " yellow" and the colour names share first tokens."""
-    from m2omni_jax.data import shapes_world
+    from m2omni_jax.experiments.shapes_world import world as shapes_world
 
     for index in range(num_chats):
         yield training_text({"messages": shapes_world.make_record(seed, "train", index)["messages"]})

@@ -23,7 +23,7 @@ from typing import Iterator
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from m2omni_jax.data import shapes_world
+from m2omni_jax.experiments.shapes_world import world as shapes_world
 
 VERSION = 2
 MANIFEST = "manifest.json"

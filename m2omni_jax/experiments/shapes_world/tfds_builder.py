@@ -6,7 +6,7 @@ TensorFlow to encode): `record` holds `shapes_world.encode_record` bytes
 without decoding. Examples keep generation order (shuffling disabled), so
 example `i` of a split is `make_record(seed, split, i, tasks)`.
 
-  import m2omni_jax.data.shapes_world_tfds  # registers `shapes_world`
+  import m2omni_jax.experiments.shapes_world.tfds_builder  # registers `shapes_world`
   prepare(data_dir, config="tiny")          # or tfds.builder(...).download_and_prepare()
   ds = tfds.data_source("shapes_world/tiny", data_dir=data_dir)
   record = shapes_world.decode_record(ds["train"][0]["record"])
@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.experiments.shapes_world import world as sw
 
 
 @dataclasses.dataclass(eq=False)

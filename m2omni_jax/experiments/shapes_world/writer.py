@@ -3,7 +3,7 @@
 Each record is `shapes_world.encode_record(...)` bytes; read them back with
 `open_split(out_dir, split)[i]` and `shapes_world.decode_record`.
 
-  python -m m2omni_jax.data.write_shapes_world --out_dir /data/shapes_world \
+  python -m m2omni_jax.experiments.shapes_world.writer --out_dir /data/shapes_world \
       --num_train 20000 --num_eval 1000 [--tfds_data_dir /data/tfds]
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
-from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.experiments.shapes_world import world as sw
 
 MANIFEST = "manifest.json"
 # group_size:1 keeps every record in its own chunk: fast random access.
@@ -42,7 +42,7 @@ def open_split(out_dir: str, split: str) -> ArrayRecordDataSource:
 def _manifest(seed: int, num_train: int, num_eval: int, tasks: Sequence[str]) -> dict:
     return {"name": "shapes_world", "version": sw.DATA_VERSION, "seed": seed,
             "tasks": list(tasks), "num_examples": {"train": num_train, "eval": num_eval},
-            "encoding": "msgpack map, media as PNG: m2omni_jax.data.shapes_world.decode_record"}
+            "encoding": "msgpack map, media as PNG: m2omni_jax.experiments.shapes_world.world.decode_record"}
 
 
 def _read_manifest(out_dir: str) -> dict | None:
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(write_shapes_world(args.out_dir, seed=args.seed, num_train=args.num_train,
                              num_eval=args.num_eval, tasks=tasks, num_workers=args.num_workers))
     if args.tfds_data_dir:
-        from m2omni_jax.data import shapes_world_tfds
+        from m2omni_jax.experiments.shapes_world import tfds_builder as shapes_world_tfds
 
         config = shapes_world_tfds.make_config(
             seed=args.seed, num_train=args.num_train, num_eval=args.num_eval, tasks=tasks)

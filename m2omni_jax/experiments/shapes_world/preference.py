@@ -38,7 +38,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from m2omni_jax.data import omni_pipeline, shapes_world
+from m2omni_jax.data import omni_pipeline
+from m2omni_jax.experiments.shapes_world import world as shapes_world
 
 VQA_TASKS = ("vqa_color", "vqa_shape", "vqa_count", "vqa_position")
 INSTRUCTION_TASKS = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position")

@@ -1,6 +1,6 @@
 """Vision-tower pre-training [ours]: a stand-in for the paper's pretrained ViT.
 
-    python -m m2omni_jax.pretrain_tower --config=configs/tiny.py:vqa --workdir=/tmp/vqa/tower
+    python -m m2omni_jax.experiments.shapes_world.tower --config=configs/tiny.py:vqa --workdir=/tmp/vqa/tower
 
 M2-omni starts from Qwen2-VL's ViT, pre-trained on billions of image–text pairs;
 the built-in shapes world has no such tower, and one trained from scratch through
@@ -65,10 +65,12 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from m2omni_jax import cli
 from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline, pipeline, shapes_world as sw, tokenizer as tokenizer_lib
-from m2omni_jax.data import write_shapes_world
+from m2omni_jax.data import omni_pipeline, pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.experiments.shapes_world import world as sw
+from m2omni_jax.experiments.shapes_world import writer as write_shapes_world
 from m2omni_jax.models.layers import LayerNorm, kernel_init
 from m2omni_jax.models.vision import (RegionHead, VisionConfig, VisionEncoder, split_region_logits,
                                       training_flops_per_pack)
@@ -539,8 +541,7 @@ def _head_bias_at_prior(state, shardings, config, tokenizer, num_batches: int):
 
 
 def run():
-    from m2omni_jax import main as main_lib  # shares its --config / --workdir flags
-    main_lib.run_command(pretrain)
+    cli.run(pretrain, "m2omni-pretrain-tower")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from m2omni_jax.data import audio as audio_frontend
-from m2omni_jax.data import shapes_world as sw
+from m2omni_jax.experiments.shapes_world import world as sw
 
 SAMPLE_RATE = audio_frontend.SAMPLE_RATE
 AUDIO_TOKEN = "<audio>"
@@ -281,7 +281,7 @@ def write_speech_world(out_dir: str, *, seed: int, num_train: int, num_eval: int
                        tasks: Sequence[str] = TASKS, progress: bool = True) -> dict:
     """Writes the `train`/`eval` speech splits; a no-op when `out_dir` already holds the
     same version, seed, counts and tasks (its manifest.json). Returns the manifest."""
-    from m2omni_jax.data import write_shapes_world as wsw
+    from m2omni_jax.experiments.shapes_world import writer as wsw
 
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
@@ -289,7 +289,7 @@ def write_speech_world(out_dir: str, *, seed: int, num_train: int, num_eval: int
                          f"are {TASKS}")
     manifest = {"name": "shapes_speech", "version": sw.DATA_VERSION, "seed": seed, "tasks": list(tasks),
                 "num_examples": {"train": num_train, "eval": num_eval},
-                "encoding": "msgpack map, audio as int16 PCM: m2omni_jax.data.speech.decode_record"}
+                "encoding": "msgpack map, audio as int16 PCM: m2omni_jax.experiments.shapes_world.speech.decode_record"}
     paths = [speech_split_path(out_dir, split) for split in sw.SPLITS]
     if wsw._read_manifest(out_dir) == manifest and all(map(os.path.exists, paths)):
         return manifest

@@ -1,0 +1,143 @@
+"""Building a run from its config, in one place for every command (train, eval, align,
+calibration, the benchmarks): validation, the model, its optimizer, example batch shapes,
+the data iterator, restoring parameters.
+"""
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from m2omni_jax.data import omni_pipeline, pipeline
+from m2omni_jax.experiments.shapes_world import tower as pretrain_tower
+from m2omni_jax.modalities import modality_id
+from m2omni_jax.models import omni as omni_lib
+from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
+from m2omni_jax.models.omni import OmniConfig, OmniModel
+from m2omni_jax.parallel import sharding
+from m2omni_jax.training import checkpointing, optimizers, train_step
+
+MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision (+ audio) towers
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+    """Fails before anything compiles, naming the field and the value."""
+    mesh_shape = sharding.mesh_shape_from_config(config.mesh, num_devices)
+    batch_ways = int(np.prod([s for a, s in zip(sharding.MESH_AXES, mesh_shape) if a in sharding.BATCH_AXES]))
+    batch = config.train.batch_size
+    if batch <= 0 or batch % batch_ways:
+        raise ValueError(f"config.train.batch_size={batch} must be a positive multiple of the batch mesh "
+                         f"axes {sharding.BATCH_AXES} = {batch_ways} (mesh {dict(zip(sharding.MESH_AXES, mesh_shape))})")
+    if batch % process_count:
+        raise ValueError(f"config.train.batch_size={batch} must divide evenly among {process_count} processes")
+    for name in config.train.loss_weights:
+        modality_id(name)  # raises naming the unknown modality
+    if config.tokenizer.vocab_size > config.model.llm.vocab_size:
+        raise ValueError(f"config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds "
+                         f"config.model.llm.vocab_size={config.model.llm.vocab_size}")
+    LLMConfig.from_config(config.model.llm)
+    kind = config.model.get("kind", "llm")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r}; use one of {MODEL_KINDS}")
+    if kind == "omni":
+        OmniConfig.from_config(config.model, placeholder_ids=())
+        omni_pipeline.VisionOptions.from_config(config)
+        omni_pipeline.AudioOptions.from_config(config, read_cmvn=False)
+        omni_pipeline.modality_weights(config.data)
+        omni_pipeline.check_audio_mixture(config)
+
+
+def build_model(config, tokenizer) -> nn.Module:
+    if config.model.get("kind", "llm") == "omni":
+        return OmniModel(OmniConfig.from_config(
+            config.model, omni_pipeline.placeholder_ids(tokenizer),
+            audio_placeholder_id=tokenizer.special_id("<audioPatch>"),
+            end_of_audio_id=tokenizer.special_id("<end_of_audio>"),
+            region_word_ids=(pretrain_tower.region_word_ids(tokenizer)
+                             if config.model.connector.get("region_words") else ())))
+    return LLM(LLMConfig.from_config(config.model.llm))
+
+
+def example_batch_shapes(config) -> dict:
+    """Global batch shapes the model is initialised (and the step compiled) with."""
+    if config.model.get("kind", "llm") == "omni":
+        return {k: jax.ShapeDtypeStruct(shape, dtype)
+                for k, (shape, dtype) in omni_pipeline.example_batch_shapes(config).items()}
+    return {"tokens": (config.train.batch_size, config.data.seq_len)}
+
+
+def batch_keys(config) -> tuple[str, ...]:
+    return omni_pipeline.batch_keys(config) if config.model.get("kind", "llm") == "omni" else train_step.BATCH_KEYS
+
+
+def make_train_iterator(config, tokenizer):
+    if config.model.get("kind", "llm") == "omni":
+        return omni_pipeline.make_train_iterator(config, tokenizer)
+    return pipeline.make_train_iterator(config, tokenizer)
+
+
+def make_model_and_optimizer(config, tokenizer):
+    """(model, optax chain, example batch shapes): the pieces a train state is built from."""
+    model = build_model(config, tokenizer)
+    shapes = example_batch_shapes(config)
+    abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes))
+    return model, optimizers.make_optimizer(config.opt, config.train.steps, abstract_params), shapes
+
+
+def llm_config(model) -> LLMConfig:
+    return model.config.llm if isinstance(model, OmniModel) else model.config
+
+
+def model_flops_per_token(config, model) -> float:
+    """Training FLOPs per LLM token slot: the LLM's, plus for omni the vision tower's and
+    connector's over every patch slot of a row spread over its tokens. The audio tower's
+    are not counted (MFU is a lower bound when audio is on)."""
+    flops = training_flops_per_token(llm_config(model), config.data.seq_len)
+    if isinstance(model, OmniModel):
+        pack = int(config.data.vision.patches_per_row)
+        flops += omni_lib.vision_training_flops_per_pack(model.config, pack) / config.data.seq_len
+    return flops
+
+
+def single_modality_config(config, modality: str, *, split: str = "train", batch_size: int | None = None):
+    """The same data config reading one modality only (and optionally another split/batch)."""
+    config = config.copy_and_resolve_references()
+    if config.model.get("kind", "llm") == "omni":
+        config.data.mixture = "custom"
+        for name in config.data.modality_weights:
+            config.data.modality_weights[name] = 0.0
+        config.data.modality_weights[modality] = 1.0
+    elif modality != "text":
+        raise ValueError(f"config.balance.modalities has {modality!r} but model.kind='llm' reads text only")
+    config.data.split = split
+    if batch_size:
+        config.train.batch_size = batch_size
+    return config
+
+
+def init_from_previous_stage(config, workdir, state, abstract_state, state_shardings):
+    """This run's fresh state with the parameters of config.init_from's latest checkpoint."""
+    path = config.init_from if os.path.isabs(config.init_from) else os.path.join(workdir, config.init_from)
+    abstract = abstract_state_with(abstract_state, state_shardings).params
+    loaded, missing = checkpointing.load_params(os.path.normpath(path), abstract,
+                                                include=tuple(config.get("init_from_include", ())))
+    if missing:
+        logging.warning("init_from %s: %d tensors not in the checkpoint keep their fresh init (%s...)",
+                        path, len(missing), missing[:3])
+    return state.replace(params=merge_params(state.params, loaded))
+
+
+def merge_params(fresh, loaded):
+    if not isinstance(fresh, dict):
+        return loaded
+    return {k: merge_params(v, loaded[k]) if k in loaded else v for k, v in fresh.items()}
+
+
+def abstract_state_with(abstract_state, shardings):
+    """Pairs each abstract leaf with its sharding, for restoring in place."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, shardings)

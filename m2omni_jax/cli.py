@@ -1,0 +1,75 @@
+"""What every command shares: the --config / --workdir / --multihost flags, their parsing
+(a bad override is one line, not a traceback) and the start-up before a command runs.
+
+Each command module (`train.py`, `evaluate.py`, ...) has a `run()` that calls
+`cli.run(command, name)`; `command(config, workdir)` does the work. Commands with
+flags of their own define them in their module, next to their `run()`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events "
+                    "(a local path or a gs:// / s3:// URL).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods, GPU clusters).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def workdir_path(workdir: str) -> str:
+    """An absolute local path, or a cloud URL (gs://bucket/run) unchanged."""
+    return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+def run(command: Callable, name: str, *, quiet: bool = False) -> None:
+    """Parses the flags and calls `command(config, workdir)`; `quiet` keeps absl at WARNING."""
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        import jax  # after flag parsing, so --xla flags in the environment apply
+
+        if FLAGS.multihost:
+            jax.distributed.initialize()
+        import m2omni_jax.experiments  # noqa: F401  (registers the built-in data set's sources and plug-ins)
+
+        logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
+                     jax.local_device_count())
+        command(FLAGS.config, workdir_path(FLAGS.workdir))
+
+    if any(arg in ("-h", "--help", "-?") for arg in sys.argv[1:]):
+        print_help(command, name)
+        sys.exit(0)
+    if quiet:
+        logging.set_verbosity(logging.WARNING)
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, name))
+
+
+def print_help(command: Callable, name: str) -> None:
+    """The command's module docstring, then its flags (the shared ones and its own)."""
+    module = sys.modules.get(command.__module__)
+    doc = (module.__doc__ or "").strip() if module else ""
+    print(f"{name} --config=CONFIG --workdir=DIR [--config.section.field=value ...]\n\n{doc}\n")
+    for flags_module in dict.fromkeys([__name__, command.__module__]):
+        text = FLAGS.module_help(flags_module)
+        if text.strip():
+            print(text + "\n")
+
+
+def parse_flags(argv, name: str = "m2omni-train"):
+    """absl parsing, but a bad --config.* override is one line, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip()
+        if len(message) > 1 and message[0] == message[-1] == "'":  # AttributeError's repr quotes
+            message = message[1:-1]
+        sys.exit(f"{name}: bad flag or config override: {message}\nUsage: {name} "
+                 "--config=configs/tiny.py --workdir=DIR [--config.section.field=value ...]")

@@ -1,0 +1,1 @@
+"""The built-in shapes world: generator, writers, metrics and its tuning (a benchmark, not the paper)."""
