@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank"],
+    # tensorflow-cpu: tfds.testing.mock_data builds the real registered builders' Image/Audio
+    # features with it (tests/test_sources.py); the framework itself reads TFDS without it.
+    "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank", "tensorflow-cpu"],
     "experiments": ["matplotlib"],  # benchmarks/balance_comparison.py plots
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],

@@ -20,6 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+import m2omni_jax.experiments  # noqa: F401  (the built-in data set's sources)
 from m2omni_jax import train
 from m2omni_jax.training.metrics_logging import read_metrics
 

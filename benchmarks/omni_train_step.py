@@ -20,8 +20,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import m2omni_jax.experiments  # noqa: F401  (the built-in data set's sources and plug-ins)
 from m2omni_jax import build
-from m2omni_jax.data import omni_pipeline, pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import media, pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import NUM_MODALITIES
 from m2omni_jax.models import omni
 from m2omni_jax.models.llm import training_flops_per_token
@@ -63,7 +64,7 @@ def step_flops(model: omni.OmniModel, batch_size: int, seq_len: int, pack_size: 
     """Model FLOPs of one train step, per part."""
     cfg = model.config
     llm = training_flops_per_token(cfg.llm, seq_len) * batch_size * seq_len
-    vision = omni.vision_training_flops_per_pack(cfg, pack_size) * batch_size  # audio: not counted
+    vision = omni.vision_training_flops_per_pack(cfg, pack_size, model.connector_extras) * batch_size  # audio: not counted
     return {"llm": llm, "vision": vision, "total": llm + vision}
 
 
@@ -85,7 +86,7 @@ def timed_steps(step, state, batches, steps):
 
 def benchmark(config, steps: int, num_batches: int) -> dict:
     if omni.audio_enabled(config):
-        config = omni_pipeline.with_cmvn(config, FLAGS.workdir)
+        config = media.with_cmvn(config, FLAGS.workdir)
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     tokenizer = tokenizer_lib.get_tokenizer(config)

@@ -14,7 +14,7 @@ for stage in pt1 pt2; do
   run "$stage"; m2omni-train --config="configs/stages/$stage.py:tiny" --workdir="$root/$stage" "$@"
 done
 run calibration
-python -m m2omni_jax.calibrate --config=configs/stages/pt3.py:tiny --workdir="$root/calib" --steps=20 "$@"
+m2omni-calibrate --config=configs/stages/pt3.py:tiny --workdir="$root/calib" --steps=20 "$@"
 run pt3
 m2omni-train --config=configs/stages/pt3.py:tiny --workdir="$root/pt3" \
   --config.balance.step.calibration_file="$root/calib/converged_losses.json" "$@"
@@ -22,5 +22,5 @@ for stage in it1 it2 it3; do
   run "$stage"; m2omni-train --config="configs/stages/$stage.py:tiny" --workdir="$root/$stage" "$@"
 done
 run alignment
-python -m m2omni_jax.align --config=configs/stages/alignment.py:tiny --workdir="$root/alignment" "$@"
+m2omni-align --config=configs/stages/alignment.py:tiny --workdir="$root/alignment" "$@"
 echo "done: every stage's metrics are in $root/<stage>/metrics.jsonl"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The held-out VQA run of configs/tiny.py:vqa on a CPU: vision-tower pre-training, then the
+# The held-out VQA run (configs/experiments/shapes_world_vqa.py) on a CPU: tower pre-training, then the
 # omni model from that tower, then held-out evaluation; prints each part's wall time.
 #
 #   bash launch/tiny_vqa.sh /tmp/m2omni_vqa [extra --config.* overrides for every part]
@@ -9,7 +9,7 @@ set -euo pipefail
 root=${1:?usage: $0 ROOT [--config.x=... ...]}
 shift
 mkdir -p "$root"
-config=configs/tiny.py:vqa
+config=configs/experiments/shapes_world_vqa.py
 seconds() { date +%s; }
 echo "=== data (written once, cached) ==="
 m2omni-prepare-data --config="$config" --workdir="$root/main" "$@"

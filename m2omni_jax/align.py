@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -30,10 +29,10 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax import build, cli
-from m2omni_jax.data import omni_pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import media, tokenizer as tokenizer_lib
 from m2omni_jax.experiments.shapes_world import preference
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import checkpointing, dpo, lora, metrics_logging, optimizers, train_step
+from m2omni_jax.training import checkpointing, dpo, lora, loop as loop_lib, optimizers, train_step
 
 
 def lora_config(config) -> lora.LoRAConfig:
@@ -42,18 +41,11 @@ def lora_config(config) -> lora.LoRAConfig:
                            dropout=cfg.lora_dropout, target_fraction=cfg.lora_target_fraction)
 
 
-def model_kind(config) -> str:
-    kind = config.model.get("kind", "llm")
-    if kind not in build.MODEL_KINDS:
-        raise ValueError(f"config.model.kind={kind!r}; use one of {build.MODEL_KINDS}")
-    return kind
-
-
-def vision_options(config) -> omni_pipeline.VisionOptions | None:
+def vision_options(config) -> media.VisionOptions | None:
     """The image preprocessing of the rows (None: text-only rows for model.kind="llm")."""
-    if model_kind(config) != "omni":
+    if build.model_kind(config) != "omni":
         return None
-    return omni_pipeline.VisionOptions.from_config(config)  # + model.connector: tokens per image
+    return media.VisionOptions.from_config(config)  # + model.connector: tokens per image
 
 
 def resolve_init_from(config, workdir: str) -> str:
@@ -101,7 +93,7 @@ def build_alignment(config, workdir: str, tokenizer):
     param_shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.unbox(boxed), param_shardings)
-    load = load_omni_params if model_kind(config) == "omni" else load_llm_params
+    load = load_omni_params if build.model_kind(config) == "omni" else load_llm_params
     params = load(resolve_init_from(config, workdir), abstract)
 
     lcfg = lora_config(config)
@@ -125,8 +117,9 @@ def batch_shardings(mesh, vision: bool) -> dict[str, NamedSharding]:
 
 
 def jit_alignment_step(model, lcfg, config, mesh, rules, state_shardings):
-    step = functools.partial(dpo.alignment_step, model=model, lora_config=lcfg, beta=config.alignment.beta,
-                             instruction_weight=config.alignment.instruction_weight)
+    step = train_step.skip_nonfinite(functools.partial(
+        dpo.alignment_step, model=model, lora_config=lcfg, beta=config.alignment.beta,
+        instruction_weight=config.alignment.instruction_weight))
     in_shardings = (state_shardings, batch_shardings(mesh, vision=vision_options(config) is not None))
     jitted = jax.jit(step, in_shardings=in_shardings,
                      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
@@ -154,44 +147,32 @@ def held_out_reward_accuracy(state, model, lcfg, config, tokenizer, mesh, rules)
     return {f"eval/{k}": float(v) for k, v in jax.device_get(metrics).items()}
 
 
+class HeldoutRewardAccuracy(loop_lib.Callback):
+    """At the end of the run: DPO metrics on the eval split (`held_out_reward_accuracy`)."""
+
+    def __init__(self, model, lcfg, config, tokenizer, mesh, rules):
+        self.args = (model, lcfg, config, tokenizer, mesh, rules)
+
+    def finish(self, state) -> dict[str, float]:
+        return held_out_reward_accuracy(state, *self.args)
+
+
 def align(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """LoRA + DPO steps from the previous stage (resuming from `workdir`); returns the held-out
+    reward accuracy (`eval/...`) when the run reached config.train.steps, else {}."""
     tokenizer = tokenizer_lib.get_tokenizer(config)
     mesh, rules, model, lcfg, state, state_shardings = build_alignment(config, workdir, tokenizer)
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                              save_every=config.checkpoint.every, keep=config.checkpoint.keep)
-    if checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, _ = checkpointer.restore(abstract)
-        logging.info("resumed alignment from step %d", int(state.step))
-    step_fn = jit_alignment_step(model, lcfg, config, mesh, rules, state_shardings)
-    batches = preference.alignment_batches(tokenizer, seed=config.data.seed, batch_size=config.alignment.batch_size,
-                                           seq_len=config.data.seq_len, first_step=int(state.step),
-                                           vision=vision_options(config))
-    logger = metrics_logging.MetricLogger(workdir, config.train.steps, log_every=config.train.log_every,
-                                          start_step=int(state.step))
-    step, last = int(state.step), {}
-    with checkpointer, checkpointing.StopSignal() as stop:
-        window_start, window_steps = time.perf_counter(), 0
-        while step < config.train.steps:
-            state, metrics = step_fn(state, global_batch(next(batches), mesh))
-            step, window_steps = step + 1, window_steps + 1
-            if logger.should_log(step):
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                # Wall time per step since the last log (batch building included; the first holds the compile).
-                last["step_time_s"] = (time.perf_counter() - window_start) / window_steps
-                window_start, window_steps = time.perf_counter(), 0
-            logger.log(step, last)
-            if stop.should_stop(step):
-                break
-            if checkpointer.should_save(step):
-                checkpointer.save(step, state)
-        if checkpointer.latest_step() != step:
-            checkpointer.save(step, state, force=True)
-        checkpointer.wait()
-    final = held_out_reward_accuracy(state, model, lcfg, config, tokenizer, mesh, rules)
-    logger.summary(final)
-    logger.close()
-    return final
+
+    def batches(first_step: int):  # a function of the step: nothing to checkpoint
+        return preference.alignment_batches(tokenizer, seed=config.data.seed, batch_size=config.alignment.batch_size,
+                                            seq_len=config.data.seq_len, first_step=first_step,
+                                            vision=vision_options(config))
+    loop = loop_lib.Loop(
+        jit_alignment_step(model, lcfg, config, mesh, rules, state_shardings), batches,
+        loop_lib.LoopOptions.from_config(config), workdir, to_global=functools.partial(global_batch, mesh=mesh),
+        callbacks=[HeldoutRewardAccuracy(model, lcfg, config, tokenizer, mesh, rules)])
+    _, metrics = loop.run(state)
+    return {k: v for k, v in metrics.items() if k.startswith("eval/")}
 
 
 def run():

@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from m2omni_jax.data import omni_pipeline, pipeline
-from m2omni_jax.experiments.shapes_world import tower as pretrain_tower
+from m2omni_jax.config_fields import ConfigError
+from m2omni_jax.data import chat, media, omni_pipeline, pipeline
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.models import omni as omni_lib
 from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
@@ -21,11 +21,39 @@ from m2omni_jax.models.omni import OmniConfig, OmniModel
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, optimizers, train_step
 
-MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision (+ audio) towers
+MODEL_KINDS = omni_lib.MODEL_KINDS
+model_kind, is_omni = omni_lib.model_kind, omni_lib.is_omni
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
-    """Fails before anything compiles, naming the field and the value."""
+    """Fails before anything compiles with a `ConfigError` naming the field and the value;
+    clips `opt.warmup_steps` to a short run's `train.steps` (with a warning)."""
+    try:
+        _check_run_lengths(config)
+        _check_model_and_data(config, num_devices, process_count)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the checks of the config sections' own classes
+        raise ConfigError(str(e)) from e
+
+
+POSITIVE_FIELDS = ("train.steps", "train.log_every", "checkpoint.every", "checkpoint.keep")
+
+
+def _check_run_lengths(config) -> None:
+    for field in POSITIVE_FIELDS:
+        section, key = field.split(".")
+        value = config[section][key]
+        if not (isinstance(value, int) and value > 0):
+            raise ConfigError(f"config.{field}={value!r} must be a positive integer")
+    steps, warmup = config.train.steps, config.opt.get("warmup_steps", 0)
+    if warmup > steps:
+        logging.warning("config.opt.warmup_steps=%d is longer than config.train.steps=%d; warming up over "
+                        "all %d steps", warmup, steps, steps)
+        config.opt.warmup_steps = steps
+
+
+def _check_model_and_data(config, num_devices: int, process_count: int) -> None:
     mesh_shape = sharding.mesh_shape_from_config(config.mesh, num_devices)
     batch_ways = int(np.prod([s for a, s in zip(sharding.MESH_AXES, mesh_shape) if a in sharding.BATCH_AXES]))
     batch = config.train.batch_size
@@ -40,42 +68,39 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, process
         raise ValueError(f"config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds "
                          f"config.model.llm.vocab_size={config.model.llm.vocab_size}")
     LLMConfig.from_config(config.model.llm)
-    kind = config.model.get("kind", "llm")
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind={kind!r}; use one of {MODEL_KINDS}")
-    if kind == "omni":
+    if is_omni(config):
         OmniConfig.from_config(config.model, placeholder_ids=())
-        omni_pipeline.VisionOptions.from_config(config)
-        omni_pipeline.AudioOptions.from_config(config, read_cmvn=False)
+        media.VisionOptions.from_config(config)
+        media.AudioOptions.from_config(config, read_cmvn=False)
         omni_pipeline.modality_weights(config.data)
         omni_pipeline.check_audio_mixture(config)
 
 
 def build_model(config, tokenizer) -> nn.Module:
-    if config.model.get("kind", "llm") == "omni":
-        return OmniModel(OmniConfig.from_config(
-            config.model, omni_pipeline.placeholder_ids(tokenizer),
+    """The LLM, or the omni model with the connector plug-in `model.connector.extras` names."""
+    if is_omni(config):
+        omni_config = OmniConfig.from_config(
+            config.model, chat.placeholder_ids(tokenizer),
             audio_placeholder_id=tokenizer.special_id("<audioPatch>"),
-            end_of_audio_id=tokenizer.special_id("<end_of_audio>"),
-            region_word_ids=(pretrain_tower.region_word_ids(tokenizer)
-                             if config.model.connector.get("region_words") else ())))
+            end_of_audio_id=tokenizer.special_id("<end_of_audio>"))
+        return OmniModel(omni_config, connector_extras=omni_lib.make_connector_extras(config, tokenizer))
     return LLM(LLMConfig.from_config(config.model.llm))
 
 
 def example_batch_shapes(config) -> dict:
     """Global batch shapes the model is initialised (and the step compiled) with."""
-    if config.model.get("kind", "llm") == "omni":
+    if is_omni(config):
         return {k: jax.ShapeDtypeStruct(shape, dtype)
                 for k, (shape, dtype) in omni_pipeline.example_batch_shapes(config).items()}
     return {"tokens": (config.train.batch_size, config.data.seq_len)}
 
 
 def batch_keys(config) -> tuple[str, ...]:
-    return omni_pipeline.batch_keys(config) if config.model.get("kind", "llm") == "omni" else train_step.BATCH_KEYS
+    return omni_pipeline.batch_keys(config) if is_omni(config) else pipeline.BATCH_KEYS
 
 
 def make_train_iterator(config, tokenizer):
-    if config.model.get("kind", "llm") == "omni":
+    if is_omni(config):
         return omni_pipeline.make_train_iterator(config, tokenizer)
     return pipeline.make_train_iterator(config, tokenizer)
 
@@ -99,14 +124,15 @@ def model_flops_per_token(config, model) -> float:
     flops = training_flops_per_token(llm_config(model), config.data.seq_len)
     if isinstance(model, OmniModel):
         pack = int(config.data.vision.patches_per_row)
-        flops += omni_lib.vision_training_flops_per_pack(model.config, pack) / config.data.seq_len
+        vision = omni_lib.vision_training_flops_per_pack(model.config, pack, model.connector_extras)
+        flops += vision / config.data.seq_len
     return flops
 
 
 def single_modality_config(config, modality: str, *, split: str = "train", batch_size: int | None = None):
     """The same data config reading one modality only (and optionally another split/batch)."""
     config = config.copy_and_resolve_references()
-    if config.model.get("kind", "llm") == "omni":
+    if is_omni(config):
         config.data.mixture = "custom"
         for name in config.data.modality_weights:
             config.data.modality_weights[name] = 0.0

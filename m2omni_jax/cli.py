@@ -8,11 +8,14 @@ flags of their own define them in their module, next to their `run()`.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from m2omni_jax import faults
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
@@ -42,7 +45,7 @@ def run(command: Callable, name: str, *, quiet: bool = False) -> None:
 
         logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
                      jax.local_device_count())
-        command(FLAGS.config, workdir_path(FLAGS.workdir))
+        run_command(command, name, FLAGS.config, workdir_path(FLAGS.workdir))
 
     if any(arg in ("-h", "--help", "-?") for arg in sys.argv[1:]):
         print_help(command, name)
@@ -50,6 +53,42 @@ def run(command: Callable, name: str, *, quiet: bool = False) -> None:
     if quiet:
         logging.set_verbosity(logging.WARNING)
     app.run(main, flags_parser=lambda argv: parse_flags(argv, name))
+
+
+def run_command(command: Callable, name: str, config, workdir: str) -> None:
+    """`command(config, workdir)`; a named fault is one line on stderr (the last), no traceback:
+    exit 2 for a config error, 1 for a fault of the run. SIGTERM / SIGINT outside the training
+    steps (start-up, compiling, the final evaluation) stop it with a line and exit 0; during
+    the steps the loop's `checkpointing.StopSignal` saves first."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+    try:
+        command(config, workdir)
+    except Stopped as e:
+        logging.flush()
+        print(f"{name}: stopped by {e} outside the training steps; the last checkpoint (if any) is kept",
+              file=sys.stderr, flush=True)
+        sys.exit(0)
+    except faults.ConfigError as e:
+        logging.flush()
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except faults.RunError as e:
+        logging.flush()
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+class Stopped(BaseException):
+    """A stop signal outside the training steps; a BaseException, as KeyboardInterrupt, so
+    no `except Exception` on the way (the checkpoint fallback) mistakes it for a fault."""
+
+
+def _stop(signum, frame):
+    del frame
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal kills, as without us
+        signal.signal(sig, signal.SIG_DFL)
+    raise Stopped(signal.Signals(signum).name)
 
 
 def print_help(command: Callable, name: str) -> None:

@@ -7,6 +7,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """A config field's value is unusable; the message names `config.<field>=<value>`."""
+
+
 def dataclass_from_config(cls: type[T], cfg: Any, name: str, **converted: Any) -> T:
     """`cls(**cfg)`, naming `config.<name>`'s unknown fields; `converted` overrides values."""
     values = dict(cfg)

@@ -1,26 +1,21 @@
-"""Held-out evaluation: greedy decoding with the KV cache on the shapes-world eval split.
+"""Held-out evaluation: greedy decoding with the KV cache on the held-out records.
 
     m2omni-eval --config=configs/tiny.py --workdir=/tmp/m2omni_tiny
 
 Restores the latest checkpoint of `workdir/checkpoints`, answers the first
-`config.eval.num_samples` held-out records (round-robin over the data set's
-tasks; interleaved chats are asked their first turn) and, with the audio
-tower, the first `config.eval.num_speech_samples` held-out speech records
-(features normalised with the run's `workdir/cmvn.json`), and reports
-  vqa_accuracy                 normalised exact match per question type
-                               (color, shape, count, position, relation, ocr) and overall
-  vqa_accuracy_by_num_objects  the same per number of objects in the scene (1-3)
-  shape_accuracy_by_selector   shape questions by what names the object: its colour or its position
-  caption_attribute_accuracy   fraction of a scene's (colour, shape) pairs the caption names
-  video_motion_accuracy        fraction of moving objects with colour, shape and direction right
-  asr_wer                      corpus word error rate of the transcripts (jiwer)
-  spoken_vqa_accuracy          image + spoken question: exact match per question type and overall
-  audio_qa_accuracy            spoken question about a described scene, or text question about
-                               a spoken caption (no image): exact match per question type and overall
-as `workdir/eval.json` and one printed table.
+`config.eval.num_samples` held-out records (interleaved chats are asked their first
+turn) and, with the audio tower, the first `config.eval.num_speech_samples` held-out
+speech records (features normalised with the run's `workdir/cmvn.json`), in batches of
+left-padded prompts through one compiled decoder (`make_answerer`). Each source kind's
+answers are scored by the scorer it registered (`scoring.register`; the shapes world's
+is experiments/shapes_world/metrics.py: accuracy per question type, caption attributes,
+ASR WER, ...), any other kind's by exact match (+ WER for transcripts). Writes
+`workdir/eval.json` (metrics and examples), `workdir/eval_answers.jsonl` (every answer)
+and prints one table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Sequence
@@ -29,15 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2omni_jax import build, cli
-from m2omni_jax.data import omni_pipeline, tokenizer as tokenizer_lib
-from m2omni_jax.experiments.shapes_world import world as sw, speech
+from m2omni_jax import build, cli, scoring
+from m2omni_jax.data import chat, media, omni_pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import sources as data_sources
 from m2omni_jax.models.omni import audio_enabled, init_cache
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
 
-VQA_TASKS = ("vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr")
-AUDIO_QA_TASKS = ("spoken_scene_qa", "spoken_caption_qa")  # answered from audio and text alone
 NUM_EXAMPLES_SAVED = 24
 NUM_SPEECH_EXAMPLES_SAVED = 8
 
@@ -90,110 +83,6 @@ def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return ids[:stops[0]] if stops else ids
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def question_type(record: dict) -> str:
-    return "ocr" if record["task"] == "ocr" else record["attributes"]["question_type"]
-
-
-def accuracy_by_question_type(answered: Sequence[tuple[str, dict]]) -> tuple[dict, dict]:
-    """(exact match per question type and overall, count per question type) of (prediction, record)s."""
-    typed = [(p, dict(r, task=question_type(r))) for p, r in answered]
-    accuracy = sw.vqa_accuracy([p for p, _ in typed], [r for _, r in typed])
-    return accuracy, {t: sum(r["task"] == t for _, r in typed) for t in accuracy if t != "overall"}
-
-
-def shape_question_selector(record: dict) -> str:
-    """"position" for "What is the shape at the top left?", "color" for "... the red object?"."""
-    obj = record["attributes"]["objects"][record["attributes"]["target"][0]]
-    return "position" if sw.position_phrase(obj["position"]) in record["messages"][0]["content"] else "color"
-
-
-def shape_accuracy_by_selector(answered: Sequence[tuple[str, dict]]) -> dict:
-    """{"color" | "position": exact match} of the shape questions among (prediction, record)s:
-    finding an object by its colour and by where it is are different skills."""
-    groups: dict[str, list[bool]] = {}
-    for prediction, record in answered:
-        if question_type(record) == "shape" and record["attributes"].get("objects"):
-            hit = sw.normalize_answer(prediction) == sw.normalize_answer(record["answer"])
-            groups.setdefault(shape_question_selector(record), []).append(hit)
-    return {selector: sum(h) / len(h) for selector, h in sorted(groups.items())}
-
-
-def vqa_accuracy_by_num_objects(answered: Sequence[tuple[str, dict]]) -> dict:
-    """{question type: {objects in the scene: exact match}} of (prediction, record)s: with one
-    object a colour or shape answer needs no finding, so the gap to 2-3 objects is what
-    locating the asked-about object costs."""
-    groups: dict[str, dict[str, list[bool]]] = {}
-    for prediction, record in answered:
-        objects = record["attributes"].get("objects")
-        if objects:
-            hit = sw.normalize_answer(prediction) == sw.normalize_answer(record["answer"])
-            groups.setdefault(question_type(record), {}).setdefault(str(len(objects)), []).append(hit)
-    return {qtype: {n: sum(h) / len(h) for n, h in sorted(by_n.items())} for qtype, by_n in sorted(groups.items())}
-
-
-def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
-    """The metrics of the module docstring, plus per-metric sample counts."""
-    by_task: dict[str, list[tuple[str, dict]]] = {}
-    for prediction, record in zip(predictions, records, strict=True):
-        by_task.setdefault(record["task"], []).append((prediction, record))
-    result, counts = {}, {}
-    for name, tasks in (("vqa", VQA_TASKS), ("spoken_vqa", ("spoken_vqa",)), ("audio_qa", AUDIO_QA_TASKS)):
-        answered = [pair for t in tasks for pair in by_task.get(t, [])]
-        if answered:
-            result[f"{name}_accuracy"], counts[name] = accuracy_by_question_type(answered)
-    by_objects = vqa_accuracy_by_num_objects([pair for t in VQA_TASKS for pair in by_task.get(t, [])])
-    if by_objects:
-        result["vqa_accuracy_by_num_objects"] = by_objects
-    by_selector = shape_accuracy_by_selector(by_task.get("vqa_shape", []))
-    if by_selector:
-        result["shape_accuracy_by_selector"] = by_selector
-    transcripts = by_task.get("asr", [])
-    if transcripts:
-        result["asr_wer"] = speech.word_error_rate([r["answer"] for _, r in transcripts], [p for p, _ in transcripts])
-        counts["asr"] = len(transcripts)
-    captions = by_task.get("caption", [])
-    if captions:
-        result["caption_attribute_accuracy"] = float(np.mean(
-            [sw.caption_attribute_accuracy(p, r["attributes"]) for p, r in captions]))
-        counts["caption"] = len(captions)
-    first_turns = by_task.get("interleaved", [])
-    if first_turns:  # the first reply describes the first scene
-        result["interleaved_caption_attribute_accuracy"] = float(np.mean(
-            [sw.caption_attribute_accuracy(p, r["attributes"]["scenes"][0]) for p, r in first_turns]))
-        counts["interleaved"] = len(first_turns)
-    videos = by_task.get("video_motion", [])
-    if videos:
-        result["video_motion_accuracy"] = sw.video_motion_accuracy([p for p, _ in videos], [r for _, r in videos])
-        counts["video_motion"] = len(videos)
-    result["counts"] = counts
-    return result
-
-
-def format_table(result: dict) -> str:
-    rows = [("metric", "value", "n")]
-    counts = result.get("counts", {})
-    for name in ("vqa", "spoken_vqa", "audio_qa"):
-        by_type = counts.get(name, {})
-        for qtype, value in result.get(f"{name}_accuracy", {}).items():
-            n = sum(by_type.values()) if qtype == "overall" else by_type.get(qtype, "")
-            rows.append((f"{name}_accuracy/{qtype}", f"{value:.3f}", str(n)))
-    for qtype, by_n in result.get("vqa_accuracy_by_num_objects", {}).items():
-        rows.append((f"vqa_accuracy/{qtype} by objects", " ".join(f"{n}:{v:.2f}" for n, v in by_n.items()), ""))
-    if "shape_accuracy_by_selector" in result:
-        rows.append(("vqa_accuracy/shape by selector",
-                     " ".join(f"{k}:{v:.2f}" for k, v in result["shape_accuracy_by_selector"].items()), ""))
-    for name, count_key in (("caption_attribute_accuracy", "caption"),
-                            ("interleaved_caption_attribute_accuracy", "interleaved"),
-                            ("video_motion_accuracy", "video_motion"), ("asr_wer", "asr")):
-        if name in result:
-            rows.append((name, f"{result[name]:.3f}", str(counts.get(count_key, ""))))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -201,9 +90,9 @@ def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules
     """answer(params) -> greedy answers to the first user turn of each record, batched and
     left-padded. Prompts, batches and the compiled decoder are made once, so a training loop
     can call it every `config.eval.every` steps without recompiling."""
-    opts = omni_pipeline.VisionOptions.from_config(config)  # + model.connector: tokens per image
-    audio_opts = omni_pipeline.AudioOptions.from_config(config)
-    prompts = [omni_pipeline.eval_prompt(r, tokenizer, opts, audio_opts) for r in records]
+    opts = media.VisionOptions.from_config(config)  # + model.connector: tokens per image
+    audio_opts = media.AudioOptions.from_config(config)
+    prompts = [chat.eval_prompt(r, tokenizer, opts, audio_opts) for r in records]
     prompt_len = int(config.eval.prompt_len) or -(-max(len(p["ids"]) for p in prompts) // 8) * 8
     max_new = int(config.eval.max_new_tokens)
     batch_size = _eval_batch_size(config, mesh)
@@ -213,7 +102,7 @@ def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled batch shape
-        batch = omni_pipeline.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row), audio_opts,
+        batch = chat.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row), audio_opts,
                                             max_segments_per_row=opts.max_segments_per_row)
         next_position = batch.pop("next_position")
         inputs = {k: v for k, v in batch.items() if k in _input_keys(config)}
@@ -237,7 +126,7 @@ def generate_answers(config, model, params, tokenizer, records: Sequence[dict], 
 
 def _input_keys(config) -> tuple[str, ...]:
     text_keys = ("tokens", "segment_ids", "positions")
-    return text_keys + (omni_pipeline.MEDIA_KEYS if config.model.get("kind", "llm") == "omni" else ())
+    return text_keys + (omni_pipeline.MEDIA_KEYS if build.is_omni(config) else ())
 
 
 def _eval_batch_size(config, mesh) -> int:
@@ -245,25 +134,80 @@ def _eval_batch_size(config, mesh) -> int:
     return -(-int(config.eval.batch_size) // ways) * ways  # a multiple of the batch mesh axes
 
 
+@dataclasses.dataclass
+class HeldOut:
+    """Held-out records of one source: its kind names the scorer (`scoring.scorer_for`)."""
+    kind: str
+    records: list[dict]
+    num_examples: int  # how many of its answers eval.json shows
+
+
+def heldout_records(config) -> list[HeldOut]:
+    """The held-out records to answer, per configured source with non-text parts: the first
+    `eval.num_samples` of its image / video / interleaved parts and, with the audio tower,
+    the first `eval.num_speech_samples` of its audio parts (round-robin over the parts)."""
+    out = []
+    for name, source in data_sources.make_sources(config).items():
+        by_modality = {}
+        for part_name, part in source.parts("eval").items():
+            by_modality.setdefault(part.modality, []).append(part_name)
+        visual = [n for m in ("image", "video", "interleaved") for n in by_modality.get(m, ())]
+        spoken = by_modality.get("audio", []) if audio_enabled(config) else []
+        for names, num, shown in ((visual, config.eval.num_samples, NUM_EXAMPLES_SAVED),
+                                  (spoken, config.eval.num_speech_samples, NUM_SPEECH_EXAMPLES_SAVED)):
+            if names:
+                records = data_sources.eval_records(config, int(num), names=names)
+                out.append(HeldOut(source.cfg.kind, records, shown))
+    return out
+
+
+def score_answers(sources: Sequence[HeldOut], answers: Sequence[str]) -> dict:
+    """Each kind's answers by its scorer: the scorer's result itself with one kind (the
+    shapes world's eval.json layout), {kind: result} with several."""
+    by_kind: dict[str, tuple[list[str], list[dict]]] = {}
+    start = 0
+    for source in sources:
+        predictions, records = by_kind.setdefault(source.kind, ([], []))
+        predictions += answers[start:start + len(source.records)]
+        records += source.records
+        start += len(source.records)
+    results = {kind: scoring.scorer_for(kind).score(p, r) for kind, (p, r) in by_kind.items()}
+    return next(iter(results.values())) if len(results) == 1 else results
+
+
+def format_table(result: dict, kinds: Sequence[str]) -> str:
+    """The printed table: each kind's scorer's (under a heading when there are several)."""
+    if len(kinds) == 1:
+        return scoring.scorer_for(kinds[0]).format_table(result)
+    return "\n\n".join(f"[{kind}]\n{scoring.scorer_for(kind).format_table(result[kind])}" for kind in kinds)
+
+
 def make_evaluator(config, model, tokenizer, mesh, rules):
-    """evaluate(params) -> the metrics of the module docstring plus example answers, on the
-    first `config.eval.num_samples` held-out records (and speech records with audio)."""
-    records = list(omni_pipeline.eval_records(config, int(config.eval.num_samples)))
-    spoken = list(omni_pipeline.speech_eval_records(config, int(config.eval.num_speech_samples))
-                  if audio_enabled(config) else [])
-    answer = make_answerer(config, model, tokenizer, records + spoken, mesh, rules)
+    """evaluate(params) -> each source kind's metrics plus example answers, on the first
+    `config.eval.num_samples` held-out records (and speech records with audio)."""
+    sources = heldout_records(config)
+    records = [r for source in sources for r in source.records]
+    answer = make_answerer(config, model, tokenizer, records, mesh, rules)
 
     def evaluate_fn(params, *, every_answer: bool = False) -> dict:
         answers = answer(params)
-        result = score(answers, records + spoken)
-        shown = (list(zip(records, answers))[:NUM_EXAMPLES_SAVED]
-                 + list(zip(spoken, answers[len(records):]))[:NUM_SPEECH_EXAMPLES_SAVED])
-        result["examples"] = [example(r, a) for r, a in shown]
+        result = score_answers(sources, answers)
+        result["examples"], start = [], 0
+        for source in sources:
+            example = scoring.scorer_for(source.kind).example
+            shown = list(zip(source.records, answers[start:start + len(source.records)]))[:source.num_examples]
+            result["examples"] += [example(r, a) for r, a in shown]
+            start += len(source.records)
         if every_answer:  # with what each record shows, for reading the failures
-            result["answers"] = [{**example(r, a), "attributes": r["attributes"]}
-                                 for r, a in zip(records + spoken, answers)]
+            result["answers"] = [{**scoring.scorer_for(source.kind).example(r, a), "attributes": r.get("attributes")}
+                                 for source, r, a in zip(_source_per_record(sources), records, answers)]
         return result
+    evaluate_fn.kinds = tuple(dict.fromkeys(source.kind for source in sources))
     return evaluate_fn
+
+
+def _source_per_record(sources: Sequence[HeldOut]) -> list[HeldOut]:
+    return [source for source in sources for _ in source.records]
 
 
 def evaluate_params(config, model, params, tokenizer, mesh, rules, *, every_answer: bool = False) -> dict:
@@ -283,15 +227,6 @@ def scalar_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
             out.update(scalar_metrics(value, f"{prefix}/{key}"))
         elif isinstance(value, (int, float)):
             out[f"{prefix}/{key}"] = float(value)
-    return out
-
-
-def example(record: dict, prediction: str) -> dict:
-    """A record's question, answer and the prediction (and what its clips say) for eval.json."""
-    out = {"id": record["id"], "task": record["task"], "question": record["messages"][0]["content"],
-           "answer": record["messages"][1]["content"], "prediction": prediction}
-    if record.get("audio"):
-        out["spoken"] = [voice["text"] for voice in record["attributes"]["voices"]]
     return out
 
 
@@ -318,15 +253,16 @@ def evaluate(config, workdir: str) -> dict:
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh)
     if audio_enabled(config):  # the CMVN statistics the run was trained with
-        config = omni_pipeline.with_cmvn(config, workdir, compute=False)
+        config = media.with_cmvn(config, workdir, compute=False)
     tokenizer = tokenizer_lib.get_tokenizer(config)
     model, params, step = restore_params(config, workdir, tokenizer, mesh, rules)
-    result = {"step": step, **evaluate_params(config, model, params, tokenizer, mesh, rules, every_answer=True)}
+    evaluate_fn = make_evaluator(config, model, tokenizer, mesh, rules)
+    result = {"step": step, **evaluate_fn(params, every_answer=True)}
     with open(os.path.join(workdir, "eval_answers.jsonl"), "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in result.pop("answers"))
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"eval at step {step} ({os.path.join(workdir, 'eval.json')}):\n{format_table(result)}")
+    print(f"eval at step {step} ({os.path.join(workdir, 'eval.json')}):\n{format_table(result, evaluate_fn.kinds)}")
     return result
 
 

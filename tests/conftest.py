@@ -12,3 +12,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+import m2omni_jax.experiments  # noqa: E402,F401  (registers the built-in data set's source kinds, as cli.py does)

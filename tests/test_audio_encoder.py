@@ -135,6 +135,8 @@ def test_config_validation():
         AudioConfig.from_config({"width": 64, "bogus": 1})
     with pytest.raises(ValueError, match="projector"):
         AudioConfig(projector="conv")
+    with pytest.raises(ValueError, match="model.audio.attention_implementation"):
+        AudioConfig(attention_implementation="flash")
     config = AudioConfig.from_config({"width": 32, "projector": "mlp", "num_audio_tokens": 4})
     feats, lengths = jnp.zeros((1, 5, 560)), jnp.array([5])
     params = jax.eval_shape(AudioEncoder(config).init, jax.random.key(0), feats, lengths)

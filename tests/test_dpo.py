@@ -9,8 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline
+from m2omni_jax.data import chat, image_preprocessing as ip
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.models.omni import ConnectorConfig, OmniConfig, OmniModel
 from m2omni_jax.models.vision import VisionConfig
@@ -64,7 +63,7 @@ def _sample(tokens, image_seed=None):
                   positions=positions)
     if image_seed is not None:
         sample.update(_image_pack(n, image_seed))
-        sample["positions"] = np.stack([omni_pipeline.mrope_positions(row, [(1, 2, 2)], (PATCH,)) for row in tokens])
+        sample["positions"] = np.stack([chat.mrope_positions(row, [(1, 2, 2)], (PATCH,)) for row in tokens])
     return sample
 
 

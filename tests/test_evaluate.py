@@ -1,4 +1,5 @@
-"""Evaluation: cached greedy decoding equals the full forward's argmax; scoring; eval.json end to end."""
+"""Evaluation: cached greedy decoding equals the full forward's argmax; scoring (the shapes world's
+registered scorer, the default exact match); eval.json end to end."""
 import json
 import os
 import re
@@ -9,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from m2omni_jax import build, evaluate
+from m2omni_jax import build, evaluate, scoring
 from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline as op
+from m2omni_jax.data import chat as chat_lib, media as media_lib
+from m2omni_jax.experiments.shapes_world import metrics as shapes_metrics
 from m2omni_jax.experiments.shapes_world import world as sw
 from m2omni_jax.experiments.shapes_world import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
@@ -34,7 +36,7 @@ def synthetic_prompt(seed, num_text):
     rng = np.random.default_rng(seed)
     patches, grid = ip.patchify(rng.normal(size=(56, 84, 3)).astype(np.float32))
     ids = np.concatenate([[2, 30, IMG], [PATCH] * 6, [END], rng.integers(10, 500, num_text)]).astype(np.int32)
-    return {"ids": ids, "positions": op.mrope_positions(ids, [(1, 2, 3)], (PATCH,)), "patches": patches,
+    return {"ids": ids, "positions": chat_lib.mrope_positions(ids, [(1, 2, 3)], (PATCH,)), "patches": patches,
             "hw": ip.hw_positions(grid), "frames": np.ones(len(patches), np.int32)}
 
 
@@ -43,7 +45,7 @@ def test_greedy_decode_equals_argmax_of_the_full_forward():
                         connector=ConnectorConfig(), placeholder_ids=(PATCH,))
     model = OmniModel(config)
     prompt_len, num_new, patches = 20, 6, 32
-    batch = op.batch_prompts([synthetic_prompt(0, 5), synthetic_prompt(1, 9)], prompt_len, patches)
+    batch = chat_lib.batch_prompts([synthetic_prompt(0, 5), synthetic_prompt(1, 9)], prompt_len, patches)
     next_position = batch.pop("next_position")
     inputs = dict(batch, positions=np.moveaxis(batch["positions"], 1, 0))
     params = nn.unbox(jax.jit(lambda x: model.init(jax.random.key(0), **x)["params"])(inputs))
@@ -69,13 +71,13 @@ def test_cut_at_stop():
 def test_score_per_question_type():
     records = [sw.make_record(0, "eval", i, ("vqa_color", "vqa_shape", "caption", "video_motion"))
                for i in range(8)]
-    perfect = evaluate.score([r["answer"] for r in records], records)
+    perfect = shapes_metrics.score([r["answer"] for r in records], records)
     assert perfect["vqa_accuracy"] == {"color": 1.0, "shape": 1.0, "overall": 1.0}
     assert perfect["caption_attribute_accuracy"] == 1.0 and perfect["video_motion_accuracy"] == 1.0
     assert perfect["counts"] == {"vqa": {"color": 2, "shape": 2}, "caption": 2, "video_motion": 2}
-    wrong = evaluate.score(["nothing"] * 8, records)
+    wrong = shapes_metrics.score(["nothing"] * 8, records)
     assert wrong["vqa_accuracy"]["overall"] == 0.0 and wrong["caption_attribute_accuracy"] == 0.0
-    assert "vqa_accuracy/color" in evaluate.format_table(perfect)
+    assert "vqa_accuracy/color" in shapes_metrics.format_table(perfect)
 
 
 def test_vqa_accuracy_by_number_of_objects():
@@ -83,7 +85,7 @@ def test_vqa_accuracy_by_number_of_objects():
     n_objects = [len(r["attributes"]["objects"]) for r in records]
     # Right on the one-object scenes only.
     answers = [r["answer"] if n == 1 else "nothing" for r, n in zip(records, n_objects)]
-    by_objects = evaluate.score(answers, records)["vqa_accuracy_by_num_objects"]
+    by_objects = shapes_metrics.score(answers, records)["vqa_accuracy_by_num_objects"]
     assert set(by_objects) == {"color"}
     assert by_objects["color"] == {str(n): float(n == 1) for n in sorted(set(n_objects))}
 
@@ -93,22 +95,43 @@ def test_shape_accuracy_by_selector_splits_colour_from_position_questions():
     by_colour = [" object?" in r["messages"][0]["content"] for r in records]
     assert 0 < sum(by_colour) < len(records)
     answers = [r["answer"] if c else "nothing" for r, c in zip(records, by_colour)]  # right by colour only
-    result = evaluate.score(answers, records)
+    result = shapes_metrics.score(answers, records)
     assert result["shape_accuracy_by_selector"] == {"color": 1.0, "position": 0.0}
-    assert re.search(r"shape by selector +color:1.00 position:0.00", evaluate.format_table(result))
+    assert re.search(r"shape by selector +color:1.00 position:0.00", shapes_metrics.format_table(result))
 
 
 def test_score_speech_tasks():
     records = [speech.make_record(0, "eval", i) for i in range(8)]  # 2 of each speech task
-    perfect = evaluate.score([r["answer"] for r in records], records)
+    perfect = shapes_metrics.score([r["answer"] for r in records], records)
     assert perfect["asr_wer"] == 0.0
     assert perfect["spoken_vqa_accuracy"]["overall"] == perfect["audio_qa_accuracy"]["overall"] == 1.0
     counts = perfect["counts"]
     assert counts["asr"] == 2 and sum(counts["spoken_vqa"].values()) == 2 and sum(counts["audio_qa"].values()) == 4
-    wrong = evaluate.score(["a blue square"] * 8, records)
+    wrong = shapes_metrics.score(["a blue square"] * 8, records)
     assert wrong["asr_wer"] > 0.5 and wrong["spoken_vqa_accuracy"]["overall"] == 0.0
-    table = evaluate.format_table(perfect)
+    table = shapes_metrics.format_table(perfect)
     assert "asr_wer" in table and "spoken_vqa_accuracy/overall" in table and "audio_qa_accuracy/overall" in table
+
+
+def test_the_shapes_world_registers_its_scorer_and_other_kinds_get_exact_match():
+    assert scoring.scorer_for("shapes_world").score is shapes_metrics.score
+    records = [{"task": "qa", "answer": "A red circle.", "messages": [{"content": "q"}, {"content": "a"}]},
+               {"task": "qa", "answer": "two", "messages": [{"content": "q"}, {"content": "a"}]},
+               {"task": "asr", "answer": "the red circle", "messages": [{"content": "q"}, {"content": "a"}]}]
+    result = scoring.scorer_for("some_other_source").score(["a red circle", "three", "the red square"], records)
+    assert result["exact_match"] == {"asr": 0.0, "qa": 0.5, "overall": 1 / 3}
+    assert result["wer"] == {"asr": 1 / 3} and result["counts"] == {"asr": 1, "qa": 2}
+    assert re.search(r"exact_match/overall +0.333 +3", scoring.format_table(result))
+
+
+def test_several_source_kinds_are_scored_each_by_its_own_scorer():
+    shapes = [sw.make_record(0, "eval", i, ("vqa_color",)) for i in range(2)]
+    other = [{"task": "qa", "answer": "yes", "messages": [{"content": "q"}, {"content": "a"}]}]
+    sources = [evaluate.HeldOut("shapes_world", shapes, 24), evaluate.HeldOut("other", other, 8)]
+    result = evaluate.score_answers(sources, [r["answer"] for r in shapes] + ["no"])
+    assert result["shapes_world"]["vqa_accuracy"]["overall"] == 1.0
+    assert result["other"]["exact_match"]["overall"] == 0.0
+    assert "[other]" in evaluate.format_table(result, ("shapes_world", "other"))
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +143,20 @@ def eval_config(tmp_path_factory):
     config.model.llm.update(TINY_LLM)
     config.model.vision.update(TINY_VISION)
     config.model.audio.update(TINY_AUDIO)
-    config.data.update(dict(dir=str(root / "data"), num_text_docs=200, seq_len=128))
-    config.data.shapes_world.update(dict(num_train=70, num_eval=35))
-    config.data.speech.update(dict(num_train=8, num_eval=8, cmvn_samples=4))
+    config.data.update(dict(dir=str(root / "data"), seq_len=128))
+    config.data.sources.text.update(dict(num_docs=200, tokenizer_docs=200))
+    config.data.sources.shapes_world.update(dict(num_train=70, num_eval=35))
+    config.data.sources.shapes_world.speech.update(dict(num_train=8, num_eval=8))
+    config.data.audio.cmvn_samples = 4
     config.data.vision.patches_per_row = 128
-    config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=200, vocab_size=512))
+    config.tokenizer.update(dict(cache_dir=str(root / "tok"), vocab_size=512))
     config.train.batch_size = 8
     config.eval.update(dict(num_samples=10, num_speech_samples=4, batch_size=8, max_new_tokens=5))
     return config
 
 
 def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path):
-    config = op.with_cmvn(eval_config, str(tmp_path))  # what training leaves in its workdir
+    config = media_lib.with_cmvn(eval_config, str(tmp_path))  # what training leaves in its workdir
     tokenizer = get_tokenizer(config)
     mesh = sharding.make_mesh(config.mesh)
     model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)

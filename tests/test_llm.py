@@ -100,9 +100,9 @@ def test_packed_segments_do_not_attend_across():
     np.testing.assert_array_equal(np.asarray(other[:, 5:]), np.asarray(packed_logits[:, 5:]))
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_prefill_then_decode_matches_full_forward(scan_layers):
-    config = LLMConfig(**{**TINY.__dict__, "scan_layers": scan_layers})
+@pytest.mark.parametrize("scan_layers,attention", [(True, "einsum"), (False, "einsum"), (True, "xla")])
+def test_prefill_then_decode_matches_full_forward(scan_layers, attention):
+    config = LLMConfig(**{**TINY.__dict__, "scan_layers": scan_layers, "attention_implementation": attention})
     model, params = init_params(config)
     tokens = random_tokens((2, 11))
     positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
@@ -115,6 +115,24 @@ def test_prefill_then_decode_matches_full_forward(scan_layers):
         logits, variables = step(variables["cache"], tokens[:, i:i + 1], positions[:, i:i + 1])
         outs.append(logits)
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=2e-5)
+
+
+def test_attention_implementations_give_the_same_logits_and_gradients():
+    """model.llm.attention_implementation "xla" (jax.nn.dot_product_attention) == "einsum" (ours)."""
+    model, params = init_params()
+    tokens = random_tokens((2, 12))
+    segments = jnp.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+    positions = jnp.concatenate([jnp.arange(5), jnp.arange(5), jnp.zeros(2, jnp.int32)])[None]
+    positions = jnp.concatenate([positions, jnp.arange(12)[None]])
+
+    def loss_and_grads(implementation):
+        config = LLMConfig(**{**TINY.__dict__, "attention_implementation": implementation})
+        loss = lambda p: jnp.mean(LLM(config).apply({"params": p}, tokens, positions, segments) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads("xla"), loss_and_grads("einsum")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_every_parameter_has_logical_axes():
@@ -142,3 +160,5 @@ def test_bad_config_is_named():
         LLMConfig(**{**TINY.__dict__, "mrope_sections": (4, 4, 4)})
     with pytest.raises(ValueError, match="unknown fields"):
         LLMConfig.from_config({**TINY.__dict__, "widht": 3})
+    with pytest.raises(ValueError, match="model.llm.attention_implementation"):
+        LLMConfig(**{**TINY.__dict__, "attention_implementation": "flash"})

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline
+from m2omni_jax.data import chat, image_preprocessing as ip
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.models.omni import ConnectorConfig, OmniConfig, OmniModel
 from m2omni_jax.models.vision import VisionConfig
@@ -110,7 +109,7 @@ def omni_inputs(seed=0):
     segments[:, :16] = 1
     hw = np.zeros((2, 2, 32), np.int32)
     hw[:, :, :16] = ip.hw_positions(grid)
-    positions = np.stack([omni_pipeline.mrope_positions(row, [(1, 2, 2)], (PATCH,)) for row in tokens])
+    positions = np.stack([chat.mrope_positions(row, [(1, 2, 2)], (PATCH,)) for row in tokens])
     return train_step.model_inputs({"tokens": tokens, "positions": positions, "segment_ids": np.ones_like(tokens),
                                     "vision_patches": patches, "vision_segment_ids": segments, "vision_hw": hw})
 

@@ -13,7 +13,9 @@ from m2omni_jax.models.audio import AudioConfig
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.modalities import NUM_MODALITIES
 from m2omni_jax.models.connectors import make_connector, tokens_to_grid
-from m2omni_jax.models.omni import (ConnectorConfig, OmniConfig, OmniModel, connector_macs_per_pack,
+from m2omni_jax.models import omni as omni_lib
+from m2omni_jax.models.layers import kernel_init, zeros_init
+from m2omni_jax.models.omni import (ConnectorConfig, ConnectorExtras, OmniConfig, OmniModel, connector_macs_per_pack,
                                     fourier_features, grid_fractions, scatter_features, segment_grids,
                                     vision_training_flops_per_pack)
 from m2omni_jax.models.vision import VisionConfig
@@ -470,12 +472,11 @@ def test_audio_config_errors_name_the_field():
 
 
 def test_position_features_after_the_norm_start_at_zero_and_learn():
-    """position_placement='output': the tokens at init equal those without position features
-    (zero-initialised projection), and the projection gets a gradient."""
+    """position_frequencies: the tokens at init equal those without position features
+    (zero-initialised projection after the L2 norm), and the projection gets a gradient."""
     batch = make_batch()
     inputs = train_step.model_inputs(batch)
-    with_pos = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(
-        output_scale=4.0, position_frequencies=2, position_placement="output")))
+    with_pos = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(output_scale=4.0, position_frequencies=2)))
     without = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(output_scale=4.0)))
     params = nn.unbox(with_pos.init(jax.random.key(0), **inputs)["params"])
     assert params["position_embedding"]["kernel"].shape == (8, LLM_CONFIG.width)
@@ -487,18 +488,12 @@ def test_position_features_after_the_norm_start_at_zero_and_learn():
     assert np.abs(np.asarray(grads["position_embedding"]["kernel"])).max() > 0
 
 
-def test_position_placement_errors_name_the_field():
-    with pytest.raises(ValueError, match=r"model.connector.position_placement='middle'; use one of"):
-        ConnectorConfig(position_placement="middle")
-
-
 @pytest.mark.parametrize("kind", ["linear", "avg_pool"])
 def test_output_position_features_start_at_zero_for_every_kind(kind):
     batch = make_batch()
     inputs = {k: train_step.model_inputs(batch)[k] for k in ("tokens",) + VISION_INPUTS}
     connector = dict(kind=kind, output_scale=4.0, num_tokens=4, max_segments_per_row=2, max_grid_side=4)
-    with_pos = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(
-        **connector, position_frequencies=2, position_placement="output")))
+    with_pos = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(**connector, position_frequencies=2)))
     without = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(**connector)))
     params = nn.unbox(with_pos.init(jax.random.key(0), **inputs)["params"])
     no_position = {k: v for k, v in params.items() if k != "position_embedding"}
@@ -511,74 +506,75 @@ def test_output_position_features_start_at_zero_for_every_kind(kind):
     assert np.abs(shifted[0, 0] - shifted[0, 1]).max() > 1e-4
 
 
-def test_region_tags_join_the_connector_input():
-    """connector.region_classes: the region head's per-attribute softmax is concatenated to
-    each merged token (one distribution per attribute; padding stays zero), and it is a
-    parameter of its own (region_head/*) that a tower checkpoint fills."""
-    classes = (3, 4)
-    batch = make_batch()
-    inputs = train_step.model_inputs(batch)
-    model = OmniModel(dataclasses.replace(CONFIG, connector=ConnectorConfig(
-        output_scale=4.0, position_frequencies=2, position_placement="input", region_classes=classes)))
-    params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
-    assert params["region_head"]["classifier"]["kernel"].shape == (16, 7)
-    assert params["connector"]["proj"]["kernel"].shape == (16 + 7, LLM_CONFIG.width)
-    features, merged_ids = model.apply({"params": params}, *(inputs[k] for k in VISION_INPUTS),
-                                       method=OmniModel.vision_features)
-    features, valid = np.asarray(features), np.asarray(merged_ids) > 0
-    no_position = dict(params, position_embedding=jax.tree.map(np.zeros_like, params["position_embedding"]))
-    bare = np.asarray(model.apply({"params": no_position}, *(inputs[k] for k in VISION_INPUTS),
-                                  method=OmniModel.vision_features)[0])
-    tags = bare[..., 16:]
-    np.testing.assert_allclose(tags[valid][:, :3].sum(-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(tags[valid][:, 3:].sum(-1), 1.0, rtol=1e-5)
-    assert not tags[~valid].any()
-    # The tags follow the head: a bias on class 1 of the first attribute makes it everyone's pick.
-    biased = dict(no_position, region_head=dict(no_position["region_head"], classifier=dict(
-        no_position["region_head"]["classifier"], bias=np.array([0, 30, 0, 0, 0, 0, 0], np.float32))))
-    tags = np.asarray(model.apply({"params": biased}, *(inputs[k] for k in VISION_INPUTS),
-                                  method=OmniModel.vision_features)[0])[..., 16:]
-    assert (tags[valid][:, 1] > 0.99).all()
-    assert features.shape[-1] == 16 + 7
-    flops = vision_training_flops_per_pack(model.config, 64)
-    plain = vision_training_flops_per_pack(dataclasses.replace(model.config, connector=ConnectorConfig(
-        output_scale=4.0, position_frequencies=2, position_placement="input")), 64)
-    merged = 16  # 64 patches / 4
-    assert flops - plain == 6.0 * merged * (16 * 7 + 4 * 2 * 7 + 7 * LLM_CONFIG.width)
-    with pytest.raises(ValueError, match=r"model.connector.region_classes=\(3, 4\) needs kind='linear'"):
-        ConnectorConfig(kind="avg_pool", region_classes=classes)
+# ----------------------------------------------------------------------------- the connector plug-in point
 
 
-def test_region_words_add_the_embeddings_of_the_tagged_class_names():
-    """connector.region_words: each image token gains sum_c tag_c * embedding(name of c) (the
-    mean over a name's tokens; background adds nothing), through the LLM's own table."""
-    classes, names = (3, 4), ((), (5,), (6, 7), (), (8,), (9,), (10,))
-    batch = make_batch()
-    inputs = train_step.model_inputs(batch)
-    model = OmniModel(dataclasses.replace(CONFIG, region_word_ids=names, connector=ConnectorConfig(
-        output_scale=4.0, region_classes=classes, region_words=True)))
-    params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
+class ToyExtras(ConnectorExtras):
+    """2 learned features per merged token into the connector; the LLM's embedding of token 5 out."""
+
+    @nn.compact
+    def __call__(self, features, merged_segment_ids, vision_hw, embedding):
+        inputs = nn.Dense(2, kernel_init=kernel_init(("embed", None)), bias_init=zeros_init((None,)),
+                          name="tag")(features)
+        return inputs, jnp.broadcast_to(embedding[5], features.shape[:2] + embedding.shape[-1:])
+
+    def input_width(self) -> int:
+        return 2
+
+    def training_flops_per_merged_token(self, config) -> float:
+        return 6.0 * config.vision.out_width * 2
+
+
+def test_connector_extras_add_inputs_before_and_features_after_the_connector():
+    inputs = train_step.model_inputs(make_batch())
     vision = [inputs[k] for k in VISION_INPUTS]
+    model = OmniModel(CONFIG, connector_extras=ToyExtras())
+    params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
+    assert params["connector_extras"]["tag"]["kernel"].shape == (16, 2)  # its own scope: loaded / frozen by path
+    assert params["connector"]["proj"]["kernel"].shape == (16 + 2, LLM_CONFIG.width)
+    assert model.apply({"params": params}, *vision, method=OmniModel.vision_features)[0].shape[-1] == 16 + 2
     tokens, valid = (np.asarray(a) for a in model.apply({"params": params}, *vision, method=OmniModel.vision_tokens))
-    tags = np.asarray(model.apply({"params": params}, *vision, method=OmniModel.vision_features)[0])[..., 16:]
+    # The output features are added after the L2 norm and the scale: moving the LLM's
+    # embedding of token 5 moves every image token by exactly as much.
     delta = np.arange(LLM_CONFIG.width, dtype=np.float32) / LLM_CONFIG.width
-    table = np.asarray(params["llm"]["embedding"])
-    for row, klass in ((5, 1), (6, 2), (8, 4)):  # "6" is half of class 2's two-token name
-        shifted = dict(params, llm=dict(params["llm"], embedding=_add_row(table, row, delta)))
-        moved = np.asarray(model.apply({"params": shifted}, *vision, method=OmniModel.vision_tokens)[0]) - tokens
-        share = 0.5 if row == 6 else 1.0
-        np.testing.assert_allclose(moved[valid], share * tags[valid][:, klass:klass + 1] * delta, atol=1e-5)
-    untouched = dict(params, llm=dict(params["llm"], embedding=_add_row(table, 11, delta)))
-    np.testing.assert_allclose(np.asarray(model.apply({"params": untouched}, *vision,
-                                                      method=OmniModel.vision_tokens)[0]), tokens, atol=1e-6)
-    with pytest.raises(ValueError, match="region_words=True needs model.connector.region_classes"):
-        ConnectorConfig(region_words=True)
-    wrong = OmniModel(dataclasses.replace(model.config, region_word_ids=names[:-1]))
-    with pytest.raises(ValueError, match="one name per region class: 6 names"):
-        wrong.init(jax.random.key(0), **inputs)
+    table = np.array(params["llm"]["embedding"])
+    table[5] += delta
+    moved = model.apply({"params": dict(params, llm=dict(params["llm"], embedding=table))}, *vision,
+                        method=OmniModel.vision_tokens)[0]
+    np.testing.assert_allclose((np.asarray(moved) - tokens)[valid], np.broadcast_to(delta, tokens[valid].shape),
+                               atol=1e-5)
+    plain = vision_training_flops_per_pack(CONFIG, 64)
+    merged = 16  # 64 patches / 4
+    assert vision_training_flops_per_pack(CONFIG, 64, ToyExtras()) - plain == merged * (6.0 * 16 * 2 + 6.0 * 2 * 32)
 
 
-def _add_row(table, row, delta):
-    out = np.array(table)
-    out[row] += delta
-    return out
+def test_connector_extras_need_the_linear_connector():
+    with pytest.raises(ValueError, match=r"model.connector.extras='toy' adds features per merged token: "
+                                         r"it needs kind='linear', not 'avg_pool'"):
+        ConnectorConfig(kind="avg_pool", extras="toy")
+    named = dataclasses.replace(CONFIG, connector=ConnectorConfig(extras="toy"))
+    with pytest.raises(ValueError, match=r"model.connector.extras='toy', but the OmniModel has no connector_extras"):
+        OmniModel(named).init(jax.random.key(0), **train_step.model_inputs(make_batch()))
+    pooled = dataclasses.replace(CONFIG, connector=POOLING["avg_pool"])
+    with pytest.raises(ValueError, match="needs model.connector.kind='linear', not 'avg_pool'"):
+        OmniModel(pooled, connector_extras=ToyExtras()).init(
+            jax.random.key(0), **train_step.model_inputs(make_pool_batch([["a"]], 4)))
+
+
+def test_connector_extras_are_chosen_by_their_registered_name(monkeypatch):
+    monkeypatch.setattr(omni_lib, "_CONNECTOR_EXTRAS", {})
+    seen = []
+
+    def factory(config, tokenizer):
+        seen.append(tokenizer)
+        return ToyExtras()
+    omni_lib.register_connector_extras("toy", factory)
+    config = ml_collections.ConfigDict(dict(model=dict(connector=dict(extras="toy"))))
+    assert isinstance(omni_lib.make_connector_extras(config, "the tokenizer"), ToyExtras) and seen == ["the tokenizer"]
+    config.model.connector.extras = ""
+    assert omni_lib.make_connector_extras(config, None) is None
+    config.model.connector.extras = "tyo"
+    with pytest.raises(ValueError, match=r"model.connector.extras='tyo' is not registered; registered: \['toy'\]"):
+        omni_lib.make_connector_extras(config, None)
+    with pytest.raises(ValueError, match="'toy' is already registered"):
+        omni_lib.register_connector_extras("toy", lambda config, tokenizer: None)

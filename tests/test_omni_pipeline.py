@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from m2omni_jax.data import audio as audio_frontend
+from m2omni_jax.data import chat as chat_lib
+from m2omni_jax.data import media, sources
 from m2omni_jax.data import omni_pipeline as op
+from m2omni_jax.data import records as records_lib
+from m2omni_jax.experiments.shapes_world import source as shapes_world_source
 from m2omni_jax.experiments.shapes_world import world as sw
 from m2omni_jax.experiments.shapes_world import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
@@ -25,10 +29,12 @@ def small_config(root):
     from configs import base
     config = base.get_config()
     config.model.kind = "omni"
-    config.data.update(dict(dir=str(root / "data"), num_text_docs=300, seq_len=SEQ_LEN))
-    config.data.shapes_world.update(dict(num_train=280, num_eval=70))
+    config.data.update(dict(dir=str(root / "data"), seq_len=SEQ_LEN))
+    config.data.sources.text.update(dict(num_docs=300, tokenizer_docs=300))
+    config.data.sources.shapes_world = shapes_world_source.default_config()
+    config.data.sources.shapes_world.update(dict(num_train=280, num_eval=70))
     config.data.vision.patches_per_row = PATCHES
-    config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=300, vocab_size=512))
+    config.tokenizer.update(dict(cache_dir=str(root / "tok"), vocab_size=512))
     config.train.batch_size = BATCH
     return config
 
@@ -53,7 +59,7 @@ def test_mrope_positions_hand_worked():
     IMG, P, END = 4, 6, 5
     # text, text, <image>, 1x2x3 merged grid, </image>, text, text
     ids = [100, 101, IMG] + [P] * 6 + [END, 102, 103]
-    positions = op.mrope_positions(ids, [(1, 2, 3)], patch_ids=(P,))
+    positions = chat_lib.mrope_positions(ids, [(1, 2, 3)], patch_ids=(P,))
     # The block starts at running index 3: t = 3; h = 3 + row; w = 3 + col; max 5 -> </image> at 6.
     np.testing.assert_array_equal(positions, [
         [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7, 8],
@@ -64,16 +70,16 @@ def test_mrope_positions_hand_worked():
 
 def test_mrope_positions_video_advances_time():
     V = 9
-    positions = op.mrope_positions([1, V, V, V, V, 2], [(2, 1, 2)], patch_ids=(V,))
+    positions = chat_lib.mrope_positions([1, V, V, V, V, 2], [(2, 1, 2)], patch_ids=(V,))
     np.testing.assert_array_equal(positions, [[0, 1, 1, 2, 2, 3], [0, 1, 1, 1, 1, 3], [0, 1, 2, 1, 2, 3]])
 
 
 def test_chat_assembly_expands_placeholders_and_masks_the_prompt(tok):
     image = sw.render_scene(sw.sample_scene(np.random.default_rng(0), size=(112, 56)))
-    media = [op.preprocess_media("image", image, op.VisionOptions())]
-    assert media[0].grid_thw == (1, 4, 8) and media[0].num_tokens == 8  # 56 rows x 112 cols
+    items = [media.preprocess_media("image", image, media.VisionOptions())]
+    assert items[0].grid_thw == (1, 4, 8) and items[0].num_tokens == 8  # 56 rows x 112 cols
     messages = [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red"}]
-    chat = op.assemble_chat(tok, messages, media)
+    chat = chat_lib.assemble_chat(tok, messages, items)
     ids, mask, positions = chat["ids"], chat["mask"], chat["positions"]
     start = int(np.flatnonzero(ids == tok.special_id("<image>"))[0])
     assert list(ids[start + 1:start + 9]) == [tok.special_id("<imagePatch>")] * 8
@@ -86,61 +92,44 @@ def test_chat_assembly_expands_placeholders_and_masks_the_prompt(tok):
     after = first + 8  # </image>: the block's max (first + 3) + 1
     np.testing.assert_array_equal(positions[:, after:], np.tile(np.arange(first + 4, first + 4 + len(ids) - after), (3, 1)))
     assert tok.decode(ids[mask == 1]) == "red<|eot_id|>"
-    assert chat["patches"].shape == (32, op.PATCH_DIM) and chat["hw"].shape == (2, 32)
+    assert chat["patches"].shape == (32, media.PATCH_DIM) and chat["hw"].shape == (2, 32)
     np.testing.assert_array_equal(chat["frames"], np.ones(32))
 
 
 def test_vqa_dialog_trains_every_answer(tok):
     record = sw.make_record(0, "train", 0, ("vqa_dialog",))
-    media = [op.preprocess_media("image", record["images"][0], op.VisionOptions())]
-    chat = op.assemble_chat(tok, record["messages"], media)
+    items = [media.preprocess_media("image", record["images"][0], media.VisionOptions())]
+    chat = chat_lib.assemble_chat(tok, record["messages"], items)
     answers = [m["content"] for m in record["messages"][1::2]]
     assert tok.decode(chat["ids"][chat["mask"] == 1]) == "".join(a + "<|eot_id|>" for a in answers)
     assert int((chat["ids"] == tok.special_id("<image>")).sum()) == 1
 
 
-def test_question_first_moves_the_image_after_the_question(config, tok):
-    record = sw.make_record(0, "train", 0, ("vqa_dialog",))
-    moved = op.question_first(record["messages"])
-    assert moved[0]["content"] == record["messages"][0]["content"].removeprefix("<image>\n") + "\n<image>"
-    assert moved[1:] == record["messages"][1:]  # later turns and answers unchanged
-    opts = dataclasses.replace(op.VisionOptions(), question_first=True)
-    chat = op.assemble_chat(tok, moved, op.record_media(record, opts, moved))
-    plain = op.assemble_chat(tok, record["messages"], op.record_media(record, op.VisionOptions()))
-    assert tok.decode(chat["ids"][chat["mask"] == 1]) == tok.decode(plain["ids"][plain["mask"] == 1])
-    np.testing.assert_array_equal(chat["patches"], plain["patches"])
-    prompt = op.eval_prompt(record, tok, opts)["ids"]
-    question = tok.encode(moved[0]["content"].split("\n")[0])
-    image_at = int(np.flatnonzero(prompt == tok.special_id("<image>"))[0])
-    assert image_at > int(np.flatnonzero(prompt == question[-1])[-1])  # the question comes first
-    assert op.question_first([{"role": "user", "content": "<audio>\nWhat was said?"}])[0]["content"].startswith("<audio>")
-
-
 def test_centered_pixels_have_zero_median_colour():
     image = sw.render_scene(sw.sample_scene(np.random.default_rng(1), size=(84, 84)))
-    plain = op.preprocess_media("image", image, op.VisionOptions())
-    centered = op.preprocess_media("image", image, op.VisionOptions(pixel_norm="clip_centered"))
+    plain = media.preprocess_media("image", image, media.VisionOptions())
+    centered = media.preprocess_media("image", image, media.VisionOptions(pixel_norm="clip_centered"))
     by_channel = np.moveaxis(centered.patches.reshape(len(centered.patches), 3, -1), 1, 0).reshape(3, -1)
     np.testing.assert_allclose(np.median(by_channel, axis=1), 0, atol=1e-5)
     np.testing.assert_allclose(np.diff(centered.patches - plain.patches, axis=0), 0, atol=1e-5)  # a shift only
     with pytest.raises(ValueError, match="pixel_norm='none'"):
-        op.VisionOptions(pixel_norm="none")
+        media.VisionOptions(pixel_norm="none")
 
 
 def test_image_side_gives_every_image_the_same_token_grid():
-    opts = op.VisionOptions(image_side=84)
+    opts = media.VisionOptions(image_side=84)
     for size in ((56, 56), (224, 112), (96, 160)):
-        item = op.preprocess_media("image", sw.render_scene(sw.sample_scene(np.random.default_rng(0), size=size)), opts)
+        item = media.preprocess_media("image", sw.render_scene(sw.sample_scene(np.random.default_rng(0), size=size)), opts)
         assert item.grid_thw == (1, 6, 6) and item.num_tokens == 9
     with pytest.raises(ValueError, match="data.vision.image_side=70"):
-        op.VisionOptions(image_side=70)
+        media.VisionOptions(image_side=70)
 
 
 def test_video_assembly_numbers_frames(tok):
     record = sw.make_record(0, "train", 0, ("video_motion",))
-    media = op.record_media(record, op.VisionOptions())
-    chat = op.assemble_chat(tok, record["messages"], media)
-    t, h, w = media[0].grid_thw
+    items = media.record_media(record, media.VisionOptions())
+    chat = chat_lib.assemble_chat(tok, record["messages"], items)
+    t, h, w = items[0].grid_thw
     assert (h, w) == (4, 4) and t >= 2  # 56x56 frames, 2 frames per temporal patch
     np.testing.assert_array_equal(chat["frames"], np.repeat(np.arange(1, t + 1), 16))
     assert (ids := chat["ids"]).tolist().count(tok.special_id("<videoPatch>")) == t * 4
@@ -162,14 +151,14 @@ def test_batch_format(config, batches):
 
 
 def test_rows_pair_placeholders_with_patch_groups(batches, tok):
-    media_ids = list(op.media_token_ids(tok).values())
+    media_ids = list(chat_lib.media_token_ids(tok).values())
     modalities = set()
     for batch in batches[0]:
         for row in range(BATCH):
             tokens, seg, vseg = batch["tokens"][row], batch["segment_ids"][row], batch["vision_segment_ids"][row]
             groups = vseg.reshape(-1, 4)
             assert (groups == groups[:, :1]).all(), "a merger group never straddles two frames"
-            n_placeholders = int(np.isin(tokens, op.placeholder_ids(tok)).sum())
+            n_placeholders = int(np.isin(tokens, chat_lib.placeholder_ids(tok)).sum())
             assert n_placeholders == int((groups[:, 0] > 0).sum())
             trained_targets = batch["targets"][row][batch["loss_mask"][row] == 1]
             assert not np.isin(trained_targets, media_ids).any(), "media tokens are never trained"
@@ -177,7 +166,7 @@ def test_rows_pair_placeholders_with_patch_groups(batches, tok):
             for s in np.unique(seg[seg > 0]):
                 idx = np.flatnonzero(seg == s)
                 assert pos[0, idx[0]] == 0, "positions restart per sample"
-                text = ~np.isin(tokens[idx], op.placeholder_ids(tok))
+                text = ~np.isin(tokens[idx], chat_lib.placeholder_ids(tok))
                 assert (pos[0, idx][text] == pos[1, idx][text]).all() and (pos[1, idx][text] == pos[2, idx][text]).all()
                 assert (np.diff(pos[0, idx][text]) > 0).all(), "text positions increase"
                 modalities.add(int(batch["modality"][row][idx[0]]))
@@ -220,29 +209,43 @@ def test_mixture_weights_and_presets(config):
     import ml_collections
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.mixture = "mm1"
-    weights = op.source_weights(data, sw.TASKS)
+    parts = {t: sources.Part("sw", sw.TASK_MODALITY[t], None) for t in sw.TASKS}
+    parts["text"] = sources.Part("text", "text", None)
+    weights = op.part_weights(data, parts)
     assert weights["text"] == pytest.approx(0.10) and weights["interleaved"] == pytest.approx(0.45)
     image_tasks = [t for t in sw.TASKS if sw.TASK_MODALITY[t] == "image"]
     assert sum(weights[t] for t in image_tasks) == pytest.approx(0.45)
     data.mixture = "custom"
     data.modality_weights = ml_collections.ConfigDict(dict(text=1.0, image=3.0, video=0.0, interleaved=0.0))
-    data.task_weights = ml_collections.ConfigDict(dict(vqa_color=2.0))
-    weights = op.source_weights(data, ("caption", "vqa_color", "video_motion"))
+    few = {"text": parts["text"], "caption": parts["caption"], "video_motion": parts["video_motion"],
+           "vqa_color": dataclasses.replace(parts["vqa_color"], weight=2.0)}  # a source's task_weights factor
+    weights = op.part_weights(data, few)
     assert weights == pytest.approx({"text": 1.0, "caption": 1.0, "vqa_color": 2.0})
     data.mixture = "mm2"
     with pytest.raises(ValueError, match="mixture='mm2'"):
-        op.source_weights(data, sw.TASKS)
+        op.part_weights(data, parts)
     data.mixture = "mm1"
-    with pytest.raises(ValueError, match="no interleaved task"):
-        op.source_weights(data, ("caption",))
+    with pytest.raises(ValueError, match="have no interleaved part"):
+        op.part_weights(data, {"caption": parts["caption"], "text": parts["text"]})
+
+
+def test_shapes_world_task_weights_are_its_parts_weights(config):
+    config = config.copy_and_resolve_references()
+    config.data.sources.shapes_world.task_weights.vqa_color = 3.0
+    parts = sources.parts(config, "train")
+    assert parts["vqa_color"].weight == 3.0 and parts["caption"].weight == 1.0 and parts["text"].modality == "text"
+    assert "asr" not in parts  # spoken tasks only with the audio tower
+    config.data.sources.shapes_world.task_weights.vqa_colour = 1.0
+    with pytest.raises(ValueError, match="task_weights names unknown tasks"):
+        sources.parts(config, "train")
 
 
 def test_eval_prompts_are_left_padded(config, tok):
-    records = list(op.eval_records(config, 3, tasks=("vqa_color", "video_motion")))
+    records = sources.eval_records(config, 3, names=("vqa_color", "video_motion"))
     assert [r["task"] for r in records] == ["vqa_color", "video_motion", "vqa_color"]
-    opts = op.VisionOptions.from_config(config.data.vision)
-    prompts = [op.eval_prompt(r, tok, opts) for r in records]
-    batch = op.batch_prompts(prompts, 64, PATCHES)
+    opts = media.VisionOptions.from_config(config.data.vision)
+    prompts = [chat_lib.eval_prompt(r, tok, opts) for r in records]
+    batch = chat_lib.batch_prompts(prompts, 64, PATCHES)
     for row, prompt in enumerate(prompts):
         n = len(prompt["ids"])
         np.testing.assert_array_equal(batch["tokens"][row, -n:], prompt["ids"])
@@ -256,10 +259,10 @@ def test_eval_prompts_are_left_padded(config, tok):
 
 
 def test_chat_assembly_mixes_audio_image_and_text(tok):
-    image = op.MediaItem("image", np.ones((16, op.PATCH_DIM), np.float32), (1, 4, 4))  # 2x2 merged tokens
-    clip = op.AudioClip(np.ones((5, 560), np.float32), num_tokens=3)
+    image = media.MediaItem("image", np.ones((16, media.PATCH_DIM), np.float32), (1, 4, 4))  # 2x2 merged tokens
+    clip = media.AudioClip(np.ones((5, 560), np.float32), num_tokens=3)
     messages = [{"role": "user", "content": "<image><audio>What color?"}, {"role": "assistant", "content": "red"}]
-    chat = op.assemble_chat(tok, messages, [image, clip])
+    chat = chat_lib.assemble_chat(tok, messages, [image, clip])
     ids, mask, positions = chat["ids"], chat["mask"], chat["positions"]
     IMG, END_IMG, P, AUD, END_AUD, A = (tok.special_id(f"<{n}>") for n in
                                         ("image", "/image", "imagePatch", "audio", "/audio", "audioPatch"))
@@ -275,22 +278,22 @@ def test_chat_assembly_mixes_audio_image_and_text(tok):
     np.testing.assert_array_equal(positions[:, s + 11:], np.tile(s + 9 + np.arange(len(ids) - s - 11), (3, 1)))
     assert tok.decode(ids[mask == 1]) == "red<|eot_id|>"  # placeholders and the prompt are not trained
 
-    sample = op._sample_from_assembly(chat, modality_id("audio"), op.AudioOptions(3, 9, clips_per_row=2))
+    sample = chat_lib.sample_from_chat(chat, modality_id("audio"), media.AudioOptions(3, 9, clips_per_row=2))
     assert sample["audio_features"].shape == (1, 9, 560) and sample["audio_lengths"].tolist() == [5]
     assert (sample["audio_features"][0, :5] == 1).all() and (sample["audio_features"][0, 5:] == 0).all()
-    assert sample["vision_patches"].shape == (16, op.PATCH_DIM) and (sample["modality"] == modality_id("audio")).all()
+    assert sample["vision_patches"].shape == (16, media.PATCH_DIM) and (sample["modality"] == modality_id("audio")).all()
 
 
 def test_spoken_vqa_record_media_in_placeholder_order():
     record = speech.make_record(0, "train", 1)  # spoken_vqa: "<image>\n<audio>"
-    opts = op.AudioOptions(48, 144, clips_per_row=2)
-    media = op.record_media(record, op.VisionOptions(), audio_opts=opts)
-    assert [m.kind for m in media] == ["image", "audio"] and media[1].num_tokens == 48
-    np.testing.assert_allclose(media[1].features, audio_frontend.audio_features(record["audio"][0]))
+    opts = media.AudioOptions(48, 144, clips_per_row=2)
+    items = media.record_media(record, media.VisionOptions(), audio_opts=opts)
+    assert [m.kind for m in items] == ["image", "audio"] and items[1].num_tokens == 48
+    np.testing.assert_allclose(items[1].features, audio_frontend.audio_features(record["audio"][0]))
     with pytest.raises(ValueError, match="config.model.audio.enabled"):
-        op.record_media(record, op.VisionOptions())
+        media.record_media(record, media.VisionOptions())
     with pytest.raises(ValueError, match="num_audio_tokens=2"):
-        op.record_media(record, op.VisionOptions(), audio_opts=op.AudioOptions(2, 6, clips_per_row=2))
+        media.record_media(record, media.VisionOptions(), audio_opts=media.AudioOptions(2, 6, clips_per_row=2))
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +302,11 @@ def audio_config(config, tmp_path_factory):
     config = config.copy_and_resolve_references()
     config.model.audio.enabled = True
     config.data.seq_len = 256
-    config.data.speech.update(dict(num_train=24, num_eval=8, cmvn_samples=12))
+    config.data.sources.shapes_world.speech.update(dict(num_train=24, num_eval=8))
+    config.data.audio.cmvn_samples = 12
     config.data.mixture = "custom"
     config.data.modality_weights.update(dict(text=1.0, image=1.0, video=0.5, interleaved=0.5, audio=3.0))
-    return op.with_cmvn(config, str(tmp_path_factory.mktemp("workdir")))
+    return media.with_cmvn(config, str(tmp_path_factory.mktemp("workdir")))
 
 
 def test_rows_pair_audio_placeholders_with_clips(audio_config, tok):
@@ -332,18 +336,18 @@ def test_rows_pair_audio_placeholders_with_clips(audio_config, tok):
 
 
 def test_cmvn_is_computed_once_and_read_back(audio_config, tmp_path):
-    path = audio_config.data.speech.cmvn_file
+    path = audio_config.data.audio.cmvn_file
     stats = audio_frontend.load_cmvn(path)
     assert stats["mean"].shape == stats["std"].shape == (560,) and stats["count"] > 0
     before = os.stat(path).st_mtime_ns
     again = audio_config.copy_and_resolve_references()
-    again.data.speech.cmvn_file = ""
-    assert op.with_cmvn(again, os.path.dirname(path)).data.speech.cmvn_file == path
+    again.data.audio.cmvn_file = ""
+    assert media.with_cmvn(again, os.path.dirname(path)).data.audio.cmvn_file == path
     assert os.stat(path).st_mtime_ns == before  # read back, not recomputed
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        op.with_cmvn(again, str(tmp_path), compute=False)
+        media.with_cmvn(again, str(tmp_path), compute=False)
     with pytest.raises(ValueError, match="cmvn_file is empty"):
-        op.AudioOptions.from_config(again)
+        media.AudioOptions.from_config(again)
 
 
 def test_audio_in_the_mixture_needs_the_tower(audio_config):
@@ -351,16 +355,16 @@ def test_audio_in_the_mixture_needs_the_tower(audio_config):
     config.model.audio.enabled = False
     with pytest.raises(ValueError, match="'audio' weight 3.0, but config.model.audio.enabled=False"):
         op.check_audio_mixture(config)
-    assert op.AudioOptions.from_config(config) is None and set(op.batch_keys(config)) == set(op.BATCH_KEYS)
+    assert media.AudioOptions.from_config(config) is None and set(op.batch_keys(config)) == set(op.BATCH_KEYS)
 
 
 def test_speech_eval_prompts_carry_their_clips(audio_config, tok):
-    records = list(op.speech_eval_records(audio_config, 4))
+    records = sources.eval_records(audio_config, 4, modalities=("audio",))
     assert [r["task"] for r in records] == list(speech.TASKS)
-    opts = op.VisionOptions.from_config(audio_config.data.vision)
-    audio_opts = op.AudioOptions.from_config(audio_config)
-    prompts = [op.eval_prompt(r, tok, opts, audio_opts) for r in records]
-    batch = op.batch_prompts(prompts, 192, PATCHES, audio_opts)
+    opts = media.VisionOptions.from_config(audio_config.data.vision)
+    audio_opts = media.AudioOptions.from_config(audio_config)
+    prompts = [chat_lib.eval_prompt(r, tok, opts, audio_opts) for r in records]
+    batch = chat_lib.batch_prompts(prompts, 192, PATCHES, audio_opts)
     assert batch["audio_features"].shape == (4, 2, 144, 560)
     for row, prompt in enumerate(prompts):
         length = len(prompt["audio"][0])
@@ -380,10 +384,10 @@ def _block(t, h, w):
                                          ("attn_pool", 3, (1, 3))])
 def test_pooled_assembly_has_k_tokens_per_image_and_t_k_per_video(tok, kind, k, grid):
     connector = omni.ConnectorConfig(kind=kind, num_tokens=k, max_segments_per_row=3)
-    image = op.MediaItem("image", np.ones((24, op.PATCH_DIM), np.float32), (1, 4, 6), connector)  # 2x3 merged
-    video = op.MediaItem("video", np.ones((32, op.PATCH_DIM), np.float32), (2, 4, 4), connector)  # 2 frame-pairs
+    image = media.MediaItem("image", np.ones((24, media.PATCH_DIM), np.float32), (1, 4, 6), connector)  # 2x3 merged
+    video = media.MediaItem("video", np.ones((32, media.PATCH_DIM), np.float32), (2, 4, 4), connector)  # 2 frame-pairs
     messages = [{"role": "user", "content": "<image><video>Which?"}, {"role": "assistant", "content": "red"}]
-    chat = op.assemble_chat(tok, messages, [image, video])
+    chat = chat_lib.assemble_chat(tok, messages, [image, video])
     ids, positions = chat["ids"], chat["positions"]
     IMG, END_IMG, P, VID, END_VID, VP = (tok.special_id(f"<{n}>") for n in
                                          ("image", "/image", "imagePatch", "video", "/video", "videoPatch"))
@@ -397,51 +401,51 @@ def test_pooled_assembly_has_k_tokens_per_image_and_t_k_per_video(tok, kind, k, 
     np.testing.assert_array_equal(positions[:, s + 3 + k:s + 3 + 3 * k], end_image + 2 + _block(2, h, w))
     assert positions[0, s + 3 + 3 * k] == end_image + 2 + max(1, h - 1, w - 1) + 1  # </video>
     np.testing.assert_array_equal(chat["frames"], [1] * 24 + [2] * 16 + [3] * 16)  # the tower's segments
-    assert chat["patches"].shape == (56, op.PATCH_DIM)  # patches do not depend on the connector
+    assert chat["patches"].shape == (56, media.PATCH_DIM)  # patches do not depend on the connector
 
     too_few = dataclasses.replace(connector, max_segments_per_row=2)
     with pytest.raises(ValueError, match="3 image / video frame-pair segments exceed "
                                          "model.connector.max_segments_per_row=2"):
-        op.assemble_chat(tok, messages, [dataclasses.replace(m, connector=too_few) for m in (image, video)])
+        chat_lib.assemble_chat(tok, messages, [dataclasses.replace(m, connector=too_few) for m in (image, video)])
 
 
 def test_pooling_bounds_grid_side_and_segments(tok):
-    opts = op.VisionOptions(connector=omni.ConnectorConfig(kind="avg_pool", num_tokens=4, max_segments_per_row=2,
+    opts = media.VisionOptions(connector=omni.ConnectorConfig(kind="avg_pool", num_tokens=4, max_segments_per_row=2,
                                                            max_grid_side=3))
-    assert op.preprocess_media("image", np.zeros((84, 56, 3), np.uint8), opts).num_tokens == 4  # 3x2 merged
+    assert media.preprocess_media("image", np.zeros((84, 56, 3), np.uint8), opts).num_tokens == 4  # 3x2 merged
     with pytest.raises(ValueError, match=r"image of 4x2 merged tokens exceeds model.connector.max_grid_side=3"):
-        op.preprocess_media("image", np.zeros((112, 56, 3), np.uint8), opts)
+        media.preprocess_media("image", np.zeros((112, 56, 3), np.uint8), opts)
     # A record with three images: more than S = 2 segments is a bad record; S = 3 packs it.
     record = next(r for r in (sw.make_record(0, "train", i, ("interleaved",)) for i in range(20))
                   if len(r["images"]) == 3)
-    raw = sw.encode_record(record)
+    record = records_lib.decode_record(sw.encode_record(record))  # as a source yields it
     opts = dataclasses.replace(opts, connector=dataclasses.replace(opts.connector, max_grid_side=16))
-    assert op.ShapesWorldSample(tok, 1024, opts)(raw) == {op._BAD: 1}
+    assert op.OmniSample(tok, 1024, opts)(record) == records_lib.bad_record()
     roomy = dataclasses.replace(opts, connector=dataclasses.replace(opts.connector, max_segments_per_row=3))
-    sample = op.ShapesWorldSample(tok, 1024, roomy)(raw)
-    np.testing.assert_array_equal(sample[op.SEGMENTS_KEY], [1, 2, 3])  # packed with length S
-    assert int(np.isin(sample["tokens"], op.placeholder_ids(tok)).sum()) == 3 * 4
+    sample = op.OmniSample(tok, 1024, roomy)(record)
+    np.testing.assert_array_equal(sample[chat_lib.SEGMENTS_KEY], [1, 2, 3])  # packed with length S
+    assert int(np.isin(sample["tokens"], chat_lib.placeholder_ids(tok)).sum()) == 3 * 4
     prompt = {"ids": np.ones(4, np.int32), "positions": np.zeros((3, 4), np.int32), "audio": [],
-              "patches": np.zeros((48, op.PATCH_DIM), np.float32), "hw": np.zeros((2, 48), np.int32),
+              "patches": np.zeros((48, media.PATCH_DIM), np.float32), "hw": np.zeros((2, 48), np.int32),
               "frames": np.repeat(np.arange(1, 4, dtype=np.int32), 16)}
     with pytest.raises(ValueError, match="3 image / video frame-pair segments exceeds "
                                          "model.connector.max_segments_per_row=2"):
-        op.batch_prompts([prompt], 8, 64, max_segments_per_row=opts.max_segments_per_row)
-    assert op.batch_prompts([prompt], 8, 64, max_segments_per_row=3)["vision_segment_ids"].max() == 3
+        chat_lib.batch_prompts([prompt], 8, 64, max_segments_per_row=opts.max_segments_per_row)
+    assert chat_lib.batch_prompts([prompt], 8, 64, max_segments_per_row=3)["vision_segment_ids"].max() == 3
 
 
 def test_vision_options_read_the_connector(config):
     config = config.copy_and_resolve_references()
-    assert not op.VisionOptions.from_config(config).connector.pools
+    assert not media.VisionOptions.from_config(config).connector.pools
     config.model.connector.update(dict(kind="attn_pool", num_tokens=5, num_heads=4))
-    opts = op.VisionOptions.from_config(config)
+    opts = media.VisionOptions.from_config(config)
     assert opts.connector.kind == "attn_pool" and opts.max_segments_per_row == 8
-    assert op.VisionOptions.from_config(config.data.vision).max_segments_per_row is None  # the section alone: linear
+    assert media.VisionOptions.from_config(config.data.vision).max_segments_per_row is None  # the section alone: linear
     config.model.kind = "llm"
-    assert not op.VisionOptions.from_config(config).connector.pools
+    assert not media.VisionOptions.from_config(config).connector.pools
     config.data.vision.connector = "avg_pool"
     with pytest.raises(ValueError, match="set config.model.connector"):
-        op.VisionOptions.from_config(config)
+        media.VisionOptions.from_config(config)
 
 
 def test_pooled_rows_hold_at_most_s_segments_of_k_tokens(config, tok):
@@ -453,7 +457,7 @@ def test_pooled_rows_hold_at_most_s_segments_of_k_tokens(config, tok):
     config.data.modality_weights.update(dict(text=0.5, image=1.0, video=1.0, interleaved=1.0))
     it = op.make_train_iterator(config, tok, process_index=0, process_count=1)
     expected = op.example_batch_shapes(config)
-    patch_ids, videos = op.placeholder_ids(tok), 0
+    patch_ids, videos = chat_lib.placeholder_ids(tok), 0
     for _ in range(3):
         batch = next(it)
         assert {key: (v.shape, v.dtype) for key, v in batch.items()} == expected  # one compiled shape

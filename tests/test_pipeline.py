@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import jax
 import ml_collections
@@ -8,11 +9,13 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from m2omni_jax.data import pipeline
+from m2omni_jax.experiments.shapes_world import source as shapes_world_source
 from m2omni_jax.experiments.shapes_world import text_corpus
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.parallel.sharding import batch_sharding, make_mesh
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 64
 BATCH = 8
 
@@ -20,12 +23,13 @@ BATCH = 8
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    config = pipeline.default_data_config()
+    sys.path.insert(0, REPO)
+    from configs import base
+    config = base.get_config()  # the built-in text corpus is its only source
     config.data.dir = str(root / "data")
-    config.data.num_text_docs = 600
+    config.data.sources.text.update(dict(num_docs=600, tokenizer_docs=500))
     config.data.seq_len = SEQ_LEN
     config.tokenizer.cache_dir = str(root / "tok")
-    config.tokenizer.train_docs = 500
     config.train = ml_collections.ConfigDict({"batch_size": BATCH})
     return config
 
@@ -158,12 +162,12 @@ def test_iterator_state_resume_is_bitwise(config, tok):
 
 
 def test_process_shards_are_disjoint(config, tok):
-    paths = pipeline.builtin_text_files(config)
+    paths = shapes_world_source.text_corpus_files(config, config.data.sources.text)
     shards = [[text_corpus.decode_record(r)["id"]
                for r in pipeline.make_record_dataset(paths, seed=0, process_index=i, process_count=2)]
               for i in range(2)]
     assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == list(range(config.data.num_text_docs))
+    assert sorted(shards[0] + shards[1]) == list(range(config.data.sources.text.num_docs))
     firsts = [next(pipeline.make_train_iterator(config, tok, process_index=i, process_count=2)) for i in range(2)]
     assert all(b["tokens"].shape == (BATCH // 2, SEQ_LEN) for b in firsts)
     assert not np.array_equal(firsts[0]["tokens"], firsts[1]["tokens"])

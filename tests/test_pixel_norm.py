@@ -2,7 +2,7 @@
 import numpy as np
 
 from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline as op
+from m2omni_jax.data import media
 from m2omni_jax.experiments.shapes_world import world as sw
 
 
@@ -11,7 +11,7 @@ def centered_patches(color: str) -> np.ndarray:
                             background={"kind": "solid", "color": "cream"})
     scene["objects"][0].update(color=color, size="large")
     patches, _ = ip.preprocess_image(sw.render_scene(scene), 56 * 56, 115 * 115)
-    return op.center_colors(patches)
+    return media.center_colors(patches)
 
 
 def test_background_patches_do_not_change_with_the_object_colour():
@@ -24,5 +24,5 @@ def test_background_patches_do_not_change_with_the_object_colour():
 
 def test_center_colors_zeroes_each_channels_median():
     patches = np.random.default_rng(1).normal(size=(8, 3 * 2 * 14 * 14)).astype(np.float32) + 5.0
-    by_channel = op.center_colors(patches).reshape(8, 3, -1)
+    by_channel = media.center_colors(patches).reshape(8, 3, -1)
     np.testing.assert_allclose(np.median(np.moveaxis(by_channel, 1, 0).reshape(3, -1), axis=1), 0, atol=1e-5)

@@ -3,13 +3,12 @@ omni rows carry their image's patches, shared by chosen and rejected."""
 import numpy as np
 import pytest
 
-from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline
+from m2omni_jax.data import image_preprocessing as ip, media as media_lib
 from m2omni_jax.experiments.shapes_world import preference, world as shapes_world, text_corpus
 from m2omni_jax.data.tokenizer import Tokenizer, train_tokenizer, training_text
 
 SEQ_LEN = 96
-VISION = omni_pipeline.VisionOptions(patches_per_row=64, pixel_norm="clip_centered")
+VISION = media_lib.VisionOptions(patches_per_row=64, pixel_norm="clip_centered")
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +97,14 @@ def test_omni_rows_carry_their_image(tok):
     assert set(batch) == set(ndims)
     for key, value in batch.items():
         assert value.ndim == ndims[key] and value.shape[0] == n, key
-    assert batch["chosen_vision_patches"].shape == (n, patches, omni_pipeline.PATCH_DIM)
+    assert batch["chosen_vision_patches"].shape == (n, patches, media_lib.PATCH_DIM)
     assert batch["rejected_vision_hw"].shape == (n, 2, patches)
     placeholder = tok.special_id("<imagePatch>")
     for i in range(n):
         pair = preference.make_pair(0, "train", i)
-        (item,) = omni_pipeline.record_media(pair, VISION, pair["prompt"])
+        (item,) = media_lib.record_media(pair, VISION, pair["prompt"])
         for part, media in (("chosen", item), ("rejected", item),
-                            ("instruction", omni_pipeline.record_media(preference.make_instruction(0, "train", i),
+                            ("instruction", media_lib.record_media(preference.make_instruction(0, "train", i),
                                                                        VISION)[0])):
             tokens, valid = batch[f"{part}_tokens"][i], batch[f"{part}_vision_segment_ids"][i] > 0
             num_patches = len(media.patches)
@@ -135,7 +134,7 @@ def test_omni_rows_carry_their_image(tok):
 def test_too_long_for_seq_len_or_patch_pack_raises(tok):
     with pytest.raises(ValueError, match="seq_len=8"):
         preference.preference_batch(tok, seed=0, split="train", start=0, batch_size=1, seq_len=8)
-    small = omni_pipeline.VisionOptions(patches_per_row=4)
+    small = media_lib.VisionOptions(patches_per_row=4)
     with pytest.raises(ValueError, match="patches_per_row=4"):
         preference.preference_batch(tok, seed=0, split="train", start=0, batch_size=1, seq_len=SEQ_LEN,
                                     vision=small)

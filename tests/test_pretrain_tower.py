@@ -10,7 +10,7 @@ import pytest
 
 from m2omni_jax.experiments.shapes_world import tower as pt
 from m2omni_jax import build
-from m2omni_jax.data import omni_pipeline as op
+from m2omni_jax.data import media as media_lib
 from m2omni_jax.experiments.shapes_world import world as sw
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.models.vision import VisionConfig, VisionEncoder
@@ -26,14 +26,15 @@ TINY_VISION = VisionConfig(width=16, depth=1, num_heads=2, out_width=16)
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("tower")
     sys.path.insert(0, REPO)
-    from configs import tiny
-    config = tiny.get_config("vqa")
+    from configs.experiments import shapes_world_vqa
+    config = shapes_world_vqa.get_config()
     config.model.llm.update(dict(vocab_size=512, width=32, depth=2, num_heads=2, num_kv_heads=1, head_dim=16,
                                  mlp_dim=64, mrope_sections=(2, 3, 3)))
     config.model.vision.update(dict(width=16, depth=1, num_heads=2, out_width=16))
-    config.data.update(dict(dir=str(root / "data"), num_text_docs=200))
-    config.data.shapes_world.update(dict(num_train=70, num_eval=14))
-    config.tokenizer.update(dict(cache_dir=str(root / "tok"), train_docs=200, vocab_size=512, train_chats=50))
+    config.data.dir = str(root / "data")
+    config.data.sources.text.update(dict(num_docs=200, tokenizer_docs=200))
+    config.data.sources.shapes_world.update(dict(num_train=70, num_eval=14, tokenizer_chats=50))
+    config.tokenizer.update(dict(cache_dir=str(root / "tok"), vocab_size=512))
     config.tower_pretrain.update(dict(steps=16, batch_size=8, images_per_row=2, patches_per_row=128,
                                       warmup_steps=1, peak_lr=1e-2, log_every=1, checkpoint_every=100,
                                       objective="caption"))  # "regions": its own test below
@@ -42,7 +43,7 @@ def config(tmp_path_factory):
 
 def test_targets_are_the_caption_tokens_of_the_scene(config):
     tokenizer = get_tokenizer(config)
-    opts = op.VisionOptions.from_config(config)
+    opts = media_lib.VisionOptions.from_config(config)
     record = sw.make_record(0, "train", 2, ("vqa_shape",))  # a question record: its scene's caption all the same
     example = pt.CaptionedImage(tokenizer, 512, opts)(sw.encode_record(record))
     caption_ids = set(tokenizer.encode(sw.caption_text(record["attributes"])))
@@ -56,7 +57,7 @@ def test_an_images_logits_ignore_the_other_images_of_its_row(pooling):
     model = pt.TowerClassifier(TINY_VISION, vocab_size=7, images_per_row=2, pooling=pooling)
     rng = np.random.default_rng(0)
     grids = [(1, 4, 6), (1, 4, 4)]
-    images = [{"patches": rng.normal(size=(int(np.prod(g)), op.PATCH_DIM)).astype(np.float32), "grid_thw": g,
+    images = [{"patches": rng.normal(size=(int(np.prod(g)), media_lib.PATCH_DIM)).astype(np.float32), "grid_thw": g,
                "targets": np.zeros(7, np.float32)} for g in grids]
     row = pt.pack_row(images, 64)
     assert list(np.unique(row["segment_ids"])) == [0, 1, 2] and row["targets"].shape == (2, 7)
@@ -73,7 +74,7 @@ def test_an_images_logits_ignore_the_other_images_of_its_row(pooling):
 def test_max_pooling_takes_each_words_best_token_of_the_image():
     model = pt.TowerClassifier(TINY_VISION, vocab_size=7, images_per_row=3, pooling="max")
     rng = np.random.default_rng(0)
-    images = [{"patches": rng.normal(size=(16, op.PATCH_DIM)).astype(np.float32), "grid_thw": (1, 4, 4),
+    images = [{"patches": rng.normal(size=(16, media_lib.PATCH_DIM)).astype(np.float32), "grid_thw": (1, 4, 4),
                "targets": np.zeros(7, np.float32)} for _ in range(2)]  # the third slot stays empty
     row = pt.pack_row(images, 64)
     inputs = [row[k][None] for k in ("patches", "segment_ids", "hw")]
@@ -105,22 +106,29 @@ def test_pretrain_learns_and_the_omni_model_loads_its_tower(config, tmp_path):
     assert all(0 <= a <= 1 for attr in ("shape", "color") for a in written[attr].values())
 
     omni = config.copy_and_resolve_references()
-    omni.init_from, omni.init_from_include = str(tmp_path / "tower"), ("^vision/",)
-    tokenizer = get_tokenizer(omni)
-    model, tx, shapes = build.make_model_and_optimizer(omni, tokenizer)
+    omni.init_from_include = ("^vision/",)
+    fresh, loaded, tower = _load_tower_into_omni(omni, tmp_path)
+    for got, want in zip(jax.tree.leaves(loaded["vision"]), jax.tree.leaves(tower["vision"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # The LLM and the connector keep this run's fresh initialisation.
+    for name in ("llm", "connector"):
+        for got, want in zip(jax.tree.leaves(loaded[name]), jax.tree.leaves(fresh[name])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _load_tower_into_omni(omni, tmp_path):
+    """(fresh, loaded) omni params of a run with init_from = tmp_path/tower, and the tower's
+    checkpoint read with the omni model's layout."""
+    omni.init_from = str(tmp_path / "tower")
+    model, tx, shapes = build.make_model_and_optimizer(omni, get_tokenizer(omni))
     mesh = sharding.make_mesh(omni.mesh)
     state, abstract, shardings = train_step.create_train_state(model, tx, mesh, sharding.LOGICAL_AXIS_RULES,
                                                                shapes, seed=1)
     loaded = build.init_from_previous_stage(omni, str(tmp_path), state, abstract, shardings).params
     tower_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract.params, shardings.params)
-    tower, _ = checkpointing.load_params(tmp_path / "tower", tower_abstract, include=("^vision/",))
-    for got, want in zip(jax.tree.leaves(loaded["vision"]), jax.tree.leaves(tower["vision"])):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # The LLM and the connector keep this run's fresh initialisation.
-    for name in ("llm", "connector"):
-        for got, fresh in zip(jax.tree.leaves(loaded[name]), jax.tree.leaves(state.params[name])):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh))
+    tower, _ = checkpointing.load_params(tmp_path / "tower", tower_abstract, include=tuple(omni.init_from_include))
+    return state.params, loaded, tower
 
 
 def test_caption_token_prior_is_each_tokens_share_of_images():
@@ -205,7 +213,7 @@ def test_at_a_fixed_84_pixel_side_each_object_owns_exactly_its_grid_cells_token(
 
 def test_record_region_labels_line_up_with_the_packed_merged_tokens(config):
     tokenizer = get_tokenizer(config)
-    opts = op.VisionOptions.from_config(config)
+    opts = media_lib.VisionOptions.from_config(config)
     raws = [sw.encode_record(sw.make_record(0, "train", i, ("caption",))) for i in (1, 2)]
     images = [pt.CaptionedImage(tokenizer, 512, opts)(raw) for raw in raws]
     row = pt.pack_row(images, 128)
@@ -255,6 +263,12 @@ def test_pretrain_on_regions_learns_and_scores_its_region_head(config, tmp_path)
     assert last["bad_records"] == 0 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     written = json.loads((tmp_path / "tower" / "tower_eval.json").read_text())
     assert written["head"] == "regions" and sum(written["num_scenes"].values()) == 32
+    # The omni run of this config loads the region head where its connector plug-in reads it.
+    fresh, loaded, tower = _load_tower_into_omni(regions.copy_and_resolve_references(), tmp_path)
+    assert "connector_extras" in tower and "connector_extras" in loaded
+    for got, want, init in zip(*(jax.tree.leaves(p["connector_extras"]) for p in (loaded, tower, fresh))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert not np.array_equal(np.asarray(got), np.asarray(init)) or not np.any(np.asarray(init))
     with pytest.raises(ValueError, match="objective='words'"):
         regions.tower_pretrain.objective = "words"
         pt.pretrain(regions, str(tmp_path / "other"))

@@ -379,18 +379,19 @@ def test_video_motion_accuracy():
 def test_configs_with_different_tasks_get_their_own_files(tmp_path):
     """Two runs with different shapes-world settings must not rewrite each other's files."""
     import ml_collections
-    from m2omni_jax.data import omni_pipeline
+    from m2omni_jax.experiments.shapes_world import source
 
-    def config(tasks, num_train=4):
-        return ml_collections.ConfigDict({"data": {"dir": str(tmp_path), "seed": 0, "shapes_world": {
-            "dir": "", "num_train": num_train, "num_eval": 2, "tasks": tasks}}})
+    config = ml_collections.ConfigDict({"data": {"dir": str(tmp_path), "seed": 0}})
 
-    a, b = config(("caption", "ocr")), config(("ocr",))
-    assert omni_pipeline.shapes_world_dir(a) != omni_pipeline.shapes_world_dir(b)
-    assert omni_pipeline.shapes_world_dir(a) != omni_pipeline.shapes_world_dir(config(("caption", "ocr"), 5))
-    assert omni_pipeline.shapes_world_dir(a) == omni_pipeline.shapes_world_dir(config(("caption", "ocr")))
-    dir_a, _ = omni_pipeline.write_builtin_shapes_world(a)
+    def world(tasks, num_train=4):
+        return ml_collections.ConfigDict({"dir": "", "num_train": num_train, "num_eval": 2, "tasks": tasks})
+
+    a, b = world(("caption", "ocr")), world(("ocr",))
+    assert source.shapes_world_dir(config, a) != source.shapes_world_dir(config, b)
+    assert source.shapes_world_dir(config, a) != source.shapes_world_dir(config, world(("caption", "ocr"), 5))
+    assert source.shapes_world_dir(config, a) == source.shapes_world_dir(config, world(("caption", "ocr")))
+    dir_a, _ = source.write_builtin_shapes_world(config, a)
     first = wsw.open_split(dir_a, "train")[0]
-    omni_pipeline.write_builtin_shapes_world(b)
+    source.write_builtin_shapes_world(config, b)
     assert wsw.open_split(dir_a, "train")[0] == first
     assert not [f for f in os.listdir(dir_a) if ".tmp" in f]

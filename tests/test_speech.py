@@ -118,7 +118,7 @@ def test_speech_world_is_written_once(tmp_path):
     assert os.stat(path).st_mtime_ns == written  # cached
     speech.write_speech_world(str(tmp_path), seed=2, num_train=5, num_eval=2, progress=False)
     assert len(speech.open_speech_split(str(tmp_path), "train")) == 5  # another config: rewritten
-    with pytest.raises(ValueError, match="config.data.speech.tasks"):
+    with pytest.raises(ValueError, match="speech.tasks"):
         speech.write_speech_world(str(tmp_path), seed=2, num_train=4, num_eval=2, tasks=("tts",))
 
 

@@ -32,7 +32,7 @@ def test_mixtures_follow_the_recipe():
     for name in ("pt3", "it2", "it3"):
         assert share[name]["text"] == pytest.approx(0.25)
     assert share["pt3"]["audio"] > 0 and share["it3"]["audio"] > 0
-    assert "spoken_vqa" in stage("it3").data.speech.tasks  # IT3 adds audio QA
+    assert "spoken_vqa" in stage("it3").data.sources.shapes_world.speech.tasks  # IT3 adds audio QA
 
 
 def test_balance_strategy_and_frozen_towers_per_stage():

@@ -16,11 +16,13 @@ def tok(tmp_path_factory):
     return Tokenizer(train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "m"), 1024))
 
 
-def _config(tmp_path, **tokenizer):
+def _config(tmp_path, train_docs=300, train_chats=50, **tokenizer):
+    """The built-in tokenizer's sources: the text corpus's documents, then shapes-world chats."""
     return ml_collections.ConfigDict({
-        "data": {"seed": 0},
-        "tokenizer": {"path": "", "cache_dir": str(tmp_path), "vocab_size": 512, "train_docs": 300,
-                      "train_chats": 50, **tokenizer}})
+        "data": {"seed": 0, "dir": str(tmp_path), "sources": {
+            "text": {"kind": "text_corpus", "num_docs": 10, "tokenizer_docs": train_docs},
+            "shapes_world": {"kind": "shapes_world", "tasks": ("caption",), "tokenizer_chats": train_chats}}},
+        "tokenizer": {"path": "", "cache_dir": str(tmp_path), "vocab_size": 512, **tokenizer}})
 
 
 def test_reserved_ids(tok):

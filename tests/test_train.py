@@ -17,11 +17,12 @@ SMALL = [
     "--config.model.llm.width=64", "--config.model.llm.depth=2", "--config.model.llm.num_heads=4",
     "--config.model.llm.num_kv_heads=2", "--config.model.llm.head_dim=16",
     "--config.model.llm.mrope_sections=(2,3,3)", "--config.model.llm.mlp_dim=128",
-    "--config.data.num_text_docs=400", "--config.data.seq_len=64", "--config.train.batch_size=8",
+    "--config.data.sources.text.num_docs=400", "--config.data.seq_len=64", "--config.train.batch_size=8",
     "--config.tokenizer.vocab_size=512", "--config.model.llm.vocab_size=512",
-    "--config.tokenizer.train_docs=400", "--config.train.log_every=1", "--config.checkpoint.every=1000",
+    "--config.data.sources.text.tokenizer_docs=400", "--config.train.log_every=1", "--config.checkpoint.every=1000",
     "--config.model.audio.width=32", "--config.model.audio.depth=2", "--config.model.audio.mlp_dim=64",
-    "--config.data.speech.num_train=40", "--config.data.speech.num_eval=8", "--config.data.speech.cmvn_samples=20",
+    "--config.data.sources.shapes_world.speech.num_train=40", "--config.data.sources.shapes_world.speech.num_eval=8",
+    "--config.data.audio.cmvn_samples=20",
     # A constant LR after warmup, so a run's schedule does not depend on its length.
     "--config.opt.decay=constant", "--config.opt.warmup_steps=3", "--config.opt.peak_lr=1e-2",
 ]
@@ -75,7 +76,7 @@ def test_sigterm_then_resume_gives_bitwise_identical_losses(tmp_path):
 @pytest.mark.slow
 def test_tiny_config_trains_with_audio_and_reads_cmvn_back(tmp_path):
     data_dir, workdir = tmp_path / "data", tmp_path / "work"
-    small_world = ["--config.data.shapes_world.num_train=200", "--config.data.shapes_world.num_eval=50",
+    small_world = ["--config.data.sources.shapes_world.num_train=200", "--config.data.sources.shapes_world.num_eval=50",
                    "--config.data.seq_len=128"]  # room for a clip's 48 placeholders and its text
     first = run(train_command(workdir, data_dir, "--config.train.steps=3", *small_world))
     assert first.returncode == 0, first.stderr[-3000:]
@@ -96,7 +97,7 @@ def test_periodic_held_out_eval_is_logged_beside_the_losses(tmp_path):
     result = run(train_command(workdir, data_dir, "--config.train.steps=4", "--config.eval.every=2",
                                "--config.eval.num_samples=40", "--config.eval.periodic_num_samples=8",
                                "--config.eval.max_new_tokens=4",
-                               "--config.data.shapes_world.num_train=200", "--config.data.shapes_world.num_eval=50",
+                               "--config.data.sources.shapes_world.num_train=200", "--config.data.sources.shapes_world.num_eval=50",
                                "--config.model.audio.enabled=False", "--config.data.modality_weights.audio=0"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval at step 2 |" in result.stdout and "eval at step 4 |" in result.stdout
@@ -126,7 +127,7 @@ def base_config():
     ("train.loss_weights", {"imgae": 2.0}, "unknown modality 'imgae'"),
     ("model.llm.vocab_size", 100, "tokenizer.vocab_size=1024 exceeds"),
     ("model.audio.enabled", False, "'audio' weight 0.15, but config.model.audio.enabled=False"),
-    ("data.speech.clips_per_row", 0, "config.data.speech.clips_per_row=0 must be positive"),
+    ("data.audio.clips_per_row", 0, "config.data.audio.clips_per_row=0 must be positive"),
 ])
 def test_bad_config_fails_before_compiling(field, value, match):
     config = base_config()
@@ -153,10 +154,10 @@ def test_prepare_data_writes_the_world_its_overrides_name(tmp_path):
     from m2omni_jax.experiments.shapes_world import writer as write_shapes_world
     data_dir = tmp_path / "data"
     tasks = "('caption','vqa_shape','vqa_locate')"
-    proc = run([sys.executable, "-m", "m2omni_jax.prepare_data", f"--config={REPO}/configs/tiny.py:vqa",
-                f"--workdir={tmp_path}/unused", f"--config.data.dir={data_dir}", "--config.data.num_text_docs=200",
-                "--config.data.shapes_world.num_train=30", "--config.data.shapes_world.num_eval=8",
-                f"--config.data.shapes_world.tasks={tasks}"])
+    proc = run([sys.executable, "-m", "m2omni_jax.prepare_data", f"--config={REPO}/configs/experiments/shapes_world_vqa.py",
+                f"--workdir={tmp_path}/unused", f"--config.data.dir={data_dir}", "--config.data.sources.text.num_docs=200",
+                "--config.data.sources.shapes_world.num_train=30", "--config.data.sources.shapes_world.num_eval=8",
+                f"--config.data.sources.shapes_world.tasks={tasks}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     world = data_dir / "shapes_world" / write_shapes_world.dataset_key(0, 30, 8, eval(tasks))
     assert f"shapes_world: {world}" in proc.stdout

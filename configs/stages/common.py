@@ -4,6 +4,7 @@ A stage config is run as `--config=configs/stages/<stage>.py:<size>`, size one
 of `tiny` (CPU), `9b` (TPU v5p-64) or `72b` (TPU v5p-512).
 """
 from configs import m2omni_9b, m2omni_72b, tiny
+from m2omni_jax.experiments.shapes_world import source as shapes_world_source
 
 SIZES = {"tiny": tiny.get_config, "9b": m2omni_9b.get_config, "72b": m2omni_72b.get_config}
 # Steps per stage by size (the tiny pipeline runs end to end on a CPU in well under an hour).
@@ -28,6 +29,9 @@ def sized_config(size: str, stage: str, previous: str | None):
         raise ValueError(f"stage config argument must be one of {sorted(SIZES)}, got {size!r} "
                          f"(run as --config=configs/stages/{stage}.py:tiny)")
     config = SIZES[size]()
+    # Every size reads the built-in shapes world (tiny.py adds it; the large configs do not).
+    if "shapes_world" not in config.data.sources:
+        config.data.sources.shapes_world = shapes_world_source.default_config()
     config.model.kind = "omni"
     if size != "tiny":
         config.model.vision.update(LARGE_VISION)

@@ -13,10 +13,10 @@ from configs.stages import common
 def get_config(size="tiny"):
     config = common.sized_config(size, "it3", previous="it2")
     common.mixture(config, image=0.35, video=0.1, interleaved=0.1, audio=0.2, text=0.25)
-    config.data.shapes_world.tasks = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr",
+    config.data.sources.shapes_world.tasks = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr",
                                       "video_motion", "interleaved")
     config.balance.strategy = "dynamic"
-    config.data.speech.tasks = ("asr", "spoken_vqa", "spoken_scene_qa", "spoken_caption_qa")  # + audio QA
+    config.data.sources.shapes_world.speech.tasks = ("asr", "spoken_vqa", "spoken_scene_qa", "spoken_caption_qa")  # + audio QA
     config.balance.modalities = ("text", "image", "video", "interleaved", "audio")
     config.balance.dynamic.interval_steps = 10 if size == "tiny" else 500
     return config

@@ -11,7 +11,7 @@ from configs.stages import common
 def get_config(size="tiny"):
     config = common.sized_config(size, "pt1", previous=None)
     common.mixture(config, image=0.7, audio=0.3)  # image–text, OCR, audio–text (ASR)
-    config.data.shapes_world.tasks = ("caption", "ocr")
-    config.data.speech.tasks = ("asr",)
+    config.data.sources.shapes_world.tasks = ("caption", "ocr")
+    config.data.sources.shapes_world.speech.tasks = ("asr",)
     config.opt.frozen = common.FREEZE_LLM
     return config

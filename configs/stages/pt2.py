@@ -10,5 +10,5 @@ from configs.stages import common
 def get_config(size="tiny"):
     config = common.sized_config(size, "pt2", previous="pt1")
     common.mixture(config, image=0.85, text=0.15)
-    config.data.shapes_world.tasks = ("caption", "ocr", "vqa_color", "vqa_shape")
+    config.data.sources.shapes_world.tasks = ("caption", "ocr", "vqa_color", "vqa_shape")
     return config

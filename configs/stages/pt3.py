@@ -14,8 +14,8 @@ from configs.stages import common
 def get_config(size="tiny"):
     config = common.sized_config(size, "pt3", previous="pt2")
     common.mixture(config, text=0.25, image=0.3, video=0.15, interleaved=0.15, audio=0.15)
-    config.data.shapes_world.tasks = ("caption", "ocr", "vqa_color", "vqa_shape", "video_motion", "interleaved")
+    config.data.sources.shapes_world.tasks = ("caption", "ocr", "vqa_color", "vqa_shape", "video_motion", "interleaved")
     config.balance.strategy = "step"
-    config.data.speech.tasks = ("asr", "spoken_caption_qa")
+    config.data.sources.shapes_world.speech.tasks = ("asr", "spoken_caption_qa")
     config.balance.modalities = ("text", "image", "video", "interleaved", "audio")
     return config

@@ -15,8 +15,18 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+import collections
+
 import grain
 import numpy as np
+
+
+def summed_stats(iterators: Mapping[str, grain.DatasetIterator]) -> dict[str, int]:
+    """The modality iterators' running totals (`pipeline.StatsIterator.stats`), summed."""
+    total = collections.Counter()
+    for it in iterators.values():
+        total.update(getattr(it, "stats", {}))
+    return dict(total)
 
 
 class StackedModalityBatches(grain.DatasetIterator):
@@ -30,6 +40,10 @@ class StackedModalityBatches(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         batches = [next(self._iterators[m]) for m in self.modalities]
         return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return summed_stats(self._iterators)
 
     def get_state(self) -> dict:
         return {m: it.get_state() for m, it in self._iterators.items()}
@@ -52,6 +66,10 @@ class PickedModalityBatches(grain.DatasetIterator):
         modality = self._pick(self._step)
         self._step += 1
         return next(self._iterators[modality])
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return summed_stats(self._iterators)
 
     def get_state(self) -> dict:
         return {"step": self._step, "iterators": {m: it.get_state() for m, it in self._iterators.items()}}

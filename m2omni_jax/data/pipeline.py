@@ -1,6 +1,7 @@
-"""grain input pipeline for text: ArrayRecord → shard → shuffle → tokenise → pack → batch.
+"""grain input pipeline for text: records → shard → shuffle → tokenise → pack → batch.
 
-    ArrayRecordDataSource → MapDataset.source → [process_index::process_count]
+    the text parts of config.data.sources (`sources/`; or ArrayRecord files of JSON /
+    msgpack text records) → [process_index::process_count]
     → shuffle(seed) → repeat → tokenise (bad records → marker) → to_iter_dataset
     → drop bad records (counted) → grain FirstFitPackIterDataset(seq_len)
     → per-row finalise → batch(local batch) → [mp_prefetch] → running stats
@@ -23,49 +24,22 @@ checkpoint restore.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 from absl import flags
 import grain
 import jax
-import ml_collections
 import numpy as np
 
-from m2omni_jax.experiments.shapes_world import text_corpus
+from m2omni_jax.data import records as records_lib
+from m2omni_jax.data import sources
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.parallel.sharding import batch_sharding
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "modality")
 _SEQ_KEYS = ("tokens", "targets", "loss_mask", "modality")  # packed by grain
-_COUNT_KEYS = ("num_bad_records", "num_truncated")  # per-sample counts, summed per batch
-_BAD = "bad_record"
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults for every `config.data.*` / `config.tokenizer.*` key this module reads.
-
-    Also read: `config.train.batch_size` (the GLOBAL batch).
-    """
-    return ml_collections.ConfigDict({
-        "data": {
-            "dir": "~/.cache/m2omni_jax/data",  # the built-in corpus goes to <dir>/text
-            "num_text_docs": 20000,
-            "num_shards": 4,
-            "seed": 0,
-            "seq_len": 256,
-            "packing_bins": 0,  # first-fit bins; 0 = max(16, local batch)
-            "num_workers": 0,  # grain worker processes (0 = in-process)
-            "read_threads": 2,  # threads reading + tokenising per process
-        },
-        "tokenizer": {
-            "path": "",  # a user's SentencePiece .model; "" = built-in, trained once and cached
-            "cache_dir": "",  # "" = ~/.cache/m2omni_jax/tokenizer
-            "vocab_size": 1024,
-            "train_docs": 4000,
-            "train_chats": 600,  # + chats of this many shapes-world records (tokenizer.py)
-        },
-    })
+COUNT_KEYS = ("num_bad_records", "num_truncated")  # per-sample counts, summed per batch
+BAD_RECORD = records_lib.BAD_RECORD
 
 
 # ----------------------------------------------------------------------------- records
@@ -74,7 +48,7 @@ def default_data_config() -> ml_collections.ConfigDict:
 def make_record_dataset(paths: Sequence[str], *, seed: int, process_index: int = 0,
                         process_count: int = 1, shuffle: bool = True) -> grain.MapDataset:
     """This process's shard of the raw records (bytes), shuffled; not repeated."""
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))
+    ds = grain.MapDataset.source(sources.ArrayRecordFiles(list(paths)))
     ds = ds[process_index::process_count]
     return ds.shuffle(seed) if shuffle else ds
 
@@ -104,19 +78,22 @@ def make_sample(ids: Sequence[int], mask: Sequence[int], modality: int, seq_len:
 
 
 class TokenizeRecord:
-    """Record bytes → sample dict, or `{_BAD: 1}` when the record cannot be decoded."""
+    """A text record (a dict, or its bytes: `records.decode_record`) → sample dict, or the
+    bad-record marker when it cannot be read."""
 
     def __init__(self, tokenizer, seq_len: int):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
 
-    def __call__(self, raw: bytes) -> dict:
+    def __call__(self, record: dict | bytes) -> dict:
+        if isinstance(record, dict) and records_lib.is_bad(record):
+            return record
         try:
-            doc = text_corpus.decode_record(raw)
+            doc = records_lib.decode_record(record) if isinstance(record, bytes) else record
             ids, mask = _doc_ids(doc, self.tokenizer)
             modality = modality_id(doc.get("modality", "text"))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return {_BAD: 1}
+        except records_lib.READ_ERRORS:
+            return records_lib.bad_record()
         return make_sample(ids, mask, modality, self.seq_len)
 
 
@@ -158,7 +135,7 @@ class _SkipBadIterator(grain.DatasetIterator):
         skipped = 0
         while True:
             element = next(self._parent)
-            if _BAD in element:
+            if BAD_RECORD in element:
                 skipped += 1
                 continue
             element["num_bad_records"] = skipped
@@ -171,7 +148,9 @@ class _SkipBadIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-class _SkipBadDataset(grain.IterDataset):
+class SkipBadDataset(grain.IterDataset):
+    """Drops bad-record markers, counting them into the next good sample's `num_bad_records`."""
+
     def __iter__(self):
         return _SkipBadIterator(self._parent.__iter__())
 
@@ -205,7 +184,9 @@ class StatsIterator(grain.DatasetIterator):
         self._stats = dict(state["stats"])
 
 
-class _StatsDataset(grain.IterDataset):
+class StatsDataset(grain.IterDataset):
+    """The top of a pipeline: iterating it gives a `StatsIterator`."""
+
     def __iter__(self):
         return StatsIterator(self._parent.__iter__())
 
@@ -216,7 +197,7 @@ def _finalize_row(row: dict) -> dict:
     out = {k: row[k] for k in _SEQ_KEYS}
     out["segment_ids"] = row["tokens_segment_ids"]
     out["positions"] = np.repeat(positions[None], 3, axis=0)
-    for k in _COUNT_KEYS:
+    for k in COUNT_KEYS:
         out[k] = np.int32(sum(row[k]))
     return out
 
@@ -224,52 +205,50 @@ def _finalize_row(row: dict) -> dict:
 # ----------------------------------------------------------------------------- pipeline
 
 
-def make_text_dataset(paths: Sequence[str], tokenizer, *, seq_len: int, batch_size: int, seed: int,
+def make_text_dataset(paths: Sequence[str] | grain.MapDataset, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                       process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
                       packing_bins: int = 0, num_workers: int = 0, read_threads: int = 2,
                       loss_averaging_power: float = 0.0) -> grain.IterDataset:
-    """Packed, batched text pipeline over ArrayRecord `paths`; iterate it for `StatsIterator`s.
+    """Packed, batched text pipeline over ArrayRecord `paths` (or a MapDataset of records);
+    iterate it for `StatsIterator`s.
 
     `batch_size` is this process's batch. `num_epochs=None` repeats forever
     (reshuffled each epoch); a finite run drops the last partial batch.
     `loss_averaging_power`: see LOSS_AVERAGING.
     """
-    ds = make_record_dataset(paths, seed=seed, process_index=process_index, process_count=process_count)
+    if isinstance(paths, grain.MapDataset):
+        ds = paths[process_index::process_count].shuffle(seed)
+    else:
+        ds = make_record_dataset(paths, seed=seed, process_index=process_index, process_count=process_count)
     ds = ds.repeat(num_epochs).map(TokenizeRecord(tokenizer, seq_len))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
-    it = _SkipBadDataset(it).map(WeighSampleLoss(loss_averaging_power))
+    it = SkipBadDataset(it).map(WeighSampleLoss(loss_averaging_power))
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={k: seq_len for k in _SEQ_KEYS},
         num_packing_bins=packing_bins or max(16, batch_size), seed=seed,
-        shuffle_bins=True, meta_features=_COUNT_KEYS)
+        shuffle_bins=True, meta_features=COUNT_KEYS)
     it = it.map(_finalize_row).batch(batch_size, drop_remainder=True)
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
             flags.FLAGS.mark_as_parsed()  # they are never parsed, so use the defaults
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return _StatsDataset(it)
+    return StatsDataset(it)
 
 
-HELDOUT_SEED_OFFSET = 7919  # the held-out corpus is generated from another seed
-
-
-def builtin_text_files(config, split: str = "train") -> list[str]:
-    """Writes (once) and returns the built-in corpus files of `split` ("train" or "eval")."""
-    data = config.data
-    if split not in ("train", "eval"):
-        raise ValueError(f"text corpus split must be 'train' or 'eval', got {split!r}")
-    if split == "eval":
-        out_dir = os.path.join(os.path.expanduser(data.dir), "text_eval")
-        return text_corpus.write_text_corpus(out_dir, max(int(data.num_text_docs) // 20, 200),
-                                             int(data.seed) + HELDOUT_SEED_OFFSET, 1)
-    out_dir = os.path.join(os.path.expanduser(data.dir), "text")
-    return text_corpus.write_text_corpus(out_dir, int(data.num_text_docs), int(data.seed),
-                                         int(data.get("num_shards", 4)))
+def text_records(config, split: str = "train") -> grain.MapDataset:
+    """The records of the configured sources' text parts (mixed by their weights when several)."""
+    parts = [part for part in sources.parts(config, split).values() if part.modality == "text"]
+    if not parts:
+        raise ValueError(f"config.data.sources ({sorted(config.data.sources)}) have no text part in split "
+                         f"{split!r}; model.kind='llm' reads text only")
+    if len(parts) == 1:
+        return parts[0].records()
+    return grain.MapDataset.mix([p.records() for p in parts], [p.weight for p in parts])
 
 
 def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
                         process_count: int | None = None) -> StatsIterator:
-    """Infinite training iterator over the built-in corpus for this process.
+    """Infinite training iterator over the configured text sources for this process.
 
     Yields this process's batch (global `config.train.batch_size` / process
     count); `get_state()`/`set_state()` resume on exactly the same samples.
@@ -282,7 +261,7 @@ def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
                          f"{process_count} processes")
     data = config.data
     ds = make_text_dataset(
-        builtin_text_files(config, data.get("split", "train")), tokenizer, seq_len=int(data.seq_len),
+        text_records(config, data.get("split", "train")), tokenizer, seq_len=int(data.seq_len),
         batch_size=global_batch // process_count, seed=int(data.seed),
         process_index=process_index, process_count=process_count, num_epochs=None,
         packing_bins=int(data.get("packing_bins", 0)), num_workers=int(data.get("num_workers", 0)),

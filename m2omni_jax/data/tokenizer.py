@@ -9,14 +9,16 @@ separately concatenate to the same text.
 from __future__ import annotations
 
 import glob
-import itertools
+import hashlib
 import os
 import uuid
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from m2omni_jax.experiments.shapes_world import text_corpus
+from m2omni_jax import faults
+from m2omni_jax.data import records as records_lib
+from m2omni_jax.data import sources
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -32,8 +34,6 @@ SPECIAL_TOKENS = MODALITY_TOKENS + CHAT_TOKENS
 
 DEFAULT_VOCAB_SIZE = 1024
 DEFAULT_CACHE_DIR = "~/.cache/m2omni_jax/tokenizer"
-DEFAULT_TRAIN_DOCS = 4000
-DEFAULT_TRAIN_CHATS = 600  # shapes-world records whose chats the built-in tokenizer also sees
 
 
 class Tokenizer:
@@ -46,7 +46,11 @@ class Tokenizer:
             with open(model_path, "rb") as f:
                 model_proto = f.read()
         self.path = model_path
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:  # sentencepiece's message names neither the file nor the problem
+            raise faults.RunError(f"tokenizer {model_path or '<proto>'} is not a SentencePiece model "
+                                  f"({' '.join(str(e).split())})") from e
         missing = [t for t in SPECIAL_TOKENS if not self._is_single_piece(t)]
         if missing:
             raise ValueError(
@@ -120,25 +124,18 @@ class Tokenizer:
                 + [self._special["<|end_header_id|>"]] + self.encode("\n\n"))
 
 
-def training_text(doc: dict) -> str:
-    """A corpus document as tokenizer-training text; chats rendered in the template's format."""
-    if "text" in doc:
-        return doc["text"]
-    return "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
-                   for m in doc["messages"])
+training_text = records_lib.training_text  # a record as tokenizer-training text
 
 
 def _corpus_texts(path: str) -> Iterable[str]:
     """Texts of a corpus directory (its *.array_record files) or one ArrayRecord file."""
-    from array_record.python.array_record_data_source import ArrayRecordDataSource
-
     files = sorted(glob.glob(os.path.join(path, "*.array_record"))) if os.path.isdir(path) else [path]
     if not files:
         raise FileNotFoundError(f"no *.array_record files in {path!r}")
-    source = ArrayRecordDataSource(files)
+    source = sources.ArrayRecordFiles(files)  # a damaged record reads as b"", skipped below
     for i in range(len(source)):
         try:
-            yield training_text(text_corpus.decode_record(source[i]))
+            yield training_text(records_lib.decode_record(source[i]))
         except (ValueError, KeyError, TypeError):
             continue
 
@@ -148,7 +145,7 @@ def train_tokenizer(texts_or_corpus_path: Iterable[str] | str | os.PathLike, mod
     """Trains a SentencePiece model; returns the path `model_prefix + '.model'`.
 
     `texts_or_corpus_path` is an iterable of strings, or a corpus directory /
-    ArrayRecord file in the `text_corpus` record format. The model is written
+    ArrayRecord file of text records (`records.py`). The model is written
     under a temporary name and renamed, so readers never see a partial file.
     """
     if isinstance(texts_or_corpus_path, (str, os.PathLike)):
@@ -187,25 +184,12 @@ def _get(cfg, key, default):
     return default if value is None else value
 
 
-def shapes_world_chats(num_chats: int, seed: int) -> Iterable[str]:
-    """The chats of the first `num_chats` shapes-world training records (all tasks), as
-    tokenizer-training text: one-word answers ("yellow", "2") open an assistant turn
-    with no space before them, a form the text corpus never has (its answers are
-    sentences). Without these the built-in tokenizer splits them ("y" + "ellow",
-    "bl" + "ue" / "bl" + "ack"), so VQA answers share no tokens with the captions'
-    " yellow" and the colour names share first tokens."""
-    from m2omni_jax.experiments.shapes_world import world as shapes_world
-
-    for index in range(num_chats):
-        yield training_text({"messages": shapes_world.make_record(seed, "train", index)["messages"]})
-
-
 def get_tokenizer(config) -> Tokenizer:
     """The user's model (`config.tokenizer.path`), or the built-in one, trained once and cached.
 
-    The built-in model is trained on `config.tokenizer.train_docs` documents of
-    the shapes corpus plus the chats of `config.tokenizer.train_chats` shapes-world
-    records (seed `config.data.seed`) into `config.tokenizer.cache_dir`.
+    The built-in model is trained on the texts the configured sources give
+    (`sources.tokenizer_texts`: e.g. a corpus's first documents and a data set's chats,
+    in config order) into `config.tokenizer.cache_dir`, under a name that hashes them.
     """
     tok_cfg = config.get("tokenizer") if hasattr(config, "get") else None
     path = _get(tok_cfg, "path", "")
@@ -215,14 +199,10 @@ def get_tokenizer(config) -> Tokenizer:
             raise FileNotFoundError(f"config.tokenizer.path = {path!r} does not exist")
         return Tokenizer(path)
     vocab_size = int(_get(tok_cfg, "vocab_size", DEFAULT_VOCAB_SIZE))
-    num_docs = int(_get(tok_cfg, "train_docs", DEFAULT_TRAIN_DOCS))
-    num_chats = int(_get(tok_cfg, "train_chats", DEFAULT_TRAIN_CHATS))
-    seed = int(_get(config.get("data") if hasattr(config, "get") else None, "seed", 0))
+    key, texts = sources.tokenizer_texts(config)
     cache_dir = os.path.expanduser(_get(tok_cfg, "cache_dir", "") or DEFAULT_CACHE_DIR)
-    prefix = os.path.join(cache_dir, f"shapes-v{text_corpus.VERSION}-bpe{vocab_size}-seed{seed}-docs{num_docs}"
-                                     f"-chats{num_chats}")
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    prefix = os.path.join(cache_dir, f"bpe{vocab_size}-{digest}")
     if not os.path.exists(prefix + ".model"):
-        texts = itertools.chain(map(training_text, text_corpus.iter_documents(num_docs, seed)),
-                                shapes_world_chats(num_chats, seed))
         train_tokenizer(texts, prefix, vocab_size)
     return Tokenizer(prefix + ".model")

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from m2omni_jax.config_fields import dataclass_from_config
+from m2omni_jax.models import layers
 from m2omni_jax.models.connectors import LinearConnector
 from m2omni_jax.models.layers import (LayerNorm, MergeHeads, SplitHeads, kernel_init, maybe_remat,
                                      to_dtype, zeros_init)
@@ -52,8 +52,10 @@ class AudioConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan: bool = True
+    attention_implementation: str = layers.DEFAULT_ATTENTION  # see layers.ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
+        layers.check_attention_implementation(self.attention_implementation, "model.audio.attention_implementation")
         if self.width % self.num_heads:
             raise ValueError(f"audio width {self.width} must be a multiple of num_heads {self.num_heads}")
         if self.depth < 1:
@@ -125,13 +127,9 @@ class FSMNMemory(nn.Module):
         return (memory + values) * mask
 
 
-def masked_attention(q, k, v, frame_mask):
+def masked_attention(q, k, v, frame_mask, implementation: str = layers.DEFAULT_ATTENTION):
     """Softmax attention in fp32 over the valid keys; q, k, v (B, T, heads, head_dim)."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * q.shape[-1] ** -0.5
-    logits = jnp.where(frame_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return layers.dot_product_attention(q, k, v, frame_mask[:, None, None, :], implementation=implementation)
 
 
 class SANMAttention(nn.Module):
@@ -145,7 +143,8 @@ class SANMAttention(nn.Module):
         project = lambda name: SplitHeads(cfg.num_heads, cfg.head_dim, use_bias=True,  # noqa: E731
                                           name=name, **dtypes)(x)
         q, k, v = (nn.with_logical_constraint(project(n), ACTIVATION_HEADS) for n in ("query", "key", "value"))
-        attended = nn.with_logical_constraint(masked_attention(q, k, v, frame_mask), ACTIVATION_HEADS)
+        attended = masked_attention(q, k, v, frame_mask, cfg.attention_implementation)
+        attended = nn.with_logical_constraint(attended, ACTIVATION_HEADS)
         memory = FSMNMemory(cfg.fsmn_kernel, cfg.fsmn_shift, name="fsmn", dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype)(v, frame_mask)
         # Both constraints matter: without them XLA's SPMD partitioner (jax 0.10.2,

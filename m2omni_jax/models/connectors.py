@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2omni_jax.models.layers import LayerNorm, kernel_init, to_dtype, zeros_init
-from m2omni_jax.models.layers import MergeHeads, SplitHeads
+from m2omni_jax.models.layers import DEFAULT_ATTENTION, MergeHeads, SplitHeads, dot_product_attention
 
 CONNECTOR_KINDS = ("linear", "avg_pool", "attn_pool", "c_abstractor")
 
@@ -145,6 +145,7 @@ class AttnPoolConnector(nn.Module):
     num_heads: int = 8
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_implementation: str = DEFAULT_ATTENTION  # models/layers.py: dot_product_attention
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -162,11 +163,9 @@ class AttnPoolConnector(nn.Module):
         q = SplitHeads(self.num_heads, head_dim, use_bias=True, name="query", **dtypes)(queries)
         k = SplitHeads(self.num_heads, head_dim, use_bias=True, name="key", **dtypes)(x)
         v = SplitHeads(self.num_heads, head_dim, use_bias=True, name="value", **dtypes)(x)
-        logits = jnp.einsum("qhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
-        if mask is not None:
-            logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        pooled = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        q = jnp.broadcast_to(q, (x.shape[0],) + q.shape)
+        pooled = dot_product_attention(q, k, v, None if mask is None else mask[:, None, None, :],
+                                       implementation=self.attention_implementation)
         return MergeHeads(self.out_width, use_bias=True, name="out", **dtypes)(pooled)
 
 
@@ -229,7 +228,8 @@ class CAbstractor(nn.Module):
 
 def make_connector(kind: str, out_width: int, num_tokens: int | None = None, *, mlp: bool = False,
                    hidden_width: int | None = None, num_heads: int = 8, depth: int = 3,
-                   dtype: str = "float32", param_dtype: str = "float32") -> nn.Module:
+                   dtype: str = "float32", param_dtype: str = "float32",
+                   attention_implementation: str = DEFAULT_ATTENTION) -> nn.Module:
     """Builds the connector named by `kind` (one of CONNECTOR_KINDS).
 
     `num_tokens` (k) is required for the pooling connectors; for `linear` it is
@@ -247,5 +247,6 @@ def make_connector(kind: str, out_width: int, num_tokens: int | None = None, *, 
     if kind == "avg_pool":
         return AvgPoolConnector(out_width, num_tokens, **dtypes)
     if kind == "attn_pool":
-        return AttnPoolConnector(out_width, num_tokens, num_heads, **dtypes)
+        return AttnPoolConnector(out_width, num_tokens, num_heads, **dtypes,
+                                 attention_implementation=attention_implementation)
     return CAbstractor(out_width, num_tokens, hidden_width, depth, **dtypes)

@@ -43,6 +43,7 @@ class LLMConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "full"  # see layers.REMAT_POLICIES
+    attention_implementation: str = layers.DEFAULT_ATTENTION  # see layers.ATTENTION_IMPLEMENTATIONS
     scan_layers: bool = True
     # Mixture of experts [MM1, as we read it]; 0 experts = dense. The last layer
     # of every `moe_every` is MoE (2: layers 1, 3, 5, ...). See models/moe.py.
@@ -60,6 +61,7 @@ class LLMConfig:
         if sum(self.mrope_sections) * 2 != self.head_dim:
             raise ValueError(f"model.llm.mrope_sections={tuple(self.mrope_sections)} must sum to "
                              f"head_dim/2={self.head_dim // 2}")
+        layers.check_attention_implementation(self.attention_implementation, "model.llm.attention_implementation")
         if self.mrope_layout not in rope.MROPE_LAYOUTS:
             raise ValueError(f"model.llm.mrope_layout={self.mrope_layout!r}; use one of {rope.MROPE_LAYOUTS}")
         if self.moe_num_experts and not 0 < self.moe_top_k <= self.moe_num_experts:
@@ -96,22 +98,10 @@ def _dtypes(config: LLMConfig):
 
 
 def attention_mask(q_segments, k_segments, q_index, k_index):
-    """Causal and same-segment: (B, 1, 1, Lq, Lk) boolean."""
+    """Causal and same-segment: (B, 1, Lq, Lk) boolean, one mask for every head."""
     same_segment = q_segments[:, :, None] == k_segments[:, None, :]
     causal = q_index[:, :, None] >= k_index[:, None, :]
-    return (same_segment & causal)[:, None, None, :, :]
-
-
-def grouped_query_attention(q, k, v, mask):
-    """q (B,L,H,D), k/v (B,S,K,D) with H = K·G; mask (B,1,1,L,S) -> (B,L,H,D)."""
-    batch, length, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
-    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * head_dim ** -0.5
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(batch, length, num_heads, head_dim)
+    return (same_segment & causal)[:, None, :, :]
 
 
 class Attention(nn.Module):
@@ -136,7 +126,7 @@ class Attention(nn.Module):
             mask = attention_mask(segment_ids, k_segments, q_index, k_index)
         else:
             mask = attention_mask(segment_ids, segment_ids, positions, positions)
-        out = grouped_query_attention(q, k, v, mask)
+        out = layers.dot_product_attention(q, k, v, mask, implementation=cfg.attention_implementation)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         return layers.MergeHeads(cfg.width, name="out", **_dtypes(cfg))(out)
 

@@ -23,6 +23,12 @@ s·k + k - 1 of the row. So an image's tokens do not depend on the padding or
 on the other images of its pack, and the shapes stay static.
 `output_scale` multiplies the connector's tokens in every kind.
 
+An experiment can add inputs of its own without core fields: a `ConnectorExtras`
+module (`OmniModel.connector_extras`, chosen by name with `model.connector.extras`
+from the plug-ins registered with `register_connector_extras`) sees the merged
+tokens and the LLM's token embedding table, and returns features concatenated to
+the connector's input and / or added to its output tokens.
+
 Audio goes the same way, with a second `scatter_features` call and its own
 placeholder id (`<audioPatch>`): a row holds `clips_per_row` clip slots of
 fixed size, audio_features (B, C, F, 560) LFR+CMVN frames and audio_lengths
@@ -32,32 +38,31 @@ into exactly `num_audio_tokens` tokens (those past the audio are the LLM's
 its N tokens, clip after clip in row order. The audio tower exists only when
 `OmniConfig.audio` is set (`config.model.audio.enabled`).
 
-Parameters live under `llm/`, `vision/`, `connector/` and `audio/`, so a tower
-is frozen by an `opt.frozen` path regex such as `^vision/` or `^audio/`.
+Parameters live under `llm/`, `vision/`, `connector/`, `audio/` (and a plug-in's under
+`connector_extras/`), so a tower is frozen by an `opt.frozen` path regex such as
+`^vision/` or `^audio/`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models.audio import AudioConfig, AudioEncoder
 from m2omni_jax.models.connectors import CONNECTOR_KINDS, grid_mask, make_connector
 from m2omni_jax.models.layers import fourier_features, kernel_init, zeros_init  # noqa: F401 (re-exported)
 from m2omni_jax.models.llm import LLM, LLMConfig
-from m2omni_jax.models.vision import RegionHead, VisionConfig, VisionEncoder, region_tags, training_flops_per_pack
+from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
 
 VISION_KEYS = ("vision_patches", "vision_segment_ids", "vision_hw")
 AUDIO_KEYS = ("audio_features", "audio_lengths")
 MEDIA_KEYS = VISION_KEYS + AUDIO_KEYS  # the model's media inputs; a batch has the audio keys when audio is on
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
-POSITION_PLACEMENTS = ("input", "output")  # ConnectorConfig.position_placement
 SEGMENT_GRID = ("activation_batch", None, None, None, "activation_embed")  # (B, S, Hmax, Wmax, D)
 
 
@@ -74,31 +79,19 @@ class ConnectorConfig:
     # would then be drowned in the residual stream after one layer. The MM1 connectors
     # are not normalised (as in MM1); the scale multiplies their output all the same.
     output_scale: float = 1.0
-    # > 0 [ours]: add Fourier features of each token's fractional (row, col) in its image,
-    # projected, before the connector (what the interpolated absolute position embeddings
-    # of CLIP/SigLIP ViTs give). The NaViT's 2-D RoPE is relative only, and M-RoPE's
-    # height/width ids rotate too slowly in a tiny model to tell "top left" from "center".
+    # > 0 [ours]: add Fourier features of each token's fractional (row, col) in its image
+    # (pooling kinds: of each pooled-grid cell's place), through a zero-initialised
+    # projection, to the LLM-width tokens after the L2 norm and the scale (what the
+    # interpolated absolute position embeddings of CLIP/SigLIP ViTs give). The NaViT's 2-D
+    # RoPE is relative only, and M-RoPE's height/width ids rotate too slowly in a tiny model
+    # to tell "top left" from "center". After the norm and from zero, so empty background
+    # tokens start empty: added before the connector, every background token became a
+    # full-norm position vector and an object's colour a small tilt of it.
     position_frequencies: int = 0
-    # Where those features go [ours]. "input": added to the connector's input, as above.
-    # "output": added to the LLM-width tokens after the L2 norm and the scale, through a
-    # zero-initialised projection (pooling kinds: of each pooled-grid cell's place). With "input" every background token
-    # becomes a full-norm position vector after the L2 norm, and an object's colour is a
-    # small tilt of it (shapes world from scratch: colour VQA at chance after 300 steps);
-    # with "output" empty tokens start empty and position is added only as it is learned.
-    position_placement: str = "input"
-    # Non-empty [ours; "linear" only]: the classes per attribute of a region head on the
-    # tower (m2omni-pretrain-tower's "regions" objective: pretrain_tower.REGION_CLASSES).
-    # Its per-attribute softmax ("tags": each token's predicted shape, colour, size and
-    # position) is concatenated to the merged tokens before the connector, as detector
-    # object tags are fed with region features (Oscar, VinVL). Load and freeze
-    # ^region_head/ with the tower.
-    region_classes: tuple[int, ...] = ()
-    # [ours; with region_classes] + each token's tags as words: the LLM's own embeddings of
-    # the class names ("circle", "red", "small", "top left"), weighted by the tags, added to
-    # the token after the connector. The image token then carries the very vectors a
-    # question's words have, so finding "the circle" is matching a word (Oscar's object tags
-    # fed as text); the class names come from OmniConfig.region_word_ids.
-    region_words: bool = False
+    # [ours] The name of a registered connector plug-in (`register_connector_extras`; an
+    # experiment registers its own) that adds features per merged token; "" = none. The
+    # plug-in's own settings live in its experiment's config section. "linear" only.
+    extras: str = ""
     # The pooling kinds only (ignored by "linear"):
     num_tokens: int = 64  # k per image / video frame-pair segment [MM1: 64 or 144]; a square for grids
     # S: image / frame-pair segments one row's patch pack holds (static; the pipeline skips,
@@ -112,18 +105,11 @@ class ConnectorConfig:
     num_heads: int = 8  # attn_pool heads; must divide model.vision.out_width
 
     def __post_init__(self):
-        object.__setattr__(self, "region_classes", tuple(int(n) for n in self.region_classes))
-        if self.region_classes and (self.kind != "linear" or min(self.region_classes) < 2):
-            raise ValueError(f"model.connector.region_classes={self.region_classes} needs kind='linear' "
-                             f"(not {self.kind!r}) and at least 2 classes per attribute")
-        if self.region_words and not self.region_classes:
-            raise ValueError("model.connector.region_words=True needs model.connector.region_classes "
-                             "(the region head whose tags it embeds)")
         if self.kind not in CONNECTOR_KINDS:
             raise ValueError(f"model.connector.kind={self.kind!r}; use one of {CONNECTOR_KINDS}")
-        if self.position_placement not in POSITION_PLACEMENTS:
-            raise ValueError(f"model.connector.position_placement={self.position_placement!r}; "
-                             f"use one of {POSITION_PLACEMENTS}")
+        if self.extras and self.pools:
+            raise ValueError(f"model.connector.extras={self.extras!r} adds features per merged token: "
+                             f"it needs kind='linear', not {self.kind!r}")
         if not self.pools:
             return
         field = "model.connector"
@@ -165,9 +151,6 @@ class OmniConfig:
     audio_output_scale: float = 1.0
     audio_placeholder_id: int = -1  # <audioPatch>
     end_of_audio_id: int = -1  # <end_of_audio>: its LLM embedding fills the tokens past a clip
-    # connector.region_words: per region class (in region_classes order, background
-    # included), the token ids of its name; () for background (no word).
-    region_word_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         connector = self.connector
@@ -180,7 +163,7 @@ class OmniConfig:
 
     @classmethod
     def from_config(cls, model_cfg, placeholder_ids, *, audio_placeholder_id: int = -1,
-                    end_of_audio_id: int = -1, region_word_ids=()) -> "OmniConfig":
+                    end_of_audio_id: int = -1) -> "OmniConfig":
         """From `config.model` (llm, vision, connector, audio sections), naming unknown fields."""
         llm = LLMConfig.from_config(model_cfg.llm)
         audio, audio_output_scale = audio_from_config(model_cfg.get("audio"), llm.width)
@@ -189,8 +172,7 @@ class OmniConfig:
                    connector=dataclass_from_config(ConnectorConfig, model_cfg.connector, "model.connector"),
                    placeholder_ids=tuple(int(i) for i in placeholder_ids), audio=audio,
                    audio_output_scale=audio_output_scale, audio_placeholder_id=int(audio_placeholder_id),
-                   end_of_audio_id=int(end_of_audio_id),
-                   region_word_ids=tuple(tuple(int(i) for i in ids) for ids in region_word_ids))
+                   end_of_audio_id=int(end_of_audio_id))
 
 
 def audio_from_config(audio_cfg, llm_width: int) -> tuple[AudioConfig | None, float]:
@@ -208,9 +190,24 @@ def audio_from_config(audio_cfg, llm_width: int) -> tuple[AudioConfig | None, fl
     return (audio if enabled else None), scale
 
 
+MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision (+ audio) towers
+
+
+def model_kind(config) -> str:
+    """config.model.kind, checked: the one place a run's model kind is read."""
+    kind = config.model.get("kind", "llm")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r}; use one of {MODEL_KINDS}")
+    return kind
+
+
+def is_omni(config) -> bool:
+    return model_kind(config) == "omni"
+
+
 def audio_enabled(config) -> bool:
     """Whether an experiment config has the audio tower (omni model, `model.audio.enabled`)."""
-    return config.model.get("kind", "llm") == "omni" and bool(config.model.get("audio", {}).get("enabled", False))
+    return is_omni(config) and bool(config.model.get("audio", {}).get("enabled", False))
 
 
 def merged_positions(vision_hw, merge_size: int = 2):
@@ -275,9 +272,59 @@ def scatter_features(embeddings, is_placeholder, features, feature_valid):
     return jnp.where(has_feature[..., None], gathered, embeddings)
 
 
+class ConnectorExtras(nn.Module):
+    """The plug-in point of the vision connector [ours]: what an experiment adds per merged
+    token without fields in the core (e.g. a tower head's per-token labels; see
+    `m2omni_jax/experiments/`). `OmniModel.connector_extras`; its parameters
+    live under `connector_extras/`.
+
+    `__call__(features, merged_segment_ids, vision_hw, embedding)`: the tower's merged
+    tokens (B, M, vision out_width), their segment ids (B, M) (0 = padding), the patch
+    (row, col) ids (B, 2, N) and the LLM's token embedding table (vocab, width) ->
+    (inputs, outputs): inputs (B, M, `input_width()`) are concatenated to the merged
+    tokens before the connector, outputs (B, M, width) added to its tokens after the L2
+    norm and output_scale; either may be None.
+    """
+
+    def input_width(self) -> int:
+        """Width of the features `__call__` concatenates to the connector's input."""
+        return 0
+
+    def training_flops_per_merged_token(self, config: "OmniConfig") -> float:
+        """Its own model FLOPs (forward + backward) per merged token slot (the connector's
+        wider input is counted by `connector_macs_per_pack`)."""
+        return 0.0
+
+
+# name -> factory(config, tokenizer) -> ConnectorExtras; chosen by config.model.connector.extras.
+_CONNECTOR_EXTRAS: dict[str, Callable[[Any, Any], ConnectorExtras]] = {}
+
+
+def register_connector_extras(name: str, factory: Callable[[Any, Any], ConnectorExtras]) -> None:
+    """Makes `model.connector.extras=name` build `factory(config, tokenizer)` (an experiment
+    registers its plug-ins when imported: `m2omni_jax.experiments`)."""
+    known = _CONNECTOR_EXTRAS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (factory.__module__, factory.__qualname__):
+        raise ValueError(f"connector extras {name!r} is already registered by {known.__module__}")
+    _CONNECTOR_EXTRAS[name] = factory
+
+
+def make_connector_extras(config, tokenizer) -> ConnectorExtras | None:
+    """The plug-in `config.model.connector.extras` names, or None for ""."""
+    name = config.model.connector.get("extras", "")
+    if not name:
+        return None
+    if name not in _CONNECTOR_EXTRAS:
+        raise ValueError(f"model.connector.extras={name!r} is not registered; registered: "
+                         f"{sorted(_CONNECTOR_EXTRAS)} (experiments register theirs on import of "
+                         "m2omni_jax.experiments)")
+    return _CONNECTOR_EXTRAS[name](config, tokenizer)
+
+
 class OmniModel(nn.Module):
     """LLM + vision tower + connector; same call signature as `LLM` plus the media keys."""
     config: OmniConfig
+    connector_extras: ConnectorExtras | None = None  # an experiment's plug-in (see ConnectorExtras)
 
     def setup(self):
         cfg = self.config
@@ -286,17 +333,17 @@ class OmniModel(nn.Module):
         c = cfg.connector
         self.connector = make_connector(c.kind, cfg.llm.width, c.num_tokens if c.pools else None, mlp=c.mlp,
                                         hidden_width=c.hidden_width or None, num_heads=c.num_heads, depth=c.depth,
-                                        dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype)
-        if c.region_classes:
-            self.region_head = RegionHead(sum(c.region_classes))
-        if c.region_words and len(cfg.region_word_ids) != sum(c.region_classes):
-            raise ValueError(f"model.connector.region_words needs one name per region class: "
-                             f"{len(cfg.region_word_ids)} names for region_classes={c.region_classes}")
+                                        dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype,
+                                        attention_implementation=cfg.vision.attention_implementation)
+        if self.connector_extras is not None and c.pools:
+            raise ValueError(f"model.connector.extras={c.extras!r} adds features per merged token: "
+                             f"it needs model.connector.kind='linear', not {c.kind!r}")
+        if c.extras and self.connector_extras is None:
+            raise ValueError(f"model.connector.extras={c.extras!r}, but the OmniModel has no connector_extras "
+                             "module (build.build_model makes it: omni.make_connector_extras)")
         if c.position_frequencies:
-            after = c.position_placement == "output"
-            self.position_embedding = nn.Dense(
-                cfg.llm.width if after else cfg.vision.out_width + sum(c.region_classes), bias_init=zeros_init(("embed",)),
-                kernel_init=zeros_init((None, "embed")) if after else kernel_init((None, "embed")))
+            self.position_embedding = nn.Dense(cfg.llm.width, kernel_init=zeros_init((None, "embed")),
+                                               bias_init=zeros_init(("embed",)))
         if cfg.audio is not None:
             if min(cfg.audio_placeholder_id, cfg.end_of_audio_id) < 0:
                 raise ValueError("OmniConfig.audio needs audio_placeholder_id and end_of_audio_id "
@@ -323,69 +370,49 @@ class OmniModel(nn.Module):
         "linear": (B, N/4, width), one per merged token (valid: not padding); pooling
         kinds: (B, S·k, width), segment s's k tokens at s·k.. (valid: segment s exists)."""
         cfg = self.config.connector
-        tower, merged_segment_ids, tags = self.tower_outputs(vision_patches, vision_segment_ids, vision_hw)
-        features = self.connector_input(tower, merged_segment_ids, tags, vision_hw)
+        features, merged_segment_ids, extra_outputs = self.connector_input(vision_patches, vision_segment_ids,
+                                                                           vision_hw)
         if cfg.pools:
             features, valid = self.pooled_tokens(features, merged_segment_ids, vision_hw)
         else:
             features, valid = self.connector(features), merged_segment_ids > 0
         features = features * cfg.output_scale
-        if cfg.position_frequencies and cfg.position_placement == "output":
-            features = features + self.output_position_features(vision_hw, merged_segment_ids).astype(features.dtype)
-        if cfg.region_words:
-            features = features + self.region_word_embeddings(tags).astype(features.dtype)
+        if cfg.position_frequencies:
+            features = features + self.position_features(vision_hw, merged_segment_ids).astype(features.dtype)
+        if extra_outputs is not None:
+            features = features + extra_outputs.astype(features.dtype)
         return features, valid
 
-    def region_word_embeddings(self, tags):
-        """tags (B, M, classes) -> (B, M, width): the tag-weighted mean embedding of each
-        class's name (OmniConfig.region_word_ids); background adds nothing."""
-        names = self.config.region_word_ids
-        longest = max(len(ids) for ids in names)
-        ids = np.array([list(ids) + [0] * (longest - len(ids)) for ids in names], np.int32)
-        weights = np.array([[1.0 / max(len(ids), 1)] * len(ids) + [0.0] * (longest - len(ids)) for ids in names],
-                           np.float32)
-        per_class = jnp.einsum("cn,cnw->cw", weights, jnp.take(self.llm.embedding, ids, axis=0))
-        return jnp.einsum("bmc,cw->bmw", tags.astype(per_class.dtype), per_class)
-
-    def output_position_features(self, vision_hw, merged_segment_ids):
-        """Position features of the LLM-width tokens: per merged token ("linear"), or per
-        cell of each segment's pooled grid, the same for every segment (pooling kinds)."""
+    def position_features(self, vision_hw, merged_segment_ids):
+        """Projected Fourier features of each LLM-width token's place in its image: per merged
+        token ("linear"), or per cell of each segment's pooled grid, the same for every segment
+        (pooling kinds)."""
         cfg = self.config.connector
         if not cfg.pools:
-            return self.position_features(vision_hw, merged_segment_ids)
+            fractions = grid_fractions(vision_hw, merged_segment_ids, self.config.vision.spatial_merge_size)
+            return self.position_embedding(fourier_features(fractions, cfg.position_frequencies))
         rows, cols = cfg.pooled_grid
         cells = jnp.stack(jnp.meshgrid(jnp.arange(rows), jnp.arange(cols), indexing="ij"), -1).reshape(-1, 2)
         fractions = (cells + 0.5) / jnp.asarray([rows, cols], jnp.float32)
         per_cell = self.position_embedding(fourier_features(fractions, cfg.position_frequencies))
         return jnp.tile(per_cell, (cfg.max_segments_per_row, 1))[None]
 
-    def position_features(self, vision_hw, merged_segment_ids):
-        """Projected Fourier features of each merged token's place in its image (B, M, ·)."""
-        fractions = grid_fractions(vision_hw, merged_segment_ids, self.config.vision.spatial_merge_size)
-        return self.position_embedding(fourier_features(fractions, self.config.connector.position_frequencies))
-
     def vision_features(self, vision_patches, vision_segment_ids, vision_hw):
-        """The connector's input: merged tokens (B, N/4, out_width) (+ region tags, + the position
+        """The connector's input: merged tokens (B, N/4, out_width) (+ the plug-in's input
         features) and their segment ids (B, N/4)."""
-        features, merged_segment_ids, tags = self.tower_outputs(vision_patches, vision_segment_ids, vision_hw)
-        return self.connector_input(features, merged_segment_ids, tags, vision_hw), merged_segment_ids
+        features, merged_segment_ids, _ = self.connector_input(vision_patches, vision_segment_ids, vision_hw)
+        return features, merged_segment_ids
 
-    def tower_outputs(self, vision_patches, vision_segment_ids, vision_hw):
-        """Merged tokens (B, N/4, out_width), their segment ids, and with region_classes their
-        tags (B, N/4, sum(region_classes); zero on padding), else None."""
+    def connector_input(self, vision_patches, vision_segment_ids, vision_hw):
+        """(connector input (B, N/4, ·), merged segment ids (B, N/4), the plug-in's output
+        features (B, N/4, width) or None)."""
         features, merged_segment_ids = self.vision(vision_patches, vision_segment_ids, vision_hw)
-        classes = self.config.connector.region_classes
-        if not classes:
+        if self.connector_extras is None:
             return features, merged_segment_ids, None
-        tags = region_tags(self.region_head(features), classes)
-        return features, merged_segment_ids, jnp.where(merged_segment_ids[..., None] > 0, tags, 0)
-
-    def connector_input(self, features, merged_segment_ids, tags, vision_hw):
-        if tags is not None:
-            features = jnp.concatenate([features, tags.astype(features.dtype)], axis=-1)
-        if self.config.connector.position_frequencies and self.config.connector.position_placement == "input":
-            features = features + self.position_features(vision_hw, merged_segment_ids).astype(features.dtype)
-        return features
+        inputs, outputs = self.connector_extras(features, merged_segment_ids, vision_hw, self.llm.embedding)
+        if inputs is not None:
+            features = jnp.concatenate([features, inputs.astype(features.dtype)], axis=-1)
+        return features, merged_segment_ids, outputs
 
     def pooled_tokens(self, features, merged_segment_ids, vision_hw):
         """Pooling connectors: merged tokens (B, M, D) -> (B, S·k, width) tokens, (B, S·k) bool.
@@ -443,27 +470,30 @@ class OmniModel(nn.Module):
                         decode=decode, return_hidden=return_hidden)
 
 
-def vision_training_flops_per_pack(config: OmniConfig, pack_size: int) -> float:
+def vision_training_flops_per_pack(config: OmniConfig, pack_size: int,
+                                   extras: ConnectorExtras | None = None) -> float:
     """Model FLOPs (forward + backward, 6 per multiply-add) of one row's patch pack through
-    the vision tower, the position features and the connector (see
+    the vision tower, the position features, the connector and its plug-in `extras` (see
     vision.training_flops_per_pack). Padding is computed, so it is counted: every merged
     token slot, and for the pooling kinds every one of the S·Hmax·Wmax grid cells."""
     merged = pack_size // config.vision.spatial_merge_size ** 2
-    position_width = (config.llm.width if config.connector.position_placement == "output"
-                      else config.vision.out_width + sum(config.connector.region_classes))
-    per_merged = 4 * config.connector.position_frequencies * position_width
-    per_merged += config.vision.out_width * sum(config.connector.region_classes)  # the region head
-    return (training_flops_per_pack(config.vision, pack_size) + 6.0 * per_merged * merged
-            + 6.0 * connector_macs_per_pack(config, merged))
+    per_merged = 6.0 * 4 * config.connector.position_frequencies * config.llm.width
+    extra_width = 0
+    if extras is not None:
+        per_merged += extras.training_flops_per_merged_token(config)
+        extra_width = extras.input_width()
+    return (training_flops_per_pack(config.vision, pack_size) + per_merged * merged
+            + 6.0 * connector_macs_per_pack(config, merged, extra_width))
 
 
-def connector_macs_per_pack(config: OmniConfig, merged: int) -> float:
-    """Multiply-adds of the connector over one row's `merged` token slots. Approximate for
-    the pooling kinds: their matmuls and the pooling einsums; norms, activations and
-    the attention softmax are left out."""
+def connector_macs_per_pack(config: OmniConfig, merged: int, extra_input_width: int = 0) -> float:
+    """Multiply-adds of the connector over one row's `merged` token slots (a plug-in's
+    `extra_input_width` features concatenated to each). Approximate for the pooling kinds:
+    their matmuls and the pooling einsums; norms, activations and the attention softmax
+    are left out."""
     c, d, out = config.connector, config.vision.out_width, config.llm.width
     if not c.pools:
-        d += sum(c.region_classes)  # the tags concatenated to the merged tokens
+        d += extra_input_width
         return merged * (d * out + (out * out if c.mlp else 0))
     k, cells = c.num_tokens, c.max_grid_side ** 2  # per segment
     rows, cols = c.pooled_grid

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2omni_jax.models import layers
 from m2omni_jax.models.layers import (LayerNorm, MergeHeads, SplitHeads, fourier_features, kernel_init,
                                      maybe_remat, to_dtype, zeros_init)
 from m2omni_jax.models.rope import apply_rotary, vision_2d_rope_angles
@@ -44,19 +45,15 @@ class VisionConfig:
     # Attend in query blocks of this many patches (None: all at once); bounds
     # the (heads, chunk, N) logits for large buckets. Must divide the bucket size.
     attention_query_chunk: int | None = None
+    attention_implementation: str = layers.DEFAULT_ATTENTION  # models/layers.py: dot_product_attention
     # [ours] Zero-initialise each block's attention output and fc2 kernels, so a tower
     # trained from scratch starts as the identity on its patch embeddings (SkipInit /
     # zero-init residuals). A random tower's near-uniform attention otherwise mixes every
     # image's average into all its tokens, and the merger's LayerNorm blows that mix up to
     # full size: empty background tokens look like the objects, and the LLM learns no
-    # colour at all in the first hundreds of steps (shapes world). Leave it off when
+    # colour at all in the first hundreds of steps (built-in benchmark). Leave it off when
     # loading pretrained weights, which overwrite the init anyway.
     zero_init_residual: bool = False
-    # [ours] Output channels of 3x3 stride-2 convolutions run inside each patch before the
-    # embedding (Xiao et al. 2021, "Early convolutions help transformers see better");
-    # () is Qwen2-VL's linear patch embedding. A from-scratch tower's linear embedding
-    # sees colour at once but an outline (circle vs. star) only after thousands of steps.
-    conv_stem_channels: tuple[int, ...] = ()
     # [ours] > 0: add to each patch embedding a projection of Fourier features of the patch's
     # place in its image, as fractions of the image's rows and columns (NaViT's fractional
     # positions). 2-D RoPE alone is relative: a from-scratch tower then hardly tells where
@@ -68,11 +65,10 @@ class VisionConfig:
     scan: bool = True
 
     def __post_init__(self):
-        if any(int(c) <= 0 for c in self.conv_stem_channels):
-            raise ValueError(f"conv_stem_channels must be positive, got {self.conv_stem_channels}")
         if self.width % self.num_heads or (self.width // self.num_heads) % 4:
             raise ValueError(f"width {self.width} must split into {self.num_heads} heads "
                              "with a head dim divisible by 4 (2-D RoPE)")
+        layers.check_attention_implementation(self.attention_implementation, "model.vision.attention_implementation")
 
     @property
     def patch_dim(self) -> int:
@@ -80,13 +76,8 @@ class VisionConfig:
 
     @property
     def patch_embed_macs(self) -> int:
-        """Multiply-adds of the patch embedding (stem and fractional positions included) per patch."""
-        side, channels, macs = self.patch_size, self.in_channels * self.temporal_patch_size, 0
-        for out in self.conv_stem_channels:
-            side = -(-side // 2)
-            macs += side * side * 9 * channels * out
-            channels = out
-        return macs + side * side * channels * self.width + 4 * self.fractional_position_frequencies * self.width
+        """Multiply-adds of the patch embedding (fractional positions included) per patch."""
+        return self.patch_dim * self.width + 4 * self.fractional_position_frequencies * self.width
 
     @property
     def head_dim(self) -> int:
@@ -111,7 +102,7 @@ class VisionConfig:
 def training_flops_per_pack(config: VisionConfig, pack_size: int) -> float:
     """Model FLOPs (forward + backward) of one row's pack of `pack_size` patches.
 
-    6·N per patch for the patch embedding (and its conv stem) and each block's matmuls, plus the
+    6·N per patch for the patch embedding and each block's matmuls, plus the
     masked pack-wide attention as computed (12·depth·width·pack_size per
     patch, like the LLM's full L×L count), plus the PatchMerger's two matmuls
     per merged token. Padding patches are computed, so they are counted.
@@ -127,31 +118,33 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-def _attend(q, k, v, q_segments, kv_segments):
-    """Softmax attention in fp32 where query and key segment ids are equal."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * q.shape[-1] ** -0.5
+def _attend(q, k, v, q_segments, kv_segments, implementation):
+    """Softmax attention (fp32) where query and key segment ids are equal (layers.dot_product_attention)."""
+    # Padding (segment 0) attends only to padding; other segments cannot leak in.
     allowed = q_segments[:, None, :, None] == kv_segments[:, None, None, :]
-    # Masked keys get exactly zero weight, so other segments cannot leak in.
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return layers.dot_product_attention(q, k, v, allowed, implementation=implementation)
 
 
-def segment_attention(q, k, v, segment_ids, query_chunk: int | None = None):
+def segment_attention(q, k, v, segment_ids, query_chunk: int | None = None, *,
+                      implementation: str = layers.DEFAULT_ATTENTION):
     """q, k, v (B, N, heads, head_dim); each query sees only keys of its own segment.
 
-    Padding (segment 0) attends only to padding, which keeps its rows finite.
+    `query_chunk`: attend in blocks of that many queries, one after another, so the
+    (heads, chunk, N) logits of one block are all that exist at a time, forward and
+    backward: each block is rematerialised in the backward pass (without that the
+    scan keeps every block's probabilities for the backward pass: all N² again).
+    With cuDNN flash attention the full N² never exists anyway; leave it None there.
     """
     batch, length, heads, head_dim = q.shape
     if query_chunk is None or query_chunk >= length:
-        return _attend(q, k, v, segment_ids, segment_ids)
+        return _attend(q, k, v, segment_ids, segment_ids, implementation)
     if length % query_chunk:
         raise ValueError(f"attention_query_chunk {query_chunk} must divide the pack length {length}")
     num_chunks = length // query_chunk
     q_chunks = q.reshape(batch, num_chunks, query_chunk, heads, head_dim).swapaxes(0, 1)
     segment_chunks = segment_ids.reshape(batch, num_chunks, query_chunk).swapaxes(0, 1)
-    out = jax.lax.map(lambda qs: _attend(qs[0], k, v, qs[1], segment_ids), (q_chunks, segment_chunks))
+    attend_chunk = jax.checkpoint(lambda qs: _attend(qs[0], k, v, qs[1], segment_ids, implementation))
+    out = jax.lax.map(attend_chunk, (q_chunks, segment_chunks))
     return out.swapaxes(0, 1).reshape(batch, length, heads, head_dim)
 
 
@@ -166,7 +159,8 @@ class VisionAttention(nn.Module):
         k = apply_rotary(SplitHeads(cfg.num_heads, cfg.head_dim, use_bias=True, name="key", **dtypes)(x), rope_angles)
         v = SplitHeads(cfg.num_heads, cfg.head_dim, use_bias=True, name="value", **dtypes)(x)
         q, k, v = (nn.with_logical_constraint(a, ACTIVATION_HEADS) for a in (q, k, v))
-        out = segment_attention(q, k, v, segment_ids, cfg.attention_query_chunk)
+        out = segment_attention(q, k, v, segment_ids, cfg.attention_query_chunk,
+                                implementation=cfg.attention_implementation)
         out = nn.with_logical_constraint(out, ACTIVATION_HEADS)
         return MergeHeads(cfg.width, use_bias=True, zero_init=cfg.zero_init_residual, name="out", **dtypes)(out)
 
@@ -226,29 +220,6 @@ class PatchMerger(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION)
 
 
-class PatchConvStem(nn.Module):
-    """(B, N, C·T·P·P) flattened patches -> (B, N, features): 3x3 stride-2 convs, GELU.
-
-    It sees one patch at a time (time folded into channels), so packing and the
-    segment masks are unchanged.
-    """
-    config: VisionConfig
-
-    @nn.compact
-    def __call__(self, patches):
-        cfg = self.config
-        batch, length, _ = patches.shape
-        p, channels = cfg.patch_size, cfg.in_channels * cfg.temporal_patch_size
-        x = patches.reshape(batch * length, channels, p, p).transpose(0, 2, 3, 1)
-        for i, out in enumerate(cfg.conv_stem_channels):
-            x = nn.Conv(out, (3, 3), strides=(2, 2), padding="SAME", name=f"conv_{i}",
-                        kernel_init=kernel_init(("conv", None, None, "conv_channels")),
-                        bias_init=zeros_init(("conv_channels",)),
-                        dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))(x)
-            x = nn.gelu(x, approximate=False)
-        return x.reshape(batch, length, -1)
-
-
 def patch_grid_fractions(hw_positions, segment_ids):
     """(B, N, 2) centre of each patch as a fraction of its image's (rows, cols); hw_positions
     (B, 2, N), segment_ids (B, N). An image's extent is its segment's largest row / col."""
@@ -269,8 +240,6 @@ class VisionEncoder(nn.Module):
         cfg = self.config
         dtype = to_dtype(cfg.dtype)
         x = patches.astype(dtype)
-        if cfg.conv_stem_channels:
-            x = PatchConvStem(cfg, name="stem")(x)
         # A Linear over the flattened (C, T, P, P) patch equals the Conv3d with stride = kernel.
         x = nn.Dense(cfg.width, use_bias=False, kernel_init=kernel_init(("patch", "embed")),
                      dtype=dtype, param_dtype=to_dtype(cfg.param_dtype), name="patch_embed")(x)
@@ -297,30 +266,3 @@ class VisionEncoder(nn.Module):
         merged_segment_ids = segment_ids[:, ::cfg.spatial_merge_size ** 2]
         features = jnp.where(merged_segment_ids[..., None] > 0, features, 0).astype(features.dtype)
         return nn.with_logical_constraint(features, ACTIVATION), merged_segment_ids
-
-
-class RegionHead(nn.Module):
-    """LayerNorm, then one logit per merged token for each class of each region attribute
-    (e.g. shape, colour, size, position; class 0 background), concatenated. Trained by
-    m2omni-pretrain-tower's "regions" objective; `region_tags` turns it into connector input."""
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, features):
-        features = LayerNorm(name="norm")(features)
-        return nn.Dense(self.num_classes, kernel_init=kernel_init(("embed", "region_class")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("region_class",)),
-                        name="classifier")(features)
-
-
-def split_region_logits(logits, classes):
-    """(..., sum(classes)) -> one (..., n) array per attribute of `classes` (n per attribute)."""
-    ends = [sum(classes[:k + 1]) for k in range(len(classes))]
-    return [logits[..., end - size:end] for size, end in zip(classes, ends)]
-
-
-def region_tags(logits, classes):
-    """Per-attribute softmax of the region head's logits, concatenated (..., sum(classes)):
-    each token's predicted object labels, one distribution per attribute."""
-    return jnp.concatenate([jax.nn.softmax(part.astype(jnp.float32), axis=-1)
-                            for part in split_region_logits(logits, classes)], axis=-1)

@@ -51,9 +51,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("expert", "expert"),
     ("patch", None),  # flattened patch pixels / audio feature dims
     ("conv", None),  # convolution kernel spatial dims
-    ("conv_channels", None),  # the vision conv stem's channels (small)
     ("queries", None),  # learnable query tokens (attention pooling, image head)
-    ("region_class", None),  # the tower pre-training's region classes (small)
 )
 
 

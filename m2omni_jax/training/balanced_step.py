@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax.modalities import NUM_MODALITIES
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training.train_step import TrainState
+from m2omni_jax.training.train_step import TrainState, skip_nonfinite
 
 LossFn = Callable  # (params, batch, loss_weights) -> (loss, metrics)
 
@@ -59,7 +59,7 @@ def micro_batch_shardings(mesh, batch_keys_ndim: dict[str, int]) -> dict[str, Na
 
 def jit_balanced_step(loss_fn: LossFn, mesh, rules, state_shardings, batch_keys_ndim: dict[str, int]):
     """The balanced step under jit with explicit shardings; the state is donated."""
-    step = functools.partial(balanced_train_step, loss_fn=loss_fn)
+    step = skip_nonfinite(functools.partial(balanced_train_step, loss_fn=loss_fn))
     rep = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(state_shardings, micro_batch_shardings(mesh, batch_keys_ndim), rep),
                      out_shardings=(state_shardings, rep), donate_argnums=(0,))

@@ -19,6 +19,7 @@ background. Call `wait()` (or `close()`) before the process exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
+
+from m2omni_jax import faults
 
 try:  # grain's Orbax handler is only defined when orbax is importable.
     from grain.checkpoint import CheckpointRestore as GrainRestore, CheckpointSave as GrainSave
@@ -84,20 +88,71 @@ class Checkpointer:
         if extra is not None:
             items["extra"] = ocp.args.JsonSave(to_json(extra))
         # `force=True`: this class owns the save decision, not Orbax's interval policy.
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        with self._save_errors(step):
+            return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+    def check(self):
+        """Raises a `RunError` at once if a background save has failed (call it every step)."""
+        with self._save_errors():
+            self._manager.check_for_errors()
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int | None = None):
+        """A failed save (full disk, lost permissions) becomes one `RunError` with its cause."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (Orbax re-raises whatever the writer raised)
+            what = f"step {step}" if step is not None else "a checkpoint"
+            raise faults.RunError(f"saving {what} to {self.directory} failed: {_one_line(e)}") from e
 
     def restore(self, abstract_state, data_iterator=None, step: int | None = None) -> tuple[Any, dict]:
-        """Restores `(state, extra)` from `step` (default: latest complete one).
+        """Restores `(state, extra)` from `step` (default: the newest readable one; newer
+        unreadable ones, e.g. a truncated array file, are renamed `<step>.unreadable-<time>`).
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` whose `.sharding`
         says where each restored array goes. `data_iterator`, when given, is
         set to the saved position in place.
         """
         self._manager.wait_until_finished()
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         _check_shardings(abstract_state)
+        if step is not None:
+            return self._restore_step(step, abstract_state, data_iterator)
+        return self._restore_newest_readable(abstract_state, data_iterator)
+
+    def _restore_newest_readable(self, abstract_state, data_iterator) -> tuple[Any, dict]:
+        """The newest step that restores; unreadable newer ones are set aside once an older
+        one restored (so a config that fits no checkpoint renames none of them)."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        failed = []
+        for step in steps:
+            try:
+                restored = self._restore_step(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001  (whatever a damaged file raises)
+                cause = _one_line(e)
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying the next older one",
+                            step, self.directory, cause)
+                failed.append((step, cause))
+                continue
+            for bad_step, cause in failed:
+                self._set_aside(bad_step, cause)
+            return restored
+        newest, cause = failed[0]
+        raise faults.RunError(f"no readable checkpoint in {self.directory} ({len(failed)} tried); the newest, "
+                              f"step {newest}: {cause}")
+
+    def _set_aside(self, step: int, cause: str):
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.unreadable-{int(time.time())}"
+        log.warning("checkpoint %s is unreadable (%s); moved to %s", source, cause, target)
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"m2omni_checkpoint_set_aside_{step}")
+        self._manager.reload()
+
+    def _restore_step(self, step: int, abstract_state, data_iterator) -> tuple[Any, dict]:
         present = {p.name for p in (self.directory / str(step)).iterdir()}
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
@@ -112,7 +167,8 @@ class Checkpointer:
 
     def wait(self):
         """Blocks until the in-flight save (if any) has committed."""
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
 
     def close(self):
         if self._closed:
@@ -136,6 +192,12 @@ def to_json(tree) -> Any:
             return np.asarray(x).tolist()
         raise TypeError(f"checkpoint `extra` holds a {type(x).__name__}, which is not JSON-serializable")
     return json.loads(json.dumps(tree, default=default))
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut to `limit` characters (tensorstore's run long)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _as_path(directory) -> epath.Path:
@@ -294,19 +356,11 @@ def _is_committed(step_dir) -> bool:
     return any((step_dir / marker).exists() for marker in _COMMIT_MARKERS)
 
 
-def _flatten(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (str(k),))
-    else:
-        yield prefix, tree
+def _flatten(tree):
+    """(key tuple, leaf) pairs of a nested dict, e.g. (("vision", "out", "kernel"), leaf)."""
+    return traverse_util.flatten_dict(tree).items()
 
 
 def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-        node[key[-1]] = value
-    return out
+    """The nested dict of {key tuple: leaf}: the inverse of `_flatten`."""
+    return traverse_util.unflatten_dict(flat)

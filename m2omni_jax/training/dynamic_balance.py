@@ -9,7 +9,6 @@ a resumed run continues the same weights.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -20,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m2omni_jax.modalities import NUM_MODALITIES, modality_id
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import balance
+from m2omni_jax.training.loop import Callback
 
 
 def jit_validation_loss(loss_fn: Callable, mesh, rules, param_shardings) -> Callable:
@@ -36,8 +36,9 @@ def jit_validation_loss(loss_fn: Callable, mesh, rules, param_shardings) -> Call
     return run
 
 
-class DynamicBalancer:
-    """Holds the AdaptiveBalance state and runs its validation passes."""
+class DynamicBalancer(Callback):
+    """Holds the AdaptiveBalance state and runs its validation passes: a loop callback whose
+    val losses and weights join the training log lines, its state in every checkpoint."""
 
     def __init__(self, adaptive: balance.AdaptiveBalance, validation_batches: Mapping[str, Sequence],
                  validation_loss: Callable, interval_steps: int):
@@ -52,6 +53,7 @@ class DynamicBalancer:
         self.interval_steps = interval_steps
         self.state = adaptive.init()
         self._update = jax.jit(adaptive.update)
+        self.weights = self.weights_vector()  # per modality id, for the train step's loss weights
 
     def due(self, step: int) -> bool:
         return step % self.interval_steps == 0
@@ -64,6 +66,7 @@ class DynamicBalancer:
         """One validation pass; returns what to log (val losses and weights per modality)."""
         losses = self.validate(params)
         self.state = self._update(self.state, losses)
+        self.weights = self.weights_vector()
         weights = np.asarray(self.state["weights"])
         out = {f"val_loss/{n}": v for n, v in losses.items()}
         out.update({f"balance/weight/{n}": float(w) for n, w in zip(self.adaptive.modalities, weights)})
@@ -77,6 +80,18 @@ class DynamicBalancer:
 
     def load_json(self, text: str) -> None:
         self.state = balance.state_from_json(text)
+        self.weights = self.weights_vector()
+
+    # loop.Callback
+    def after_step(self, step: int, state) -> dict[str, float] | None:
+        return self.update(state.params) if self.due(step) else None
+
+    def checkpoint_extra(self) -> dict:
+        return {"dynamic_balance": self.to_json()}
+
+    def restore(self, extra) -> None:
+        if "dynamic_balance" in extra:
+            self.load_json(extra["dynamic_balance"])
 
 
 def heldout_losses(params, batches_by_modality: Mapping[str, Sequence], validation_loss) -> dict[str, float]:

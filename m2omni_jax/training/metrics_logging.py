@@ -85,7 +85,7 @@ class MetricLogger:
         """Appends a metrics.jsonl record and TensorBoard scalars; returns the scalars."""
         values = _to_scalars(metrics)
         record = {"step": step, "elapsed_s": round(time.perf_counter() - self._start_time, 3), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self._jsonl.flush()
         for name, value in values.items():
             self._writer.add_scalar(name, value, step)
@@ -128,8 +128,14 @@ def read_metrics(path) -> dict[int, dict[str, Any]]:
     merged: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
         for record in (json.loads(line) for line in f if line.strip()):
-            merged.setdefault(record["step"], {}).update(record)
+            merged.setdefault(record["step"], {}).update(
+                {k: math.nan if v is None else v for k, v in record.items()})
     return merged
+
+
+def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and ±inf become null: strict JSON readers (jq, JavaScript) reject bare NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def format_metrics(values: Mapping[str, float | int]) -> str:

@@ -60,29 +60,25 @@ def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int,
     if not (isinstance(peak_lr, (int, float)) and peak_lr > 0 and math.isfinite(peak_lr)):
         raise ValueError(f"opt.peak_lr must be a positive finite number, got {peak_lr!r}")
     if not (isinstance(total_steps, int) and total_steps > 0):
-        raise ValueError(f"opt.total_steps must be a positive int, got {total_steps!r}")
+        raise ValueError(f"config.train.steps (the schedule length) must be a positive int, got {total_steps!r}")
     if not (isinstance(warmup_steps, int) and 0 <= warmup_steps <= total_steps):
-        raise ValueError(f"opt.warmup_steps must be an int in [0, total_steps={total_steps}], "
+        raise ValueError(f"config.opt.warmup_steps must be an int in [0, config.train.steps={total_steps}], "
                          f"got {warmup_steps!r}")
     if decay not in DECAYS:
         raise ValueError(f"opt.decay must be one of {DECAYS}, got {decay!r}")
     if not (isinstance(final_fraction, (int, float)) and 0.0 <= final_fraction <= 1.0):
         raise ValueError(f"opt.final_fraction must be in [0, 1], got {final_fraction!r}")
     decay_steps = max(total_steps - warmup_steps, 1)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = peak_lr * step / max(warmup_steps, 1)
-        t = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-        if decay == "cosine":
-            frac = final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-        elif decay == "linear":
-            frac = 1.0 - (1.0 - final_fraction) * t
-        else:
-            frac = jnp.ones_like(t)
-        return jnp.where(step < warmup_steps, warm, peak_lr * frac)
-
-    return schedule
+    if decay == "cosine":
+        after = optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=final_fraction)
+    elif decay == "linear":
+        after = optax.linear_schedule(peak_lr, final_fraction * peak_lr, decay_steps)
+    else:
+        after = optax.constant_schedule(peak_lr)
+    if warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak_lr, warmup_steps)
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def mm1_lr_and_wd(num_params: float) -> tuple[float, float]:
@@ -109,16 +105,8 @@ def mm1_lr_and_wd(num_params: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------- labels
 
 def path_str(path) -> str:
-    """'/'-joined keys of a jax key path (dict keys, attribute names, indices)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """'/'-joined keys of a jax key path (dict keys, attribute names, indices): "llm/layers/0/kernel"."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _compile(patterns: Sequence[str], field: str) -> list[re.Pattern]:

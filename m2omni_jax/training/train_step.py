@@ -20,11 +20,11 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from m2omni_jax.data.pipeline import BATCH_KEYS  # the text batch's keys, defined where batches are made
 from m2omni_jax.modalities import NUM_MODALITIES
 from m2omni_jax.models import moe, omni
 from m2omni_jax.parallel import sharding
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "modality")
 # Extra inputs of the omni model (models/omni.py), passed through when a batch has them.
 MEDIA_KEYS = omni.MEDIA_KEYS
 _BATCH_NDIM = {"positions": 3, "vision_patches": 3, "vision_hw": 3,  # every other key: (B, T)
@@ -99,6 +99,26 @@ def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: 
     return new_state, metrics
 
 
+def skip_nonfinite(step: Callable) -> Callable:
+    """`step(state, ...) -> (state, metrics)` that keeps the state before a step whose loss or
+    gradient norm is not finite (only the step counter moves on, past its batch) and adds
+    metrics["finite"] for the loop to count (training/loop.py). Inside the jitted step, so
+    the donated state is never needed again; a finite step's state is bitwise unchanged."""
+    def guarded(state, *args):
+        new_state, metrics = step(state, *args)
+        # The new parameters too: a finite gradient times a huge learning rate can overflow.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite(new_state.params)
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        return kept.replace(step=new_state.step), dict(metrics, finite=finite)
+    return guarded
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite everywhere."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def without_gradient_through(frozen, loss):
     """`loss` with frozen leaves behind stop_gradient, so XLA drops their backward pass
     (a frozen vision tower's, for one)."""
@@ -165,7 +185,8 @@ def optimizer_state_shardings(opt_state, params, param_shardings, mesh):
 
 
 def _path_key(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    """'/'-joined keys of a jax key path, e.g. "1/inner_states/default/inner_state/0/mu/llm/embedding"."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def create_train_state(model, tx, mesh, rules, example_batch_shapes, seed: int,
@@ -191,7 +212,7 @@ def batch_shardings(mesh: Mesh, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
 def jit_train_step(model, mesh, rules, shardings, *, z_loss_weight: float = 0.0,
                    batch_keys=BATCH_KEYS, frozen=None) -> Callable:
     """The train step under jit with explicit in/out shardings; the state is donated."""
-    step = functools.partial(train_step, model=model, z_loss_weight=z_loss_weight, frozen=frozen)
+    step = skip_nonfinite(functools.partial(train_step, model=model, z_loss_weight=z_loss_weight, frozen=frozen))
     rep = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh, batch_keys), rep),
                      out_shardings=(shardings, rep), donate_argnums=(0,))

@@ -8,7 +8,7 @@ the same type: another colour, shape, count (0-3) or grid position, or for
 Instruction (SFT) samples are whole records of `INSTRUCTION_TASKS`, trained
 on the assistant turn.
 
-Rows go through the omni assembly (`omni_pipeline.record_media` and
+Rows go through the omni assembly (`media.record_media` and
 `assemble_chat`, given `VisionOptions`): each `<image>` becomes `<image>` +
 N×`<imagePatch>` + `</image>` with M-RoPE positions, and the row carries its
 image's patches in a fixed-size pack, so the policy sees the image it is
@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from m2omni_jax.data import omni_pipeline
+from m2omni_jax.data import chat as chat_lib, media as media_lib
 from m2omni_jax.experiments.shapes_world import world as shapes_world
 
 VQA_TASKS = ("vqa_color", "vqa_shape", "vqa_count", "vqa_position")
@@ -75,7 +75,7 @@ def wrong_answer(record: dict, rng: np.random.Generator) -> str:
 
 def make_pair(seed: int, split: str, k: int) -> dict:
     """Pair k: {"id", "question_type", "prompt" (user messages), "chosen", "rejected",
-    "images", "video"} (the record's media, so `omni_pipeline.record_media` reads a pair)."""
+    "images", "video"} (the record's media, so `media.record_media` reads a pair)."""
     record = shapes_world.make_record(seed, split, 2 * k, (VQA_TASKS[k % len(VQA_TASKS)],))
     rng = np.random.default_rng([seed, shapes_world.SPLITS.index(split), k, _REJECTED_STREAM])
     return {"id": record["id"], "question_type": record["attributes"]["question_type"],
@@ -110,16 +110,16 @@ def tokenize_chat(messages: Sequence[dict], tokenizer, seq_len: int) -> dict[str
     return _token_row(ids, mask, np.tile(np.arange(len(ids), dtype=np.int32), (3, 1)), seq_len)
 
 
-def assemble_row(messages: Sequence[dict], media: Sequence[omni_pipeline.MediaItem], tokenizer, seq_len: int,
+def assemble_row(messages: Sequence[dict], media: Sequence[media_lib.MediaItem], tokenizer, seq_len: int,
                  patches_per_row: int) -> dict[str, np.ndarray]:
     """One chat with its media (omni assembly): padded token arrays and the row's patch pack."""
-    chat = omni_pipeline.assemble_chat(tokenizer, messages, media)
+    chat = chat_lib.assemble_chat(tokenizer, messages, media)
     out = _token_row(chat["ids"], chat["mask"], chat["positions"], seq_len)
     n = len(chat["patches"])
     if n > patches_per_row:
         raise ValueError(f"a chat's {n} image patches do not fit "
                          f"config.data.vision.patches_per_row={patches_per_row}; raise it")
-    out["vision_patches"] = np.zeros((patches_per_row, omni_pipeline.PATCH_DIM), np.float32)
+    out["vision_patches"] = np.zeros((patches_per_row, media_lib.PATCH_DIM), np.float32)
     out["vision_segment_ids"] = np.zeros(patches_per_row, np.int32)
     out["vision_hw"] = np.zeros((2, patches_per_row), np.int32)
     out["vision_patches"][:n] = chat["patches"]
@@ -129,9 +129,9 @@ def assemble_row(messages: Sequence[dict], media: Sequence[omni_pipeline.MediaIt
 
 
 def tokenize_pair(pair: dict, tokenizer, seq_len: int,
-                  vision: omni_pipeline.VisionOptions | None = None) -> dict[str, np.ndarray]:
+                  vision: media_lib.VisionOptions | None = None) -> dict[str, np.ndarray]:
     """chosen_* and rejected_* arrays of one pair: same prompt and image, different answer."""
-    media = None if vision is None else omni_pipeline.record_media(pair, vision, pair["prompt"])
+    media = None if vision is None else media_lib.record_media(pair, vision, pair["prompt"])
     out = {}
     for side in ("chosen", "rejected"):
         chat = list(pair["prompt"]) + [{"role": "assistant", "content": pair[side]}]
@@ -142,12 +142,12 @@ def tokenize_pair(pair: dict, tokenizer, seq_len: int,
 
 
 def tokenize_instruction(record: dict, tokenizer, seq_len: int,
-                         vision: omni_pipeline.VisionOptions | None = None) -> dict[str, np.ndarray]:
+                         vision: media_lib.VisionOptions | None = None) -> dict[str, np.ndarray]:
     """instruction_* arrays of one record's full chat."""
     if vision is None:
         row = tokenize_chat(record["messages"], tokenizer, seq_len)
     else:
-        row = assemble_row(record["messages"], omni_pipeline.record_media(record, vision), tokenizer, seq_len,
+        row = assemble_row(record["messages"], media_lib.record_media(record, vision), tokenizer, seq_len,
                            vision.patches_per_row)
     return {f"instruction_{k}": v for k, v in row.items()}
 
@@ -157,7 +157,7 @@ def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
 
 
 def preference_batch(tokenizer, *, seed: int, split: str, start: int, batch_size: int, seq_len: int,
-                     vision: omni_pipeline.VisionOptions | None = None) -> dict[str, np.ndarray]:
+                     vision: media_lib.VisionOptions | None = None) -> dict[str, np.ndarray]:
     """Pairs start .. start+batch_size-1 as chosen_* / rejected_* arrays."""
     return _stack([tokenize_pair(make_pair(seed, split, k), tokenizer, seq_len, vision)
                    for k in range(start, start + batch_size)])
@@ -165,7 +165,7 @@ def preference_batch(tokenizer, *, seed: int, split: str, start: int, batch_size
 
 def instruction_batch(tokenizer, *, seed: int, split: str, start: int, batch_size: int, seq_len: int,
                       tasks: Sequence[str] = INSTRUCTION_TASKS,
-                      vision: omni_pipeline.VisionOptions | None = None) -> dict[str, np.ndarray]:
+                      vision: media_lib.VisionOptions | None = None) -> dict[str, np.ndarray]:
     """Instruction samples start .. start+batch_size-1 as instruction_* arrays."""
     return _stack([tokenize_instruction(make_instruction(seed, split, k, tasks), tokenizer, seq_len, vision)
                    for k in range(start, start + batch_size)])
@@ -173,7 +173,7 @@ def instruction_batch(tokenizer, *, seed: int, split: str, start: int, batch_siz
 
 def alignment_batch(tokenizer, *, seed: int, split: str, step: int, batch_size: int, seq_len: int,
                     tasks: Sequence[str] = INSTRUCTION_TASKS,
-                    vision: omni_pipeline.VisionOptions | None = None) -> dict[str, np.ndarray]:
+                    vision: media_lib.VisionOptions | None = None) -> dict[str, np.ndarray]:
     """Batch `step`: batch_size pairs and batch_size instruction samples (1:1); with
     `vision`, every row carries its image patches (see the module docstring)."""
     common = dict(seed=seed, split=split, start=step * batch_size, batch_size=batch_size, seq_len=seq_len,
@@ -182,7 +182,7 @@ def alignment_batch(tokenizer, *, seed: int, split: str, step: int, batch_size: 
 
 
 def alignment_batches(tokenizer, *, seed: int, batch_size: int, seq_len: int, split: str = "train",
-                      first_step: int = 0, vision: omni_pipeline.VisionOptions | None = None
+                      first_step: int = 0, vision: media_lib.VisionOptions | None = None
                       ) -> Iterator[dict[str, np.ndarray]]:
     """Batches first_step, first_step+1, ... (resume by passing the step to start from)."""
     step = first_step

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from m2omni_jax.data import audio as audio_frontend
+from m2omni_jax.data import audio as audio_frontend, records as records_lib
 from m2omni_jax.experiments.shapes_world import world as sw
 
 SAMPLE_RATE = audio_frontend.SAMPLE_RATE
@@ -147,14 +147,8 @@ def synthesize(text: str, voice: Voice = Voice()) -> np.ndarray:
 # ---------------------------------------------------------------- encoding
 
 
-def encode_audio(waveform: np.ndarray) -> bytes:
-    """float PCM in [-1, 1] -> little-endian int16 bytes (clipped, rounded)."""
-    pcm = np.clip(np.rint(np.asarray(waveform, np.float64) * 32768.0), -32768, 32767)
-    return pcm.astype("<i2").tobytes()
-
-
-def decode_audio(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+encode_audio = records_lib.pcm16_bytes  # float PCM in [-1, 1] -> little-endian int16 bytes
+decode_audio = records_lib.decode_pcm16
 
 
 def encode_record(record: dict) -> bytes:
@@ -285,7 +279,7 @@ def write_speech_world(out_dir: str, *, seed: int, num_train: int, num_eval: int
 
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
-        raise ValueError(f"config.data.speech.tasks={tuple(tasks)}: unknown {sorted(unknown)}; known tasks "
+        raise ValueError(f"config.data.sources.shapes_world.speech.tasks={tuple(tasks)}: unknown {sorted(unknown)}; known tasks "
                          f"are {TASKS}")
     manifest = {"name": "shapes_speech", "version": sw.DATA_VERSION, "seed": seed, "tasks": list(tasks),
                 "num_examples": {"train": num_train, "eval": num_eval},

@@ -1,6 +1,6 @@
 """Vision-tower pre-training [ours]: a stand-in for the paper's pretrained ViT.
 
-    python -m m2omni_jax.experiments.shapes_world.tower --config=configs/tiny.py:vqa --workdir=/tmp/vqa/tower
+    m2omni-pretrain-tower --config=configs/experiments/shapes_world_vqa.py --workdir=/tmp/vqa/tower
 
 M2-omni starts from Qwen2-VL's ViT, pre-trained on billions of image–text pairs;
 the built-in shapes world has no such tower, and one trained from scratch through
@@ -30,7 +30,7 @@ must hold all of one object's attributes, which is what "what shape is the red
 object?" asks of the LLM.
 
     scene objects (centre, radius) → the token boxes each one covers → (shape, colour, size, position) per token
-    image → ... → VisionEncoder → LayerNorm → Dense(6 + 9 + 3 + 10) → softmax cross-entropy per attribute
+    image → ... → VisionEncoder → RegionHead (regions.py) → softmax cross-entropy per attribute
 
 Measured (tiny tower, steps of 128 images; chance 20%). Caption objective, the head's
 one-object shape accuracy: mean pooling, biases at -log V: 66% after 900 steps; max
@@ -42,17 +42,18 @@ after 800 (and positions 98-100%; 25-39% without the fractional positions: 2-D R
 relative). The run ends by writing these figures to `tower_eval.json`.
 
 The tower is `config.model.vision` (so its parameters fit the omni model's
-`vision/` tree); `config.tower_pretrain` sets the run. The checkpoint has the
-omni layout (`checkpoints/<step>/state` with `params/vision/...`), so the next
-run loads it with `config.init_from` (this workdir) and
-`config.init_from_include = ("^vision/",)`.
+`vision/` tree) and the region head is the omni model's "shapes_world_regions"
+connector plug-in (`regions.py`, params `connector_extras/region_head/...`);
+`config.tower_pretrain` (configs/experiments/shapes_world_vqa.py) sets the run.
+The checkpoint has the omni layout (`checkpoints/<step>/state` with
+`params/vision/...`), so the next run loads it with `config.init_from` (this
+workdir) and `config.init_from_include = ("^vision/", "^connector_extras/")`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import time
 
 import flax.linen as nn
 import grain
@@ -67,15 +68,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax import cli
 from m2omni_jax.config_fields import dataclass_from_config
-from m2omni_jax.data import image_preprocessing as ip
-from m2omni_jax.data import omni_pipeline, pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import image_preprocessing as ip, media
+from m2omni_jax.data import pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.experiments.shapes_world import source as shapes_world_source
 from m2omni_jax.experiments.shapes_world import world as sw
 from m2omni_jax.experiments.shapes_world import writer as write_shapes_world
+from m2omni_jax.experiments.shapes_world.regions import (MODULE_NAME, REGION_ATTRIBUTES, REGION_CLASSES, RegionTags,
+                                                         split_region_logits)
 from m2omni_jax.models.layers import LayerNorm, kernel_init
-from m2omni_jax.models.vision import (RegionHead, VisionConfig, VisionEncoder, split_region_logits,
-                                      training_flops_per_pack)
+from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import checkpointing, metrics_logging, mfu, optimizers, train_step
+from m2omni_jax.training import loop as loop_lib, mfu, optimizers, train_step
 
 BATCH_KEYS = ("patches", "segment_ids", "hw", "targets", "region_labels")
 _BATCH_NDIM = {"patches": 3, "hw": 3, "targets": 3, "segment_ids": 2, "region_labels": 3}
@@ -85,19 +88,8 @@ SCENE_TASKS = ("caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position")
 # ----------------------------------------------------------------------------- data
 
 
-# Region targets: each merged token's object (0: background), as indices into these.
-# The position is the object's grid cell ("top left"), not the token's: a token at a big
-# object's edge still says where its object is, as the caption's "at the top left" does.
-REGION_ATTRIBUTES = (("shape", sw.SHAPES), ("color", tuple(sw.COLORS)), ("size", sw.SIZES),
-                     ("position", sw.POSITIONS))
-REGION_CLASSES = tuple(1 + len(values) for _, values in REGION_ATTRIBUTES)  # + background
-
-
-def region_word_ids(tokenizer) -> tuple[tuple[int, ...], ...]:
-    """Per region class (REGION_CLASSES order), the token ids of its name ("circle", "top
-    left"); () for background: model.connector.region_words embeds the tags with these."""
-    return tuple(ids for _, values in REGION_ATTRIBUTES
-                 for ids in [()] + [tuple(tokenizer.encode(str(value))) for value in values])
+# Region targets: each merged token's object (0: background), as indices into
+# regions.REGION_ATTRIBUTES.
 REGION_MIN_OVERLAP = 0.3  # of the smaller of the token's box and the object's box
 
 
@@ -140,17 +132,17 @@ class CaptionedImage:
     """Record bytes -> the image's patches, the multi-hot tokens of its scene's caption and its
     tokens' region labels, or a bad-record marker (skipped and counted downstream)."""
 
-    def __init__(self, tokenizer, vocab_size: int, opts: omni_pipeline.VisionOptions):
+    def __init__(self, tokenizer, vocab_size: int, opts: media.VisionOptions):
         self.tokenizer, self.vocab_size, self.opts = tokenizer, vocab_size, opts
 
     def __call__(self, raw: bytes) -> dict:
         try:
             record = sw.decode_record(raw)
-            item = omni_pipeline.preprocess_media("image", record["images"][0], self.opts)
+            item = media.preprocess_media("image", record["images"][0], self.opts)
             ids = self.tokenizer.encode(sw.caption_text(record["attributes"]))
             regions = region_labels(record["attributes"], item.grid_thw)
         except (ValueError, KeyError, TypeError, IndexError):
-            return {pipeline._BAD: 1}
+            return {pipeline.BAD_RECORD: 1}
         targets = np.zeros(self.vocab_size, np.float32)
         targets[[i for i in ids if i < self.vocab_size]] = 1.0
         return {"patches": item.patches, "grid_thw": item.grid_thw, "targets": targets, "region_labels": regions}
@@ -168,7 +160,7 @@ def pack_row(images: list[dict], patches_per_row: int) -> dict:
             "num_bad_records": sum(int(im.get("num_bad_records", 0)) for im in images)}
 
 
-def max_patches_per_image(opts: omni_pipeline.VisionOptions) -> int:
+def max_patches_per_image(opts: media.VisionOptions) -> int:
     """The most patches one image can have under `data.vision.image_max_pixels` (or its
     `image_side`): its sides are multiples of 28, so its area is a whole number of 28²
     blocks of 2×2 patches."""
@@ -178,21 +170,22 @@ def max_patches_per_image(opts: omni_pipeline.VisionOptions) -> int:
 
 def make_dataset(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Batches of `tower_pretrain.batch_size / process_count` rows for this process."""
-    tc, opts = config.tower_pretrain, omni_pipeline.VisionOptions.from_config(config)
+    tc, opts = config.tower_pretrain, media.VisionOptions.from_config(config)
     per_row, per_pack = int(tc.images_per_row), int(tc.patches_per_row)
     if per_pack % ip.MERGE_SIZE ** 2 or per_pack < per_row * max_patches_per_image(opts):
         raise ValueError(f"config.tower_pretrain.patches_per_row={per_pack} must be a multiple of "
                          f"{ip.MERGE_SIZE ** 2} holding images_per_row={per_row} images of up to "
                          f"{max_patches_per_image(opts)} patches (data.vision.image_max_pixels)")
-    shapes_dir, file_tasks = omni_pipeline.write_builtin_shapes_world(config)
+    world_cfg = shapes_world_source.world_source_config(config)
+    shapes_dir, file_tasks = shapes_world_source.write_builtin_shapes_world(config, world_cfg)
     tasks = [t for t in file_tasks if t in SCENE_TASKS]
     if not tasks:
-        raise ValueError(f"data.shapes_world.tasks={tuple(file_tasks)} has none of {SCENE_TASKS} to pre-train on")
+        raise ValueError(f"data.sources.<shapes_world>.tasks={tuple(file_tasks)} has none of {SCENE_TASKS} to pre-train on")
     source = write_shapes_world.open_split(shapes_dir, "train")
     indices = [i for i in range(len(source)) if file_tasks[i % len(file_tasks)] in tasks]
     ds = grain.MapDataset.source(indices)[process_index::process_count].shuffle(int(config.data.seed)).repeat(None)
     ds = ds.map(lambda i: source[i]).map(CaptionedImage(tokenizer, int(config.model.llm.vocab_size), opts))
-    it = pipeline._SkipBadDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)))
+    it = pipeline.SkipBadDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)))
     it = it.batch(per_row, drop_remainder=True, batch_fn=functools.partial(pack_row, patches_per_row=per_pack))
     return it.batch(int(tc.batch_size) // process_count, drop_remainder=True)
 
@@ -225,7 +218,7 @@ class TowerClassifier(nn.Module):
     the one token that holds the star must itself say "star"; a mean lets the background
     tokens dilute an object's outline.
     "regions": every merged token names the shape, colour, size and position of the object it covers
-    (RegionHead), as detector features with attribute heads (Anderson et al. 2018,
+    (regions.RegionHead), as detector features with attribute heads (Anderson et al. 2018,
     "Bottom-Up and Top-Down Attention"): one token holds one object's attributes together.
     """
     vision: VisionConfig
@@ -244,7 +237,8 @@ class TowerClassifier(nn.Module):
         features, merged_ids = VisionEncoder(self.vision, name="vision")(patches, segment_ids, hw)
         out = {}
         if "regions" in self.objective:
-            regions = RegionHead(sum(REGION_CLASSES), name="region_head")(features)
+            # Under the omni model's plug-in scope, so its checkpoint loads there as it is.
+            regions = RegionTags(REGION_CLASSES, name=MODULE_NAME).logits(features)
             out["regions"] = nn.with_logical_constraint(regions, ("activation_batch", "activation_length", None))
         if "caption" in self.objective:
             out["caption"] = self.caption_logits(features, merged_ids)
@@ -314,6 +308,7 @@ def region_loss(logits, labels) -> dict:
 
 
 def jit_step(model, mesh, rules, shardings):
+    @train_step.skip_nonfinite
     def step(state, batch):
         grads, metrics = jax.grad(functools.partial(loss_fn, model=model), has_aux=True)(state.params, batch)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -353,7 +348,7 @@ class TowerPretrainConfig:
 
 def example_shapes(tc: TowerPretrainConfig, vocab_size: int) -> dict:
     b, n = tc.batch_size, tc.patches_per_row
-    return {"patches": jax.ShapeDtypeStruct((b, n, omni_pipeline.PATCH_DIM), jnp.float32),
+    return {"patches": jax.ShapeDtypeStruct((b, n, media.PATCH_DIM), jnp.float32),
             "segment_ids": jax.ShapeDtypeStruct((b, n), jnp.int32), "hw": jax.ShapeDtypeStruct((b, 2, n), jnp.int32),
             "targets": jax.ShapeDtypeStruct((b, tc.images_per_row, vocab_size), jnp.float32),
             "region_labels": jax.ShapeDtypeStruct((b, n // ip.MERGE_SIZE ** 2, len(REGION_ATTRIBUTES)), jnp.int32)}
@@ -385,52 +380,48 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shapes = example_shapes(tc, vocab_size)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes, model_inputs))
     tx = optimizers.make_optimizer(opt, tc.steps, abstract_params)
-    schedule = optimizers.make_schedule_from_config(opt, tc.steps)
-    state, abstract, shardings = train_step.create_train_state(model, tx, mesh, rules, shapes, config.seed,
+    state, _, shardings = train_step.create_train_state(model, tx, mesh, rules, shapes, config.seed,
                                                                inputs=model_inputs)
     data_iter = iter(make_dataset(config, tokenizer, process_index=jax.process_index(),
                                   process_count=jax.process_count()))
-    checkpointer = checkpointing.Checkpointer(f"{workdir}/checkpoints", save_every=tc.checkpoint_every, keep=1)
-    if checkpointer.latest_step() is not None:
-        restore_into = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, _ = checkpointer.restore(restore_into, data_iter)
-        logging.info("resumed from step %d", int(state.step))
-    elif tc.head_bias == "prior" and "caption" in tc.objective:
-        state = _head_bias_at_prior(state, shardings, config, tokenizer, tc.prior_batches)
-    step_fn = jit_step(model, mesh, rules, shardings)
-    flops = training_flops_per_pack(vision, tc.patches_per_row) * tc.batch_size
     peak = mfu.peak_flops_per_device(float(config.train.get("peak_flops_per_device", 0.0))) * jax.device_count()
-    logger = metrics_logging.MetricLogger(workdir, tc.steps, log_every=tc.log_every, start_step=int(state.step))
-    step, last, timer = int(state.step), {}, time.perf_counter()
-    with checkpointer, checkpointing.StopSignal() as stop, logger:
-        while step < tc.steps:
-            local = next(data_iter)
-            bad = int(np.sum(local.pop("num_bad_records", 0)))
-            state, metrics = step_fn(state, pipeline.make_global_batch(local, mesh))
-            step += 1
-            if logger.should_log(step):
-                now = time.perf_counter()
-                elapsed, timer = (now - timer) / tc.log_every, now
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                last.update(step_time_s=elapsed, images_per_s=tc.batch_size * tc.images_per_row / elapsed,
-                            mfu=flops / elapsed / peak, bad_records=bad, lr=float(schedule(step - 1)))
-            logger.log(step, last)
-            if stop.should_stop(step):
-                logging.warning("stop requested: saving step %d and exiting", step)
-                break
-            if checkpointer.should_save(step):
-                checkpointer.save(step, state, data_iter)
-        if checkpointer.latest_step() != step:
-            checkpointer.save(step, state, data_iter, force=True)
-        checkpointer.wait()
-        logger.summary()
-    if tc.eval_batches and step >= tc.steps and jax.process_count() == 1:
-        accuracy = evaluate_head(model, state.params, config, tokenizer, mesh, rules, tc.eval_batches)
-        (epath.Path(workdir) / "tower_eval.json").write_text(json.dumps(dict(accuracy, step=step), indent=2))
-        logging.info("tower head on fresh scenes (objects: accuracy): shape %s, colour %s; %s/tower_eval.json",
-                     accuracy["shape"], accuracy["color"], workdir)
-        last = dict(last, tower_eval=accuracy)
+    options = loop_lib.LoopOptions(steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
+                                   max_nonfinite_steps=int(config.train.get("max_nonfinite_steps", 10)))
+    head_bias_at_prior = tc.head_bias == "prior" and "caption" in tc.objective
+    loop = loop_lib.Loop(
+        jit_step(model, mesh, rules, shardings), data_iter, options, workdir,
+        to_global=lambda local: pipeline.make_global_batch(
+            {k: v for k, v in local.items() if k != "num_bad_records"}, mesh),
+        metrics_fn=lambda fetched, local: dict(loop_lib.scalar_metrics(fetched),
+                                               bad_records=int(np.sum(local.get("num_bad_records", 0)))),
+        throughput=loop_lib.Throughput(items_per_step=tc.batch_size * tc.images_per_row, item="images",
+                                       flops_per_step=training_flops_per_pack(vision, tc.patches_per_row) * tc.batch_size,
+                                       peak_flops=peak),
+        schedule=optimizers.make_schedule_from_config(opt, tc.steps),
+        callbacks=[HeadAccuracy(model, config, tokenizer, mesh, rules, workdir, tc.eval_batches)],
+        fresh_start=(functools.partial(_head_bias_at_prior, shardings=shardings, config=config, tokenizer=tokenizer,
+                                       num_batches=tc.prior_batches) if head_bias_at_prior else None))
+    _, last = loop.run(state)
     return last
+
+
+class HeadAccuracy(loop_lib.Callback):
+    """At the end of the run: the heads' accuracy on fresh scenes (`evaluate_head`), written to
+    `tower_eval.json` and returned as `tower_eval`."""
+
+    def __init__(self, model, config, tokenizer, mesh, rules, workdir: str, num_batches: int):
+        self.args, self.workdir, self.num_batches = (model, config, tokenizer, mesh, rules), workdir, num_batches
+
+    def finish(self, state) -> dict:
+        if not self.num_batches or jax.process_count() > 1:
+            return {}
+        model, config, tokenizer, mesh, rules = self.args
+        accuracy = evaluate_head(model, state.params, config, tokenizer, mesh, rules, self.num_batches)
+        step = int(state.step)
+        (epath.Path(self.workdir) / "tower_eval.json").write_text(json.dumps(dict(accuracy, step=step), indent=2))
+        logging.info("tower head on fresh scenes (objects: accuracy): shape %s, colour %s; %s/tower_eval.json",
+                     accuracy["shape"], accuracy["color"], self.workdir)
+        return {"tower_eval": accuracy}
 
 
 # ----------------------------------------------------------------------------- eval
@@ -482,7 +473,7 @@ def evaluate_head(model, params, config, tokenizer, mesh, rules, num_batches: in
     answer needs no locating), `num_batches` batches of tower_pretrain.batch_size rows: the
     region head's (region_accuracy) if the model has one, else the caption head's
     (attribute_accuracy)."""
-    tc, opts = config.tower_pretrain, omni_pipeline.VisionOptions.from_config(config)
+    tc, opts = config.tower_pretrain, media.VisionOptions.from_config(config)
     rng = np.random.default_rng(seed)
     vocab_size = int(config.model.llm.vocab_size)
     apply = jax.jit(lambda p, *inputs: model.apply({"params": p}, *inputs))
@@ -493,7 +484,7 @@ def evaluate_head(model, params, config, tokenizer, mesh, rules, num_batches: in
             images = []
             for _ in range(int(tc.images_per_row)):
                 scene = sw.sample_scene(rng, num_objects=1 if rng.random() < 0.5 else int(rng.integers(2, 4)))
-                item = omni_pipeline.preprocess_media("image", sw.render_scene(scene), opts)
+                item = media.preprocess_media("image", sw.render_scene(scene), opts)
                 images.append({"patches": item.patches, "grid_thw": item.grid_thw,
                                "targets": np.zeros(vocab_size, np.float32)})
                 scenes.append(scene)
