@@ -1,6 +1,6 @@
 """Alignment stage [paper]: DPO(chosen, rejected) + 0.3·instruction loss, LoRA on the LLM.
 
-    python -m m2omni_jax.align --config=configs/stages/alignment.py:tiny --workdir=/tmp/m2omni_stages/align
+    m2omni-align --config=configs/stages/alignment.py:tiny --workdir=/tmp/m2omni_stages/align
 
 The model (`config.model.kind`: "omni", the LLM with its vision tower and
 connector, or "llm", the LLM alone) starts from the previous stage's

@@ -1,6 +1,6 @@
 """Step-balance calibration: train each modality alone and record the loss it converges to.
 
-    python -m m2omni_jax.calibrate --config=configs/stages/pt3.py:tiny \
+    m2omni-calibrate --config=configs/stages/pt3.py:tiny \
         --workdir=/tmp/m2omni_stages/calib --steps=100
 
 For every modality in `config.balance.modalities`, a short run on that

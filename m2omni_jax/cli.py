@@ -64,19 +64,17 @@ def run_command(command: Callable, name: str, config, workdir: str) -> None:
         signal.signal(signum, _stop)
     try:
         command(config, workdir)
-    except Stopped as e:
+    except (Stopped, Exception) as e:
+        # `_received`: a native library on the way (sentencepiece) may re-raise `Stopped` as its own error.
+        message, code = ((f"stopped by {_received[0]} outside the training steps; the last checkpoint "
+                          "(if any) is kept", 0) if _received else
+                         (str(e), 2) if isinstance(e, faults.ConfigError) else
+                         (str(e), 1) if isinstance(e, faults.RunError) else (None, None))
+        if message is None:
+            raise
         logging.flush()
-        print(f"{name}: stopped by {e} outside the training steps; the last checkpoint (if any) is kept",
-              file=sys.stderr, flush=True)
-        sys.exit(0)
-    except faults.ConfigError as e:
-        logging.flush()
-        print(f"{name}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except faults.RunError as e:
-        logging.flush()
-        print(f"{name}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        print(f"{name}: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 class Stopped(BaseException):
@@ -84,8 +82,12 @@ class Stopped(BaseException):
     no `except Exception` on the way (the checkpoint fallback) mistakes it for a fault."""
 
 
+_received: list[str] = []  # the stop signal `_stop` raised for, if any
+
+
 def _stop(signum, frame):
     del frame
+    _received.append(signal.Signals(signum).name)
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal kills, as without us
         signal.signal(sig, signal.SIG_DFL)
     raise Stopped(signal.Signals(signum).name)

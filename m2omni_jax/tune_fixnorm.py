@@ -1,6 +1,6 @@
 """FixNorm's few-trial tuning: search η at a default τ, then τ at the best η.
 
-    python -m m2omni_jax.tune_fixnorm --config=configs/tiny.py --workdir=/tmp/fixnorm_tune \
+    m2omni-tune-fixnorm --config=configs/tiny.py --workdir=/tmp/fixnorm_tune \
         --etas=1e-3,3e-3,1e-2 --taus=5,10,20 --tau_default=10 --steps=100
 
 Every trial is a short `m2omni-train` run with `opt.name="fixnorm"`, its own

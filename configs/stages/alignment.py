@@ -1,6 +1,6 @@
 """Alignment: DPO(chosen, rejected) + 0.3·instruction loss with LoRA on the LLM (~5% of its weights).
 
-    python -m m2omni_jax.align --config=configs/stages/alignment.py:tiny --workdir=/tmp/m2omni_stages/align
+    m2omni-align --config=configs/stages/alignment.py:tiny --workdir=/tmp/m2omni_stages/align
 
 Starts from IT3's omni parameters (config.init_from = ../it3: LLM, vision
 tower, connector, all frozen); preference pairs (the correct answer about an

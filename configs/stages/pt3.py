@@ -1,6 +1,6 @@
 """PT3 joint pre-training: + video and interleaved documents, with step balance.
 
-    python -m m2omni_jax.calibrate --config=configs/stages/pt3.py:tiny --workdir=/tmp/m2omni_stages/calib
+    m2omni-calibrate --config=configs/stages/pt3.py:tiny --workdir=/tmp/m2omni_stages/calib
     m2omni-train --config=configs/stages/pt3.py:tiny --workdir=/tmp/m2omni_stages/pt3 \
         --config.balance.step.calibration_file=/tmp/m2omni_stages/calib/converged_losses.json
 
