@@ -112,5 +112,6 @@ def parse_flags(argv, name: str = "m2omni-train"):
         message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip()
         if len(message) > 1 and message[0] == message[-1] == "'":  # AttributeError's repr quotes
             message = message[1:-1]
-        sys.exit(f"{name}: bad flag or config override: {message}\nUsage: {name} "
-                 "--config=configs/tiny.py --workdir=DIR [--config.section.field=value ...]")
+        print(f"Usage: {name} --config=configs/tiny.py --workdir=DIR [--config.section.field=value ...]\n"
+              f"{name}: bad flag or config override: {message}", file=sys.stderr)
+        sys.exit(2)  # as a config error: the message is the last line
