@@ -7,6 +7,7 @@ flags of their own define them in their module, next to their `run()`.
 """
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ def run(command: Callable, name: str, *, quiet: bool = False) -> None:
             jax.distributed.initialize()
         import m2omni_jax.experiments  # noqa: F401  (registers the built-in data set's sources and plug-ins)
 
+        logging.get_absl_handler().addFilter(OwnInfoOnly())
         logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
                      jax.local_device_count())
         run_command(command, name, FLAGS.config, workdir_path(FLAGS.workdir))
@@ -53,6 +55,15 @@ def run(command: Callable, name: str, *, quiet: bool = False) -> None:
     if quiet:
         logging.set_verbosity(logging.WARNING)
     app.run(main, flags_parser=lambda argv: parse_flags(argv, name))
+
+
+class OwnInfoOnly(py_logging.Filter):
+    """Quiet by default: INFO lines of our own modules pass, third-party ones (Orbax's
+    per-save chatter, grain, TFDS) only from WARNING up; `--verbosity=1` shows everything."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return (record.levelno >= py_logging.WARNING or "m2omni_jax" in record.pathname
+                or logging.get_verbosity() > logging.INFO)
 
 
 def run_command(command: Callable, name: str, config, workdir: str) -> None:
