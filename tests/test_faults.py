@@ -106,6 +106,29 @@ def test_a_huge_learning_rate_skips_steps_and_saves_only_finite_states(tmp_path)
     assert checkpoint_steps(workdir)[-1] < 40  # nothing saved after the run gave up
 
 
+@pytest.mark.slow
+def test_a_run_that_skipped_non_finite_steps_resumes_bitwise(tmp_path):
+    """Stopped at step 6 (with skipped steps before it) and resumed to 12 = 12 straight steps:
+    the same losses (NaN where skipped) and the same skip count, step by step."""
+    data_dir = tmp_path / "data"
+    huge = ["--config.opt.peak_lr=1e4", "--config.train.max_nonfinite_steps=100", "--config.checkpoint.every=4"]
+    first = run(text_command(tmp_path / "resumed", data_dir, "--config.train.steps=6", *huge))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run(text_command(tmp_path / "resumed", data_dir, "--config.train.steps=12", *huge))
+    assert resumed.returncode == 0 and "resumed from step 6" in resumed.stderr, resumed.stderr[-3000:]
+    straight = run(text_command(tmp_path / "straight", data_dir, "--config.train.steps=12", *huge))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    def by_step(workdir):
+        return {r["step"]: r for r in strict_json_lines(workdir / "metrics.jsonl") if "loss" in r}
+    got, want = by_step(tmp_path / "resumed"), by_step(tmp_path / "straight")
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    assert want[12].get("train/skipped_nonfinite", 0) > 0  # the fault happened
+    for step in want:
+        assert got[step]["loss"] == want[step]["loss"], step  # bitwise (None where non-finite)
+        assert got[step].get("train/skipped_nonfinite") == want[step].get("train/skipped_nonfinite"), step
+
+
 # ----------------------------------------------------------------------------- 2. unreadable checkpoints
 
 
