@@ -45,6 +45,7 @@ setuptools.setup(
     entry_points={"console_scripts": [
         "m2omni-train=m2omni_jax.main:run",
         "m2omni-eval=m2omni_jax.evaluate:run",
+        "m2omni-generate=m2omni_jax.generate:run",
         "m2omni-prepare-data=m2omni_jax.prepare_data:run",
         "m2omni-calibrate=m2omni_jax.calibrate:run",
         "m2omni-tune-fixnorm=m2omni_jax.tune_fixnorm:run",

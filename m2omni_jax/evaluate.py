@@ -20,14 +20,11 @@ import json
 import os
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from m2omni_jax import build, cli, scoring
-from m2omni_jax.data import chat, media, omni_pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import chat, media, tokenizer as tokenizer_lib
 from m2omni_jax.data import sources as data_sources
-from m2omni_jax.models.omni import audio_enabled, init_cache
+from m2omni_jax.inference import decoding
+from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
 
@@ -38,49 +35,9 @@ NUM_SPEECH_EXAMPLES_SAVED = 8
 # ----------------------------------------------------------------------------- decoding
 
 
-def make_greedy_decoder(model, max_len: int):
-    """Returns decode(params, prompt_inputs, next_position, num_new) -> (B, num_new) token ids.
-
-    prompt_inputs: the model's inputs for the (left-padded) prompts, tokens (B,L),
-    positions (3,B,L), segment_ids (B,L) (+ media keys). The prompt is one
-    prefill call writing the cache; each new token is one cached call at
-    M-RoPE position next_position + i (t = h = w, as text after the prompt).
-    """
-    def apply(params, cache, inputs):
-        return model.apply({"params": params, "cache": cache}, **inputs, decode=True, mutable=["cache"])
-
-    @jax.jit
-    def prefill(params, inputs):
-        cache = init_cache(model, inputs["tokens"].shape[0], max_len)
-        logits, variables = apply(params, cache, inputs)
-        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), variables["cache"]
-
-    @jax.jit
-    def step(params, cache, token, position):
-        inputs = {"tokens": token[:, None], "positions": jnp.broadcast_to(position[None, :, None], (3,) + token.shape + (1,)),
-                  "segment_ids": jnp.ones((token.shape[0], 1), jnp.int32)}
-        logits, variables = apply(params, cache, inputs)
-        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), variables["cache"]
-
-    def decode(params, prompt_inputs, next_position, num_new: int, stop_ids: Sequence[int] = ()):
-        token, cache = prefill(params, prompt_inputs)
-        out = [np.asarray(token)]
-        done = np.isin(out[-1], stop_ids)
-        for i in range(1, num_new):
-            if done.all():
-                break
-            token, cache = step(params, cache, token, jnp.asarray(next_position + i - 1, jnp.int32))
-            out.append(np.asarray(token))
-            done |= np.isin(out[-1], stop_ids)
-        tokens = np.stack(out, 1)
-        return np.pad(tokens, ((0, 0), (0, num_new - tokens.shape[1])))
-    return decode
-
-
-def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-    ids = list(ids)
-    stops = [i for i, t in enumerate(ids) if t in stop_ids]
-    return ids[:stops[0]] if stops else ids
+# The shared KV-cache decoder (m2omni_jax/inference/decoding.py), greedy here.
+make_greedy_decoder = decoding.make_greedy_decoder
+cut_at_stop = decoding.cut_at_stop
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -102,11 +59,7 @@ def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled batch shape
-        batch = chat.batch_prompts(padded, prompt_len, int(config.data.vision.patches_per_row), audio_opts,
-                                            max_segments_per_row=opts.max_segments_per_row)
-        next_position = batch.pop("next_position")
-        inputs = {k: v for k, v in batch.items() if k in _input_keys(config)}
-        inputs["positions"] = np.moveaxis(inputs["positions"], 1, 0)
+        inputs, next_position = decoding.prompt_inputs(config, padded, prompt_len, opts, audio_opts)
         batches.append((len(chunk), inputs, next_position))
 
     def answer(params) -> list[str]:
@@ -122,11 +75,6 @@ def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules
 def generate_answers(config, model, params, tokenizer, records: Sequence[dict], mesh, rules) -> list[str]:
     """Greedy answers to the first user turn of each record (see `make_answerer`)."""
     return make_answerer(config, model, tokenizer, records, mesh, rules)(params)
-
-
-def _input_keys(config) -> tuple[str, ...]:
-    text_keys = ("tokens", "segment_ids", "positions")
-    return text_keys + (omni_pipeline.MEDIA_KEYS if build.is_omni(config) else ())
 
 
 def _eval_batch_size(config, mesh) -> int:

@@ -1,0 +1,150 @@
+"""One-shot generation from a trained run: prints the reply as it is generated.
+
+    m2omni-generate --config=configs/tiny.py --workdir=/tmp/m2omni_tiny --prompt="What is in the picture?"
+        [--image=scene.png] [--audio=question.wav] [--system="..."] [--max_new_tokens=N]
+        [--temperature=T] [--top_p=P] [--top_k=K] [--repetition_penalty=R] [--greedy] [--seed=S]
+
+Restores the parameters of the latest checkpoint in `workdir/checkpoints` (and, with the
+audio tower, the run's `workdir/cmvn.json`). Each --image / --audio file fills one
+`<image>` / `<audio>` placeholder of the prompt, in order; a prompt without placeholders
+gets them in front. Sampling defaults are the paper's (temperature 0.7, top-k 100, top-p 0.8,
+repetition penalty 1.05); --greedy takes the argmax. A missing or unreadable file, an
+unsupported format or a prompt longer than the model's context (config.data.seq_len) is a
+one-line error (exit 2).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import flax.linen as nn
+import jax
+from absl import flags
+
+from m2omni_jax import build, cli, faults
+from m2omni_jax.data import media, records, tokenizer as tokenizer_lib
+from m2omni_jax.inference.generator import Generator
+from m2omni_jax.inference.sampling import GREEDY, SamplingParams
+from m2omni_jax.inference.streaming import HeadSegment
+from m2omni_jax.models.omni import audio_enabled
+from m2omni_jax.parallel import sharding
+from m2omni_jax.training import checkpointing, train_step
+
+_DEFAULT = SamplingParams()
+DEFAULT_MAX_NEW_TOKENS = 256  # when --max_new_tokens=0, and the context has room
+
+flags.DEFINE_string("prompt", None, "The user's message.")
+flags.DEFINE_string("system", "", "An optional system message.")
+flags.DEFINE_multi_string("image", [], "An image file (PNG, JPEG, ...) for an <image> placeholder; repeatable.")
+flags.DEFINE_multi_string("audio", [], "An audio file (WAV; FLAC, OGG with soundfile) for an <audio> placeholder; "
+                          "repeatable.")
+flags.DEFINE_integer("max_new_tokens", 0, f"Most tokens generated; 0: {DEFAULT_MAX_NEW_TOKENS}, or what fits "
+                     "in config.data.seq_len after the prompt.")
+flags.DEFINE_float("temperature", _DEFAULT.temperature, "Sampling temperature (0: greedy).")
+flags.DEFINE_float("top_p", _DEFAULT.top_p, "Nucleus sampling mass (1: off).")
+flags.DEFINE_integer("top_k", _DEFAULT.top_k, "Sample among the k most likely tokens (0: off).")
+flags.DEFINE_float("repetition_penalty", _DEFAULT.repetition_penalty, "CTRL repetition penalty (1: off).")
+flags.DEFINE_bool("greedy", False, "Argmax decoding (ignores the sampling flags).")
+flags.DEFINE_integer("seed", 0, "PRNG seed of the sampling.")
+FLAGS = flags.FLAGS
+
+
+def load_generator(config, workdir: str, *, mesh=None, rules=None) -> Generator:
+    """A `Generator` with the parameters of the latest checkpoint in `workdir/checkpoints`
+    (parameters only: no optimizer state is read), sharded by the config's mesh and rules."""
+    rules = tuple(rules or config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    if audio_enabled(config):  # the CMVN statistics the run was trained with
+        config = media.with_cmvn(config, workdir, compute=False)
+    tokenizer = tokenizer_lib.get_tokenizer(config)
+    model = build.build_model(config, tokenizer)
+    boxed = train_step.abstract_boxed_params(model, build.example_batch_shapes(config))
+    shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+    directory = os.path.join(workdir, "checkpoints")
+    try:
+        params, missing = checkpointing.load_params(directory, abstract)
+    except FileNotFoundError as e:
+        raise faults.RunError(f"no checkpoint in {directory}; train first (m2omni-train)") from e
+    if missing:
+        raise faults.RunError(f"the checkpoint in {directory} lacks {len(missing)} parameters of this config's model "
+                              f"(or holds them with other shapes): {', '.join(missing[:3])}...; is it the run's config?")
+    return Generator(model, params, tokenizer, config, mesh=mesh, rules=rules)
+
+
+def conversation(prompt: str, images=(), audio=(), system: str = "") -> dict:
+    """The record of one user turn; each file is read once here, so a bad one is a
+    `ConfigError` naming its flag."""
+    for flag, paths, load in (("image", images, records.load_image), ("audio", audio, records.load_audio)):
+        for path in paths:
+            check_file(flag, path, load)
+    content = prompt
+    if not media.PLACEHOLDER.search(prompt):
+        content = "<image>" * len(images) + "<audio>" * len(audio) + prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    # Paths, not waveforms: each audio file keeps its own sample rate.
+    return {"messages": messages, "images": [records.load_image(p) for p in images], "audio": list(audio)}
+
+
+def check_file(flag: str, path: str, load) -> None:
+    if not os.path.isfile(path):
+        raise faults.ConfigError(f"--{flag}={path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise faults.ConfigError(f"--{flag}={path}: not readable (permissions)")
+    try:
+        load(path)
+    except (OSError, ValueError, RuntimeError) as e:  # Pillow / wave / soundfile: not a format they read
+        message = " ".join(str(e).split())
+        raise faults.ConfigError(f"--{flag}={path}: unsupported or damaged {flag} file ({message})") from e
+
+
+def sampling_from_flags() -> SamplingParams:
+    if FLAGS.greedy:
+        return GREEDY
+    try:
+        return SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty)
+    except ValueError as e:
+        raise faults.ConfigError(f"--{e}") from e  # the message starts with the field, as the flag
+
+
+def generate_reply(generator: Generator, record: dict, sampling: SamplingParams, max_new_tokens: int, seed: int,
+                   out=None) -> str:
+    """Writes the reply to `out` as it arrives and returns its text; a conversation the model
+    cannot take (too long, media it cannot read) is a `ConfigError`."""
+    try:
+        if not max_new_tokens:  # as many as fit, up to the default
+            room = generator.max_len - len(generator.prompt(record)["ids"]) + 1
+            max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+        stream = generator.generate_stream(record, sampling, max_new_tokens=max_new_tokens, seed=seed)
+    except (ValueError, OSError) as e:
+        raise faults.ConfigError(str(e)) from e
+    out = out or sys.stdout
+    text = []
+    for segment in stream:
+        piece = segment.text
+        if isinstance(segment, HeadSegment):  # no head is registered yet; one would show here
+            piece = f"\n[{segment.kind} output: {type(segment.output).__name__}]\n"
+        text.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return "".join(text)
+
+
+def generate(config, workdir: str) -> str:
+    if FLAGS.prompt is None:
+        raise faults.ConfigError("--prompt is required")
+    sampling = sampling_from_flags()
+    if FLAGS.max_new_tokens < 0:
+        raise faults.ConfigError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0 (0: as many as fit)")
+    record = conversation(FLAGS.prompt, FLAGS.image, FLAGS.audio, FLAGS.system)
+    generator = load_generator(config, workdir)
+    return generate_reply(generator, record, sampling, FLAGS.max_new_tokens, FLAGS.seed)
+
+
+def run():
+    cli.run(generate, "m2omni-generate", quiet=True)
+
+
+if __name__ == "__main__":
+    run()
