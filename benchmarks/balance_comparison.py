@@ -48,8 +48,9 @@ def run_config(base, strategy: str, steps: int):
     config.train.loss_weights = {}
     config.train.heldout_batches = FLAGS.heldout_batches
     config.train.heldout_batch_size = base.train.batch_size  # the same held-out set for every arm
-    if strategy == "step" and FLAGS.calibration_file:
+    if strategy == "step":
         config.balance.step.calibration_file = FLAGS.calibration_file
+        config.balance.step.equal_weights = not FLAGS.calibration_file  # equal weights α/M without one
     if strategy == "step" and FLAGS.equal_tokens:
         num_modalities = len(config.balance.modalities)
         if config.train.batch_size % num_modalities:

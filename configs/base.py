@@ -168,12 +168,15 @@ def get_config() -> ml_collections.ConfigDict:
         lr_multipliers={},  # {group: multiplier}
         frozen=(),  # path regexes: zero updates, no optimizer state, no backward pass
         fixnorm=dict(
-            scale_invariant=(),  # path regexes of weights followed by a normalisation
+            # Path regexes of weights followed by a normalisation; they depend on the connector
+            # kind, so optimizers.fixnorm_preset(config) fills them in from the model config.
+            scale_invariant=(),
             classifier=(r"(^|/)lm_head/kernel$",),  # the LLM's classifier
             tau=None,  # classifier norm; None keeps its initial norm
             per_channel=False,  # True: fix each output channel's norm, not the tensor's
             classifier_per_class=False,  # True: the classifier's norm per class (row), not as a whole
-            stacked=(r"(^|/)layers/",),  # nn.scan-stacked params: norms never mix layers
+            # nn.scan-stacked params (LLM layers, ViT / SAN-M blocks): norms never mix layers
+            stacked=(r"(^|/)layers/", r"(^|/)blocks/"),
         ),
     ))
 
@@ -206,7 +209,8 @@ def get_config() -> ml_collections.ConfigDict:
         modalities=("text", "image", "video", "interleaved"),  # one single-modality micro-batch each
         step=dict(
             alpha=10.0,  # α: the weights sum to it [paper]
-            calibration_file=""),  # converged losses Lᵢ* (m2omni-calibrate); "": equal weights α/M
+            calibration_file="",  # converged losses Lᵢ* (m2omni-calibrate); required unless:
+            equal_weights=False),  # True: α/M each, no calibration (an explicit choice, never a fallback)
         dynamic=dict(
             window=5,  # H: validation losses per slope fit
             temperature=1.0,  # f: softmax temperature of the weights

@@ -7,6 +7,7 @@ FSDP over 64 chips × 4-way tensor parallelism within a host, bf16 compute,
 fp32 master weights, full rematerialisation, global batch 512 × 4096.
 """
 from configs import base
+from m2omni_jax.training import optimizers
 
 
 def get_config():
@@ -22,7 +23,8 @@ def get_config():
     config.train.batch_size = 512
     config.train.steps = 200_000
     config.train.log_every = 50
-    config.opt.update(dict(peak_lr=4e-5, warmup_steps=2000, decay="cosine", final_fraction=0.1,
-                           weight_decay=0.1, mu_dtype="bfloat16"))
+    config.opt.update(dict(warmup_steps=2000, decay="cosine", final_fraction=0.1, mu_dtype="bfloat16"))
+    # MM1's law for N = 7.06e10: peak_lr ≈ 1.54e-5, weight_decay = 0.1·peak_lr ("schedule_only").
+    config.opt.update(optimizers.mm1_opt_fields(config.model.llm))
     config.checkpoint.update(dict(every=500, keep=3))
     return config

@@ -9,6 +9,7 @@ batch). Point `tokenizer.path` at your SentencePiece model with the special
 tokens (see m2omni_jax/data/tokenizer.py).
 """
 from configs import base
+from m2omni_jax.training import optimizers
 
 
 def get_config():
@@ -24,7 +25,8 @@ def get_config():
     config.train.batch_size = 512
     config.train.steps = 200_000
     config.train.log_every = 50
-    config.opt.update(dict(peak_lr=1e-4, warmup_steps=2000, decay="cosine", final_fraction=0.1,
-                           weight_decay=0.1, mu_dtype="bfloat16"))
+    config.opt.update(dict(warmup_steps=2000, decay="cosine", final_fraction=0.1, mu_dtype="bfloat16"))
+    # MM1's law for N = 8.03e9: peak_lr ≈ 3.85e-5, weight_decay = 0.1·peak_lr ("schedule_only").
+    config.opt.update(optimizers.mm1_opt_fields(config.model.llm))
     config.checkpoint.update(dict(every=1000, keep=3))
     return config

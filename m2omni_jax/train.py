@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from m2omni_jax import build, evaluate
+from m2omni_jax import build, evaluate, faults
 from m2omni_jax import workdir as workdir_lib
-from m2omni_jax.data import balance_sources, media, omni_pipeline, pipeline, tokenizer as tokenizer_lib
+from m2omni_jax.data import balance_sources, media, pipeline, sources, tokenizer as tokenizer_lib
 from m2omni_jax.modalities import MODALITIES, modality_id
 from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
@@ -27,6 +27,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from `workdir`'s latest checkpoint); returns the last logged metrics,
     plus `heldout_loss/<modality>` with config.train.heldout_batches."""
     build.validate_config(config, jax.device_count(), jax.process_count())
+    if balance_strategy(config) == "step":
+        step_balance_weights(config)  # no calibration (or a bad one): fail before anything heavy
     workdir_lib.prepare(workdir)  # writable, and ours alone, before anything heavy
     if audio_enabled(config):  # CMVN statistics: measured by the first run, read back on resume
         config = media.with_cmvn(config, workdir)
@@ -35,7 +37,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("mesh %s over %d devices; balance strategy %s", dict(mesh.shape), mesh.size,
                  balance_strategy(config))
     tokenizer = tokenizer_lib.get_tokenizer(config)
-    model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
+    model, tx, shapes = build.make_model_and_optimizer(optimizer_chain_config(config), tokenizer)
     state, abstract_state, state_shardings = train_step.create_train_state(
         model, tx, mesh, rules, shapes, config.seed)
     validation_loss = dynamic_balance.jit_validation_loss(
@@ -65,7 +67,8 @@ def make_step(config, model, mesh, rules, abstract_state, state_shardings, balan
         loss_fn = functools.partial(train_step.loss_fn, model=model, z_loss_weight=config.train.z_loss_weight)
         ndims = {k: train_step._BATCH_NDIM.get(k, 2) for k in build.batch_keys(config)}
         step_loss = loss_fn if frozen is None else train_step.without_gradient_through(frozen, loss_fn)
-        balanced = balanced_step.jit_balanced_step(step_loss, mesh, rules, state_shardings, ndims)
+        balanced = balanced_step.jit_balanced_step(step_loss, mesh, rules, state_shardings, ndims,
+                                                   grad_clip=float(config.opt.get("grad_clip", 0.0) or 0.0))
         micro_weights = step_balance_weights(config)
         logging.info("step balance weights %s", dict(zip(config.balance.modalities, micro_weights.tolist())))
         return (lambda st, batch: balanced(st, batch, micro_weights),
@@ -129,19 +132,52 @@ def make_batch_source(config, tokenizer):
         return balance_sources.StackedModalityBatches(iterators)
     if strategy == "round_robin":
         return balance_sources.PickedModalityBatches(iterators, balance.round_robin(modalities))
-    sizes = omni_pipeline.modality_weights(config.data) if build.is_omni(config) else {"text": 1.0}
     return balance_sources.PickedModalityBatches(
-        iterators, balance.size_proportional_sampler({m: sizes.get(m, 0.0) for m in modalities}, config.seed))
+        iterators, balance.size_proportional_sampler(dataset_sizes(config, modalities), config.seed))
+
+
+def dataset_sizes(config, modalities) -> dict[str, int]:
+    """Training records of each modality: the sum over the configured sources' parts."""
+    sizes = {m: 0 for m in modalities}
+    for part in sources.parts(config, "train").values():
+        if part.modality in sizes:
+            sizes[part.modality] += len(part.records())
+    empty = sorted(m for m, n in sizes.items() if n == 0)
+    if empty:
+        raise faults.ConfigError(f"config.balance.strategy='size_proportional': config.balance.modalities "
+                                 f"has {empty} but config.data.sources hold no training records of them")
+    return sizes
+
+
+def optimizer_chain_config(config):
+    """The config the optax chain is built from. Step balance clips the weighted average in its
+    own step (balanced_step.clip_weighted_sum), so its chain must not clip the α-sized sum again."""
+    if balance_strategy(config) != "step" or not config.opt.get("grad_clip", 0.0):
+        return config
+    config = config.copy_and_resolve_references()
+    config.opt.grad_clip = 0.0
+    return config
 
 
 def step_balance_weights(config) -> np.ndarray:
-    """wᵢ in config.balance.modalities order, from the calibration file (or equal: α/M)."""
+    """wᵢ in config.balance.modalities order, from the calibration file, or α/M each when
+    balance.step.equal_weights is set instead; a ConfigError naming the field otherwise."""
     modalities = tuple(config.balance.modalities)
     path = config.balance.step.calibration_file
-    converged = balance.load_calibration(path) if path else {m: 1.0 for m in modalities}
+    equal = bool(config.balance.step.get("equal_weights", False))
+    if bool(path) == equal:
+        raise faults.ConfigError(
+            f"config.balance.strategy='step' needs exactly one of config.balance.step.calibration_file "
+            f"(converged losses from m2omni-calibrate; got {path!r}) and "
+            f"config.balance.step.equal_weights=True (got {equal})")
+    try:
+        converged = balance.load_calibration(path) if path else {m: 1.0 for m in modalities}
+    except (OSError, ValueError) as e:
+        raise faults.ConfigError(f"config.balance.step.calibration_file={path!r}: {e}") from e
     missing = set(modalities) - set(converged)
     if missing:
-        raise ValueError(f"calibration file {path} has no converged loss for {sorted(missing)}")
+        raise faults.ConfigError(f"config.balance.step.calibration_file={path!r} has no converged loss "
+                                 f"for {sorted(missing)} of config.balance.modalities")
     weights = balance.step_balance_weights({m: converged[m] for m in modalities}, config.balance.step.alpha)
     return np.asarray([weights[m] for m in modalities], np.float32)
 

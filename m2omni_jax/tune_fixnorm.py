@@ -24,8 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def trial_config(base, eta: float, tau: float, steps: int):
-    config = base.copy_and_resolve_references()
-    config.opt.name = "fixnorm"
+    config = optimizers.fixnorm_preset(base.copy_and_resolve_references())  # + the scale-invariant weights
     config.opt.peak_lr = eta
     config.opt.fixnorm.tau = tau
     config.train.steps = steps

@@ -1,5 +1,6 @@
 """Step balance weights, calibration file, baseline samplers, dynamic adaptive balance."""
 import collections
+import json
 
 import jax
 import numpy as np
@@ -47,6 +48,40 @@ def test_calibration_round_trip_and_errors(tmp_path):
             balance.load_calibration(str(bad))
 
 
+def test_calibration_file_holds_convergence_and_old_flat_files_still_load(tmp_path):
+    path = str(tmp_path / "losses.json")
+    balance.save_calibration(path, {"text": 2.25}, {"slope_per_step": {"text": -0.001}})
+    data = json.loads(open(path).read())
+    assert data == {"converged_losses": {"text": 2.25}, "convergence": {"slope_per_step": {"text": -0.001}}}
+    assert balance.load_calibration(path) == {"text": 2.25}
+    flat = tmp_path / "flat.json"
+    flat.write_text('{"text": 2.0, "image": 1.5}')
+    assert balance.load_calibration(str(flat)) == {"text": 2.0, "image": 1.5}
+
+
+def test_tail_convergence_is_the_tail_mean_and_flags_a_falling_curve():
+    steps = list(range(1, 101))
+    settled = [2.0 + 3.0 * np.exp(-s / 5) for s in steps]  # flat well before the last 20 steps
+    falling = [4.0 - 0.01 * s for s in steps]  # a straight line: still 0.19 down over the tail
+    a = balance.tail_convergence(steps, settled, tail=20)
+    b = balance.tail_convergence(steps, falling, tail=20)
+    assert a["converged_loss"] == pytest.approx(np.mean(settled[-20:]))
+    assert abs(a["relative_change"]) < 1e-5
+    assert b["converged_loss"] == pytest.approx(4.0 - 0.01 * 90.5)
+    assert b["slope_per_step"] == pytest.approx(-0.01)
+    assert b["relative_change"] == pytest.approx(-0.19 / 3.095)
+    assert balance.unconverged({"image": a, "text": b}, max_change=0.02) == ["text"]
+    with pytest.raises(ValueError, match="shorter than --tail=20"):
+        balance.tail_convergence(steps[:10], settled[:10], tail=20)
+
+
+def test_calibration_tail_is_at_most_half_the_run():
+    balance.check_calibration_tail(steps=20, tail=10)
+    for steps, tail in ((20, 11), (100, 1)):
+        with pytest.raises(ValueError, match=f"--tail={tail} .*--steps"):
+            balance.check_calibration_tail(steps, tail)
+
+
 def test_round_robin_and_size_proportional():
     rr = balance.round_robin(["text", "image", "audio"])
     assert [rr(i) for i in range(5)] == ["text", "image", "audio", "text", "image"]
@@ -64,7 +99,8 @@ def _reference_weights(window_losses, f):
     """The paper's arithmetic, written independently in float64 numpy."""
     L = np.asarray(window_losses, np.float64)  # (H, M)
     H, M = L.shape
-    Ln = (L - L.min(0)) / np.maximum(L.max(0) - L.min(0), 1e-6)
+    floor = np.minimum(L.min(0), 1e-6)  # the paper's min{min_w, ε}
+    Ln = (L - floor) / (L.max(0) - floor)
     a = np.array([np.polyfit(np.arange(H), Ln[:, i], 1)[0] for i in range(M)])
     a_t = M * a / np.abs(a).sum()
     soft = lambda z: np.exp(z) / np.exp(z).sum()
@@ -96,7 +132,8 @@ def test_first_window_passes_are_all_ones():
 
 
 def test_two_modality_hand_computed():
-    # window 4 at pass 5: text [4,3,2,1.5] -> L~ = [1, .6, .2, 0]: slope -0.34; image flat: 0.
+    # window 4 at pass 5: text [4,3,2,1.5] -> L~ ≈ L/4 = [1, .75, .5, .375]: slope -0.2125;
+    # image flat: L~ = 1, slope 0.
     # a~ = 2·a/Σ|a| = (-2, 0); softmax(a~) = (e^-2, 1)/(1+e^-2) = (0.119203, 0.880797)
     # s = (2·0.119203, 0) = (0.238406, 0); w = 2·softmax(s) = (1.118642, 0.881358)  (f = 1)
     # w~ = 0.9·1 + 0.1·w = (1.011864, 0.988136)
@@ -115,7 +152,26 @@ def test_matches_reference_and_falling_modality_gains():
     np.testing.assert_allclose(state["weights"], 0.9 * (0.9 + 0.1 * w5) + 0.1 * w6, rtol=1e-5)
     assert float(state["raw_weights"].sum()) == pytest.approx(3.0, rel=1e-6)
     text, image, audio = np.asarray(state["raw_weights"])
-    assert text > 1.0 > image and text > audio
+    # Falling modalities gain on the flat one. sᵢ = softmax(ã)ᵢ·(−ãᵢ) is not monotone in the
+    # slope (here text's steep ã ≈ −2.57 earns less than audio's gentle −0.43), so the two
+    # falling modalities are not ordered.
+    assert min(text, audio) > 1.0 > image
+
+
+def test_noisy_plateau_stays_flat():
+    # Text falls 3.0 -> 1.85 while image sits at 2.0 with N(0, 0.004) noise. Scaled by its own
+    # max, image's slope is ~0 whatever the noise, so text's weight barely moves between draws
+    # (measured 1.113-1.126); min-max scaling stretched the noise to [0, 1] (1.00-1.46).
+    bal = balance.AdaptiveBalance(("text", "image"), window=8, temperature=1.0)
+    text = np.linspace(3.0, 1.85, 8)
+    weights = []
+    for seed in range(20):
+        image = 2.0 + np.random.default_rng(seed).normal(0.0, 0.004, 8)
+        history = np.stack([text, image], axis=1).astype(np.float32)
+        raw = np.asarray(bal.raw_weights(history))
+        np.testing.assert_allclose(raw, _reference_weights(history, 1.0), rtol=1e-4)
+        weights.append(raw[0])
+    assert 1.11 < min(weights) and max(weights) < 1.13
 
 
 def test_update_is_jittable_and_state_round_trips_exactly():

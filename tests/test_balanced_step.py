@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from m2omni_jax.modalities import NUM_MODALITIES, modality_id
 from m2omni_jax.models.llm import LLM, LLMConfig
@@ -59,6 +60,38 @@ def test_combined_gradient_is_weighted_sum_of_separate_gradients():
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6), applied, expected)
     assert np.asarray(metrics["micro_losses"]).shape == (3,)
     np.testing.assert_allclose(float(metrics["loss"]), float(np.dot(weights, metrics["micro_losses"])), rtol=1e-6)
+
+
+def test_clip_weighted_sum_clips_the_average_and_keeps_alpha():
+    grad_sum = {"a": jnp.array([30.0, 40.0])}  # Σw = 10: the average is (3, 4), norm 5
+    clipped, norm = balanced_step.clip_weighted_sum(grad_sum, jnp.float32(10.0), grad_clip=1.0)
+    np.testing.assert_allclose(clipped["a"], [6.0, 8.0], rtol=1e-6)  # 10 · (3, 4)/5
+    assert float(norm) == pytest.approx(5.0)
+    for clip in (0.0, 5.5):  # off, or above the average's norm (the sum's is 50: it would clip)
+        kept, _ = balanced_step.clip_weighted_sum(grad_sum, jnp.float32(10.0), grad_clip=clip)
+        np.testing.assert_allclose(kept["a"], [30.0, 40.0], rtol=1e-6)
+
+
+def test_step_clips_the_weighted_average_then_scales_by_alpha():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    state, shardings, loss_fn = setup(mesh)
+    weights = balance.step_balance_weights(np.array([2.0, 1.0, 0.5]), alpha=10.0)
+    batches = micro_batches()
+    before = jax.device_get(state.params)
+    grads = [jax.grad(lambda p, i=i: loss_fn(p, {k: v[i] for k, v in batches.items()},
+                                             jnp.ones(NUM_MODALITIES))[0])(before) for i in range(3)]
+    average = jax.tree.map(lambda *g: sum(w * x for w, x in zip(weights, g)) / 10.0, *grads)
+    average_norm = float(optax.global_norm(average))
+    clip = 0.5 * average_norm
+    ndims = {k: np.ndim(v) - 1 for k, v in batches.items()}
+    step = balanced_step.jit_balanced_step(loss_fn, mesh, sharding.LOGICAL_AXIS_RULES, shardings, ndims,
+                                           grad_clip=clip)
+    state, metrics = step(state, batches, jnp.asarray(weights, jnp.float32))
+    applied = jax.tree.map(lambda b, a: b - a, before, jax.device_get(state.params))  # sgd(1): the gradient
+    expected = jax.tree.map(lambda g: 10.0 * 0.5 * g, average)  # α × the average clipped to half its norm
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6), applied, expected)
+    assert float(optax.global_norm(applied)) == pytest.approx(10.0 * clip, rel=1e-4)
+    assert float(metrics["grad_norm"]) == pytest.approx(average_norm, rel=1e-4)
 
 
 def test_frozen_leaves_get_a_zero_combined_gradient():

@@ -113,6 +113,18 @@ def test_mm1_lr_and_wd_known_sizes():
         opt_lib.mm1_lr_and_wd(0)
 
 
+@pytest.mark.parametrize("name, num_params, eta", [("m2omni_9b", 8_030_261_248, 3.8527e-5),
+                                                   ("m2omni_72b", 70_553_706_496, 1.5419e-5)])
+def test_large_configs_take_peak_lr_and_weight_decay_from_the_mm1_law(name, num_params, eta):
+    import importlib
+    from m2omni_jax.models.llm import LLMConfig
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert LLMConfig.from_config(config.model.llm).num_params() == num_params  # Llama-3.1-8B / 3.3-70B
+    assert config.opt.peak_lr == opt_lib.mm1_lr_and_wd(num_params)[0] == pytest.approx(eta, rel=1e-4)
+    assert config.opt.weight_decay == pytest.approx(0.1 * config.opt.peak_lr, rel=1e-12)
+    assert config.opt.weight_decay_convention == "schedule_only"  # λ per step, not λ·lr
+
+
 # --------------------------------------------------------------------------- labels / groups
 
 def test_param_labels_first_match_wins_and_default():
@@ -281,3 +293,76 @@ def test_tune_fixnorm_nan_ranks_last_and_max_mode():
     assert best == (0.5, 1.0)
     plan = opt_lib.fixnorm_tuning_plan([1e-3], [1.0, 3.0], 3.0)
     assert plan.eta_trials == [(1e-3, 3.0)] and plan.tau_grid == [1.0]
+
+
+# --------------------------------------------------------------------------- FixNorm preset
+
+def _normal_like(tree, seed, scale=0.05):
+    rng = np.random.default_rng(seed)  # numpy: a jax.random call per shape would compile each
+    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), jnp.float32), tree)
+
+
+def _omni_params(connector="linear", mlp=False, audio_projector="linear", seed=0):
+    """configs/tiny.py's omni model with `connector`: (config, random params of its shapes)."""
+    from configs import tiny
+    from m2omni_jax import build
+    from m2omni_jax.models.omni import OmniConfig, OmniModel
+    from m2omni_jax.training import train_step
+    config = tiny.get_config()
+    config.model.llm.update(dict(vocab_size=64, width=32, depth=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                                 mlp_dim=64, mrope_sections=(2, 3, 3)))
+    config.model.audio.update(dict(width=32, depth=2, mlp_dim=64))
+    config.model.connector.update(dict(kind=connector, mlp=mlp, num_tokens=4, depth=1, hidden_width=16))
+    config.model.audio.projector = audio_projector
+    model = OmniModel(OmniConfig.from_config(config.model, (6, 9), audio_placeholder_id=7, end_of_audio_id=8))
+    shapes = nn.unbox(train_step.abstract_boxed_params(model, build.example_batch_shapes(config)))
+    return config, _normal_like(shapes, seed)
+
+
+def _paths_labelled(config, params, label):
+    labels, _ = opt_lib._fixnorm_labels(config.opt, params)
+    flat = jax.tree_util.tree_leaves_with_path(labels)
+    return sorted(opt_lib.path_str(p) for p, lab in flat if lab == label)
+
+
+@pytest.mark.parametrize("connector, mlp, audio_projector, expected", [
+    ("linear", False, "linear", ["audio/projector/proj/kernel", "connector/proj/kernel"]),
+    ("linear", True, "mlp", ["audio/projector/fc2/kernel", "connector/fc2/kernel"]),
+    ("c_abstractor", False, "linear", ["audio/projector/proj/kernel"] + [  # stage 1 changes width: a shortcut conv
+        f"connector/stage{s}_block0/{conv}/kernel" for s in (1, 2)
+        for conv in ("expand", "reduce") + (("shortcut",) if s == 1 else ()) + ("spatial",)]),
+    ("avg_pool", False, "linear", ["audio/projector/proj/kernel"]),  # its proj feeds the LLM unnormalised
+])
+def test_fixnorm_preset_labels_the_weights_a_norm_follows_and_holds_them(connector, mlp, audio_projector,
+                                                                        expected):
+    config, params = _omni_params(connector, mlp, audio_projector)
+    assert _paths_labelled(config, params, opt_lib.SCALE_INVARIANT) == []  # base.py: inert
+    opt_lib.fixnorm_preset(config)
+    assert config.opt.name == "fixnorm"
+    assert _paths_labelled(config, params, opt_lib.SCALE_INVARIANT) == expected
+    assert _paths_labelled(config, params, opt_lib.CLASSIFIER) == ["llm/lm_head/kernel"]
+    config.opt.update(dict(peak_lr=1e-2, warmup_steps=0))  # steps large enough for norms to drift
+    tx = opt_lib.make_optimizer(config.opt, 100, params)
+    state, update, new = tx.init(params), jax.jit(tx.update), params
+    for step in range(3):
+        grads = _normal_like(params, seed=step + 1, scale=1.0)
+        updates, state = update(grads, state, new)
+        new = optax.apply_updates(new, updates)
+    flat_old = dict((opt_lib.path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params))
+    flat_new = dict((opt_lib.path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(new))
+    for path in expected:
+        assert float(jnp.linalg.norm(flat_new[path])) == pytest.approx(
+            float(jnp.linalg.norm(flat_old[path])), rel=1e-5), path
+        assert not np.allclose(flat_new[path], flat_old[path]), path  # moved, on its sphere
+    free = "vision/merger/fc2/kernel"  # not followed by a norm: its norm drifts
+    assert abs(float(jnp.linalg.norm(flat_new[free])) - float(jnp.linalg.norm(flat_old[free]))) > 1e-4
+
+
+def test_fixnorm_preset_keeps_rules_already_given_and_text_only_models_have_none():
+    config, _ = _omni_params()
+    config.opt.fixnorm.scale_invariant = (r"^mine$",)
+    opt_lib.fixnorm_preset(config)
+    assert config.opt.fixnorm.scale_invariant == (r"^mine$", r"^connector/proj/kernel$",
+                                                  r"^audio/projector/proj/kernel$")
+    config.model.kind = "llm"
+    assert opt_lib.fixnorm_scale_invariant(config) == ()

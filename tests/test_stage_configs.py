@@ -1,5 +1,6 @@
 """The stage configs (configs/stages/) as DESIGN §2 lays them out, for every size."""
 import importlib
+import os
 
 import pytest
 
@@ -39,6 +40,15 @@ def test_balance_strategy_and_frozen_towers_per_stage():
     assert stage("pt1").opt.frozen == (r"^llm/",)
     assert stage("pt3").balance.strategy == "step" and "audio" in stage("pt3").balance.modalities
     assert stage("it3").balance.strategy == "dynamic" and "audio" in stage("it3").balance.modalities
+
+
+def test_pt3_step_balance_needs_the_calibration_the_pipeline_passes():
+    from m2omni_jax import train
+    with pytest.raises(ValueError, match=r"config\.balance\.step\.calibration_file"):
+        train.step_balance_weights(stage("pt3"))  # no silent fall-back to equal weights
+    script = open(os.path.join(os.path.dirname(__file__), "..", "launch", "tiny_pipeline.sh")).read()
+    pt3 = script[script.index("m2omni-train --config=configs/stages/pt3.py"):]
+    assert "--config.balance.step.calibration_file=" in pt3.split("for stage")[0]
 
 
 def test_large_stages_use_the_papers_towers():

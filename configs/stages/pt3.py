@@ -6,7 +6,8 @@
 
 Every optimizer step runs one single-modality micro-batch per modality and
 combines their gradients with wᵢ = α·(1/Lᵢ*)/Σⱼ(1/Lⱼ*), α = 10 [paper].
-Without a calibration file the weights are equal (α/M each).
+The calibration file is required; `--config.balance.step.equal_weights=True`
+instead runs with equal weights (α/M each).
 """
 from configs.stages import common
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2omni_jax.config_fields import ConfigError
 from m2omni_jax.modalities import MODALITIES, NUM_MODALITIES, modality_id
 
 
@@ -59,16 +60,59 @@ def modality_vector(weights: Mapping[str, float], fill: float) -> np.ndarray:
     return out
 
 
-def save_calibration(path: str, converged_losses: Mapping[str, float]) -> None:
-    """Writes the calibration file: JSON {modality: L*}."""
+def check_calibration_tail(steps: int, tail: int) -> None:
+    """The tail averaged for L* is at most the second half of the calibration run (a ConfigError:
+    the command exits 2 with the message)."""
+    if not 2 <= tail <= steps // 2:
+        raise ConfigError(f"--tail={tail} must be in [2, --steps / 2 = {steps // 2}]: "
+                          f"L* is the end of a run long enough to have settled; raise --steps={steps}")
+
+
+def unconverged(convergence: Mapping[str, Mapping], max_change: float) -> list[str]:
+    """Modalities whose loss still moves by more than `max_change` of L* over the tail."""
+    return [m for m, s in convergence.items() if abs(s["relative_change"]) > max_change]
+
+
+def tail_convergence(steps: Sequence[int], losses: Sequence[float], tail: int) -> dict[str, float]:
+    """L* of a calibration curve: the mean of its last `tail` logged losses, with how flat they are.
+
+    Returns {"converged_loss", "slope_per_step" (least-squares over the tail), "relative_change"
+    (that slope times the tail's span of steps, over L*: ≈ 0 once the curve has converged)}.
+    """
+    if not (isinstance(tail, int) and tail >= 2):
+        raise ValueError(f"--tail must be an int >= 2 (a slope needs two points), got {tail!r}")
+    if len(losses) != len(steps) or len(losses) < tail:
+        raise ValueError(f"a calibration curve of {len(losses)} logged losses is shorter than "
+                         f"--tail={tail}; run more --steps")
+    x = np.asarray(steps[-tail:], np.float64)
+    y = np.asarray(losses[-tail:], np.float64)
+    if not np.all(np.isfinite(y)):
+        raise ValueError(f"the last {tail} calibration losses are not all finite: {y.tolist()}")
+    converged = float(y.mean())
+    xc = x - x.mean()
+    slope = float((xc * (y - converged)).sum() / max((xc * xc).sum(), 1e-30))
+    return {"converged_loss": converged, "slope_per_step": slope,
+            "relative_change": slope * float(x[-1] - x[0]) / converged}
+
+
+def save_calibration(path: str, converged_losses: Mapping[str, float],
+                     convergence: Mapping | None = None) -> None:
+    """Writes the calibration file: JSON {"converged_losses": {modality: L*}, "convergence": ...}.
+
+    `convergence` (optional, JSON-able) records how flat each calibration curve was at its end,
+    for the reader; loading ignores it.
+    """
     _validate_calibration(dict(converged_losses), path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    data = {"converged_losses": {k: float(v) for k, v in converged_losses.items()}}
+    if convergence is not None:
+        data["convergence"] = convergence
     with open(path, "w") as f:
-        json.dump({k: float(v) for k, v in converged_losses.items()}, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True)
 
 
 def load_calibration(path: str) -> dict[str, float]:
-    """Reads JSON {modality: L*} written by a calibration run."""
+    """{modality: L*} from a calibration file (also the older flat form {modality: L*})."""
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"step-balance calibration file {path!r} not found; run the calibration (each "
@@ -78,6 +122,8 @@ def load_calibration(path: str) -> dict[str, float]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"calibration file {path!r} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and "converged_losses" in data:
+        data = data["converged_losses"]
     _validate_calibration(data, path)
     return {k: float(v) for k, v in data.items()}
 
@@ -131,7 +177,9 @@ class AdaptiveBalance:
 
     Each `update` appends one validation pass. For the first `window` (H)
     passes every weight is 1; after that, over the last H losses per modality:
-      L̃ = (L − min)/max(max − min, ε); aᵢ = least-squares slope of L̃ vs pass index;
+      L̃ = (L − min{min_w, ε})/(max_w − min{min_w, ε})  (the paper's form: for positive
+      losses ≈ L/max_w, so a flat noisy curve stays flat instead of being stretched to
+      [0, 1] as min–max scaling would); aᵢ = least-squares slope of L̃ vs pass index;
       ãᵢ = M·aᵢ/Σⱼ|aⱼ|; sᵢ = softmax(ã)ᵢ·(−ãᵢ); wᵢ = M·softmax(f·s)ᵢ  (Σw = M);
       w̃ ← momentum·w̃ + (1 − momentum)·w,  w̃ starting at 1.
     Modalities not balanced keep weight 1 in the full vector: 1 is the mean
@@ -190,8 +238,9 @@ class AdaptiveBalance:
     def raw_weights(self, history: jnp.ndarray) -> jnp.ndarray:
         """w from an (H, M) window of losses, oldest first."""
         m = history.shape[1]
-        lo, hi = history.min(axis=0), history.max(axis=0)
-        normed = (history - lo) / jnp.maximum(hi - lo, self.eps)
+        floor = jnp.minimum(history.min(axis=0), self.eps)
+        # The guard only bites when every loss in the window is the same value <= ε.
+        normed = (history - floor) / jnp.maximum(history.max(axis=0) - floor, self.eps)
         x = jnp.arange(history.shape[0], dtype=jnp.float32)
         xc = x - x.mean()
         slopes = (xc[:, None] * (normed - normed.mean(axis=0))).sum(axis=0) / (xc * xc).sum()

@@ -6,6 +6,8 @@ The M micro-batches arrive stacked on a leading axis (M, B, ...), each holding
 one modality; one jitted step runs them through `lax.scan`, accumulating the
 weighted gradient, then applies a single optimizer update. Only one
 micro-batch's activations are alive at a time, as with gradient accumulation.
+`opt.grad_clip` applies to the weighted average Σᵢwᵢ∇Lᵢ/Σw (not to each
+micro-batch), and the clipped average is scaled back by Σw = α.
 """
 from __future__ import annotations
 
@@ -40,14 +42,37 @@ def weighted_gradient(params, micro_batches, micro_weights, loss_fn: LossFn):
     return grad_sum, losses, metrics
 
 
-def balanced_train_step(state: TrainState, micro_batches, micro_weights, *, loss_fn: LossFn):
-    """One optimizer step over M single-modality micro-batches weighted by `micro_weights` (M,)."""
-    grads, losses, metrics = weighted_gradient(state.params, micro_batches, micro_weights, loss_fn)
+def clip_weighted_sum(grad_sum, total_weight, grad_clip: float):
+    """(Σw)·clip(Σᵢwᵢ∇Lᵢ / Σw, grad_clip), and the norm of the average before clipping.
+
+    `opt.grad_clip` bounds the gradient of one average loss. Σᵢwᵢ∇Lᵢ has weights summing to
+    α = 10, so clipping the sum at grad_clip would fire on almost every step; the weighted
+    average is what compares with grad_clip. Scaling back by Σw keeps the paper's update,
+    θ ← θ − η·α·(clipped average). grad_clip <= 0: no clipping.
+    """
+    average = jax.tree.map(lambda g: g / total_weight, grad_sum)
+    norm = optax.global_norm(average)
+    scale = total_weight
+    if grad_clip > 0:
+        scale = scale * jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), average), norm
+
+
+def balanced_train_step(state: TrainState, micro_batches, micro_weights, *, loss_fn: LossFn,
+                        grad_clip: float = 0.0):
+    """One optimizer step over M single-modality micro-batches weighted by `micro_weights` (M,).
+
+    The clipping happens here (see clip_weighted_sum), so `state.tx` must not clip again:
+    train.py builds it with opt.grad_clip = 0 for step balance.
+    """
+    grad_sum, losses, metrics = weighted_gradient(state.params, micro_batches, micro_weights, loss_fn)
+    grads, average_norm = clip_weighted_sum(grad_sum, jnp.sum(micro_weights), grad_clip)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     summed = jax.tree.map(lambda x: x.sum(0), {k: metrics[k] for k in ("ce_sum", "token_count")})
+    # grad_norm: the weighted average's, before clipping (what opt.grad_clip compares with).
     out = dict(summed, loss=jnp.sum(micro_weights * losses), micro_losses=losses,
-               grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+               grad_norm=average_norm, param_norm=optax.global_norm(params))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
 
@@ -57,9 +82,10 @@ def micro_batch_shardings(mesh, batch_keys_ndim: dict[str, int]) -> dict[str, Na
             for k, ndim in batch_keys_ndim.items()}
 
 
-def jit_balanced_step(loss_fn: LossFn, mesh, rules, state_shardings, batch_keys_ndim: dict[str, int]):
+def jit_balanced_step(loss_fn: LossFn, mesh, rules, state_shardings, batch_keys_ndim: dict[str, int],
+                      grad_clip: float = 0.0):
     """The balanced step under jit with explicit shardings; the state is donated."""
-    step = skip_nonfinite(functools.partial(balanced_train_step, loss_fn=loss_fn))
+    step = skip_nonfinite(functools.partial(balanced_train_step, loss_fn=loss_fn, grad_clip=float(grad_clip)))
     rep = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(state_shardings, micro_batch_shardings(mesh, batch_keys_ndim), rep),
                      out_shardings=(state_shardings, rep), donate_argnums=(0,))

@@ -12,7 +12,9 @@ Parameters are addressed by their '/'-joined path in the tree handed in
 
 FixNorm [FixNorm, arXiv 2103.15345] drops weight decay and holds norms
 fixed instead (see `fixnorm`). Which weights count as scale-invariant is
-config (`opt.fixnorm.scale_invariant`), empty by default [ours]: in our
+config (`opt.fixnorm.scale_invariant`), empty in base.py; `fixnorm_preset(config)`
+fills it from the model config (`fixnorm_scale_invariant`), as the rules
+depend on the connector kind [ours]: in our
 pre-norm Llama/ViT blocks no kernel is exactly invariant (q/k/v/gate/up read
 a normalised input but feed no norm; o/down write into the residual stream,
 which the next RMSNorm normalises together with the residual). Exactly
@@ -35,6 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
+
+from m2omni_jax.models.llm import LLMConfig
 
 DEFAULT_GROUP = "default"
 FROZEN = "frozen"
@@ -100,6 +105,17 @@ def mm1_lr_and_wd(num_params: float) -> tuple[float, float]:
         raise ValueError(f"num_params must be a positive finite number, got {num_params!r}")
     eta = math.exp(-0.4214 * math.log(num_params) - 0.5535)
     return eta, 0.1 * eta
+
+
+def mm1_opt_fields(llm_cfg) -> dict:
+    """config.opt fields from MM1's law for the LLM `llm_cfg` (config.model.llm):
+    peak_lr = η, weight_decay = λ = 0.1·η, in the "schedule_only" convention the law assumes.
+
+    N counts every LLM parameter, embeddings included (Llama-3.1-8B: 8.03e9 → η ≈ 3.85e-5);
+    for MoE, those one token uses [ours: MM1's law was fitted on dense models].
+    """
+    eta, wd = mm1_lr_and_wd(LLMConfig.from_config(llm_cfg).num_params(active=True))
+    return dict(peak_lr=eta, weight_decay=wd, weight_decay_convention="schedule_only")
 
 
 # --------------------------------------------------------------------------- labels
@@ -272,6 +288,41 @@ def _fixnorm_labels(opt, params):
     return map_paths(label, params), map_paths(lambda p: int(stacked(p)), params)
 
 
+def fixnorm_scale_invariant(config) -> tuple[str, ...]:
+    """Path regexes of the weights the model of `config` normalises right after (per tensor):
+
+    - the linear connector's and the audio projector's last projection: each token is
+      L2-normalised after it (their biases, left free, make this near- rather than exactly
+      invariant; a bias held at its zero initial norm could never move);
+    - the C-Abstractor's convs: each is followed by a LayerNorm over channels and has no bias.
+    The avg_pool / attn_pool read-outs feed the LLM unnormalised, and in the pre-norm ViT, SAN-M
+    and LLM blocks every kernel writes into the residual stream, so none of those is invariant.
+    """
+    if _get(config.model, "kind", "llm") != "omni":
+        return ()
+    connector = config.model.connector
+    rules = []
+    if connector.kind == "linear":
+        rules.append(r"^connector/fc2/kernel$" if connector.mlp else r"^connector/proj/kernel$")
+    elif connector.kind == "c_abstractor":
+        rules.append(r"^connector/stage[12]_block\d+/(reduce|spatial|expand|shortcut)/kernel$")
+    audio = _get(config.model, "audio", {})
+    if _get(audio, "enabled", False):
+        rules.append(r"^audio/projector/fc2/kernel$" if _get(audio, "projector", "linear") == "mlp"
+                     else r"^audio/projector/proj/kernel$")
+    return tuple(rules)
+
+
+def fixnorm_preset(config):
+    """Switches `config` to FixNorm-AdamW (in place; returned): opt.name = "fixnorm" and the
+    model's scale-invariant weights (`fixnorm_scale_invariant`) added to opt.fixnorm.scale_invariant."""
+    config.opt.name = "fixnorm"
+    known = tuple(config.opt.fixnorm.scale_invariant)
+    config.opt.fixnorm.scale_invariant = known + tuple(
+        r for r in fixnorm_scale_invariant(config) if r not in known)
+    return config
+
+
 def make_schedule_from_config(opt, total_steps: int) -> optax.Schedule:
     """make_schedule from config.opt (peak_lr, warmup_steps, decay, final_fraction)."""
     return make_schedule(_get(opt, "peak_lr", None), total_steps, _get(opt, "warmup_steps", 0),
@@ -305,6 +356,10 @@ def make_optimizer(opt, total_steps: int, params) -> optax.GradientTransformatio
     if name == "fixnorm":
         fn = _get(opt, "fixnorm", {})
         fn_labels, stacked = _fixnorm_labels(opt, params)
+        if SCALE_INVARIANT not in jax.tree.leaves(fn_labels):
+            logging.warning("opt.name='fixnorm': opt.fixnorm.scale_invariant=%r labels no parameter, so "
+                            "only the classifier's norm is held (optimizers.fixnorm_preset(config) labels "
+                            "the model's scale-invariant weights)", tuple(_get(fn, "scale_invariant", ())))
         chain.append(fixnorm(fn_labels, _get(fn, "tau", None),
                              per_channel=_get(fn, "per_channel", False),
                              classifier_per_class=_get(fn, "classifier_per_class", False),
