@@ -21,13 +21,19 @@ INSTALL_REQUIRES = [
     "soxr",  # resampling to 16 kHz
     "espeakng-loader>=0.2.4",  # offline speech for the built-in data set
     "jiwer",  # ASR word error rate
+    "librosa",  # Griffin-Lim phase recovery of the default vocoder (models/vocoder.py)
+    "tokenizers",  # a Hugging Face checkpoint's tokenizer.json (interop/hf_tokenizer.py)
     "importlib_resources",  # tfds 4.9.x imports it when preparing a builder (tensorflow/datasets#11212)
 ]
 
 EXTRAS = {
     # tensorflow-cpu: tfds.testing.mock_data builds the real registered builders' Image/Audio
     # features with it (tests/test_sources.py); the framework itself reads TFDS without it.
-    "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank", "tensorflow-cpu"],
+    # torch + transformers: the Hugging Face parity tests (tests/test_hf_interop.py); 2.13.0 is
+    # a CPU build (any other torch pulls several GB of CUDA wheels).
+    "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank", "tensorflow-cpu", "torch==2.13.0", "transformers"],
+    # benchmarks/peers/: the same models in PyTorch / transformers, measured side by side.
+    "peers": ["torch==2.13.0", "transformers"],
     "experiments": ["matplotlib"],  # benchmarks/balance_comparison.py plots
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],
@@ -50,6 +56,7 @@ setuptools.setup(
         "m2omni-calibrate=m2omni_jax.calibrate:run",
         "m2omni-tune-fixnorm=m2omni_jax.tune_fixnorm:run",
         "m2omni-align=m2omni_jax.align:run",
+        "m2omni-import=m2omni_jax.import_hf:run",
         "m2omni-pretrain-tower=m2omni_jax.experiments.shapes_world.tower:run",
     ]},
 )

@@ -28,6 +28,8 @@ from m2omni_jax.models import omni
 from m2omni_jax.models.llm import training_flops_per_token
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import mfu, train_step
+from m2omni_jax.config_fields import replace
+from m2omni_jax.run_config import RunConfig
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "An omni config (model.kind='omni').")
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
@@ -39,14 +41,13 @@ flags.DEFINE_string("json", "", "Write the results here as JSON (default: print 
 FLAGS = flags.FLAGS
 
 
-def benchmark_config(config, modalities):
-    config = config.copy_and_resolve_references()
-    if config.model.get("kind") != "omni":
-        raise ValueError(f"config.model.kind={config.model.get('kind')!r}: this benchmark needs 'omni'")
+def benchmark_config(config, modalities) -> RunConfig:
+    config = RunConfig.of(config)
+    if config.model.kind != "omni":
+        raise ValueError(f"config.model.kind={config.model.kind!r}: this benchmark needs 'omni'")
     if modalities:
-        config.data.mixture = "custom"
-        for name in config.data.modality_weights:
-            config.data.modality_weights[name] = 1.0 if name in modalities else 0.0
+        weights = {name: 1.0 if name in modalities else 0.0 for name in config.data.modality_weights}
+        config = replace(config, **{"data.mixture": "custom", "data.modality_weights": weights})
     return config
 
 

@@ -23,7 +23,6 @@ import os
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -33,10 +32,11 @@ from m2omni_jax.data import media, tokenizer as tokenizer_lib
 from m2omni_jax.experiments.shapes_world import preference
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, dpo, lora, loop as loop_lib, optimizers, train_step
+from m2omni_jax.run_config import RunConfig
 
 
 def lora_config(config) -> lora.LoRAConfig:
-    cfg = config.alignment
+    cfg = config.section("alignment")
     return lora.LoRAConfig(rank=cfg.lora_rank or None, alpha=cfg.lora_alpha or None,
                            dropout=cfg.lora_dropout, target_fraction=cfg.lora_target_fraction)
 
@@ -78,8 +78,9 @@ def load_omni_params(directory: str, abstract_params):
 
 def check_batch_size(config, mesh) -> None:
     ways = sharding.batch_axis_size(mesh)
-    if config.alignment.batch_size <= 0 or config.alignment.batch_size % ways:
-        raise ValueError(f"config.alignment.batch_size={config.alignment.batch_size} must be a positive "
+    batch_size = config.section("alignment").batch_size
+    if batch_size <= 0 or batch_size % ways:
+        raise ValueError(f"config.alignment.batch_size={batch_size} must be a positive "
                          f"multiple of the batch mesh axes' size {ways}")
 
 
@@ -118,8 +119,8 @@ def batch_shardings(mesh, vision: bool) -> dict[str, NamedSharding]:
 
 def jit_alignment_step(model, lcfg, config, mesh, rules, state_shardings):
     step = train_step.skip_nonfinite(functools.partial(
-        dpo.alignment_step, model=model, lora_config=lcfg, beta=config.alignment.beta,
-        instruction_weight=config.alignment.instruction_weight))
+        dpo.alignment_step, model=model, lora_config=lcfg, beta=config.section("alignment").beta,
+        instruction_weight=config.section("alignment").instruction_weight))
     in_shardings = (state_shardings, batch_shardings(mesh, vision=vision_options(config) is not None))
     jitted = jax.jit(step, in_shardings=in_shardings,
                      out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
@@ -138,10 +139,10 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 def held_out_reward_accuracy(state, model, lcfg, config, tokenizer, mesh, rules) -> dict[str, float]:
     """DPO metrics on the eval split's first batch (with its images for "omni"), no adapter dropout."""
     batch = preference.alignment_batch(tokenizer, seed=config.data.seed, split="eval", step=0,
-                                       batch_size=config.alignment.batch_size, seq_len=config.data.seq_len,
+                                       batch_size=config.section("alignment").batch_size, seq_len=config.data.seq_len,
                                        vision=vision_options(config))
-    loss = functools.partial(dpo.alignment_loss, model=model, lora_config=lcfg, beta=config.alignment.beta,
-                             instruction_weight=config.alignment.instruction_weight, deterministic=True)
+    loss = functools.partial(dpo.alignment_loss, model=model, lora_config=lcfg, beta=config.section("alignment").beta,
+                             instruction_weight=config.section("alignment").instruction_weight, deterministic=True)
     with sharding.activate(mesh, rules):
         _, metrics = jax.jit(loss)(state.lora_params, state.params, global_batch(batch, mesh))
     return {f"eval/{k}": float(v) for k, v in jax.device_get(metrics).items()}
@@ -157,14 +158,15 @@ class HeldoutRewardAccuracy(loop_lib.Callback):
         return held_out_reward_accuracy(state, *self.args)
 
 
-def align(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def align(config, workdir: str) -> dict[str, float]:
     """LoRA + DPO steps from the previous stage (resuming from `workdir`); returns the held-out
     reward accuracy (`eval/...`) when the run reached config.train.steps, else {}."""
+    config = RunConfig.of(config)
     tokenizer = tokenizer_lib.get_tokenizer(config)
     mesh, rules, model, lcfg, state, state_shardings = build_alignment(config, workdir, tokenizer)
 
     def batches(first_step: int):  # a function of the step: nothing to checkpoint
-        return preference.alignment_batches(tokenizer, seed=config.data.seed, batch_size=config.alignment.batch_size,
+        return preference.alignment_batches(tokenizer, seed=config.data.seed, batch_size=config.section("alignment").batch_size,
                                             seq_len=config.data.seq_len, first_step=first_step,
                                             vision=vision_options(config))
     loop = loop_lib.Loop(

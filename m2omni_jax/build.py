@@ -8,49 +8,53 @@ import os
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from m2omni_jax.config_fields import ConfigError
+from m2omni_jax.config_fields import ConfigError, replace
 from m2omni_jax.data import chat, media, omni_pipeline, pipeline
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.models import omni as omni_lib
 from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
 from m2omni_jax.models.omni import OmniConfig, OmniModel
 from m2omni_jax.parallel import sharding
+from m2omni_jax.run_config import RunConfig
 from m2omni_jax.training import checkpointing, optimizers, train_step
 
 MODEL_KINDS = omni_lib.MODEL_KINDS
 model_kind, is_omni = omni_lib.model_kind, omni_lib.is_omni
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
-    """Fails before anything compiles with a `ConfigError` naming the field and the value;
-    clips `opt.warmup_steps` to a short run's `train.steps` (with a warning)."""
+def validate_config(config, num_devices: int, process_count: int) -> RunConfig:
+    """The typed config (`RunConfig.of`), checked against the devices: fails before anything
+    compiles with a `ConfigError` naming the field and the value. A short run's
+    `opt.warmup_steps` is clipped to its `train.steps` (with a warning)."""
+    config = RunConfig.of(config)
     try:
-        _check_run_lengths(config)
+        config = _check_run_lengths(config)
         _check_model_and_data(config, num_devices, process_count)
     except ConfigError:
         raise
     except ValueError as e:  # the checks of the config sections' own classes
         raise ConfigError(str(e)) from e
+    return config
 
 
 POSITIVE_FIELDS = ("train.steps", "train.log_every", "checkpoint.every", "checkpoint.keep")
 
 
-def _check_run_lengths(config) -> None:
+def _check_run_lengths(config: RunConfig) -> RunConfig:
     for field in POSITIVE_FIELDS:
         section, key = field.split(".")
-        value = config[section][key]
+        value = getattr(getattr(config, section), key)
         if not (isinstance(value, int) and value > 0):
             raise ConfigError(f"config.{field}={value!r} must be a positive integer")
-    steps, warmup = config.train.steps, config.opt.get("warmup_steps", 0)
+    steps, warmup = config.train.steps, config.opt.warmup_steps
     if warmup > steps:
         logging.warning("config.opt.warmup_steps=%d is longer than config.train.steps=%d; warming up over "
                         "all %d steps", warmup, steps, steps)
-        config.opt.warmup_steps = steps
+        config = replace(config, **{"opt.warmup_steps": steps})
+    return config
 
 
 def _check_model_and_data(config, num_devices: int, process_count: int) -> None:
@@ -77,7 +81,9 @@ def _check_model_and_data(config, num_devices: int, process_count: int) -> None:
 
 
 def build_model(config, tokenizer) -> nn.Module:
-    """The LLM, or the omni model with the connector plug-in `model.connector.extras` names."""
+    """The LLM, or the omni model with the connector plug-in `model.connector.extras` names.
+    The functions here take a `RunConfig` or a ConfigDict (typed on the way in)."""
+    config = RunConfig.of(config)
     if is_omni(config):
         omni_config = OmniConfig.from_config(
             config.model, chat.placeholder_ids(tokenizer),
@@ -100,6 +106,7 @@ def batch_keys(config) -> tuple[str, ...]:
 
 
 def make_train_iterator(config, tokenizer):
+    config = RunConfig.of(config)
     if is_omni(config):
         return omni_pipeline.make_train_iterator(config, tokenizer)
     return pipeline.make_train_iterator(config, tokenizer)
@@ -107,6 +114,7 @@ def make_train_iterator(config, tokenizer):
 
 def make_model_and_optimizer(config, tokenizer):
     """(model, optax chain, example batch shapes): the pieces a train state is built from."""
+    config = RunConfig.of(config)
     model = build_model(config, tokenizer)
     shapes = example_batch_shapes(config)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes))
@@ -129,20 +137,18 @@ def model_flops_per_token(config, model) -> float:
     return flops
 
 
-def single_modality_config(config, modality: str, *, split: str = "train", batch_size: int | None = None):
+def single_modality_config(config: RunConfig, modality: str, *, split: str = "train",
+                           batch_size: int | None = None) -> RunConfig:
     """The same data config reading one modality only (and optionally another split/batch)."""
-    config = config.copy_and_resolve_references()
+    changes = {"data.split": split}
     if is_omni(config):
-        config.data.mixture = "custom"
-        for name in config.data.modality_weights:
-            config.data.modality_weights[name] = 0.0
-        config.data.modality_weights[modality] = 1.0
+        weights = {name: 0.0 for name in config.data.modality_weights}
+        changes.update({"data.mixture": "custom", "data.modality_weights": {**weights, modality: 1.0}})
     elif modality != "text":
         raise ValueError(f"config.balance.modalities has {modality!r} but model.kind='llm' reads text only")
-    config.data.split = split
     if batch_size:
-        config.train.batch_size = batch_size
-    return config
+        changes["train.batch_size"] = batch_size
+    return replace(config, **changes)
 
 
 def init_from_previous_stage(config, workdir, state, abstract_state, state_shardings):
@@ -150,7 +156,7 @@ def init_from_previous_stage(config, workdir, state, abstract_state, state_shard
     path = config.init_from if os.path.isabs(config.init_from) else os.path.join(workdir, config.init_from)
     abstract = abstract_state_with(abstract_state, state_shardings).params
     loaded, missing = checkpointing.load_params(os.path.normpath(path), abstract,
-                                                include=tuple(config.get("init_from_include", ())))
+                                                include=tuple(config.init_from_include))
     if missing:
         logging.warning("init_from %s: %d tensors not in the checkpoint keep their fresh init (%s...)",
                         path, len(missing), missing[:3])

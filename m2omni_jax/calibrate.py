@@ -21,6 +21,8 @@ from absl import flags, logging
 from m2omni_jax import build, cli, train
 from m2omni_jax.training import balance
 from m2omni_jax.training.metrics_logging import read_metrics
+from m2omni_jax.run_config import RunConfig
+from m2omni_jax.config_fields import replace
 
 flags.DEFINE_integer("steps", 100, "Training steps per modality.")
 flags.DEFINE_integer("tail", 10, "Logged steps averaged for the converged loss (at most --steps / 2).")
@@ -31,11 +33,8 @@ FLAGS = flags.FLAGS
 
 def single_modality_config(base, modality: str, steps: int):
     """The stage's config reading `modality` alone, one stream, a log line every step."""
-    config = build.single_modality_config(base, modality)
-    config.balance.strategy = "none"
-    config.train.steps = steps
-    config.train.log_every = 1
-    return config
+    config = build.single_modality_config(RunConfig.of(base), modality)
+    return replace(config, **{"balance.strategy": "none", "train.steps": steps, "train.log_every": 1})
 
 
 def convergence(workdir: str, tail: int) -> dict[str, float]:
@@ -54,7 +53,7 @@ def calibrate(base, root: str) -> dict[str, float]:
         logging.info("calibration: %s alone for %d steps in %s", modality, FLAGS.steps, run_dir)
         config = single_modality_config(base, modality, FLAGS.steps)
         if config.init_from and not os.path.isabs(config.init_from):
-            config.init_from = os.path.normpath(os.path.join(root, config.init_from))
+            config = replace(config, init_from=os.path.normpath(os.path.join(root, config.init_from)))
         train.train_and_evaluate(config, run_dir)
         stats[modality] = convergence(run_dir, FLAGS.tail)
     losses = {m: s["converged_loss"] for m, s in stats.items()}

@@ -67,14 +67,16 @@ class OwnInfoOnly(py_logging.Filter):
 
 
 def run_command(command: Callable, name: str, config, workdir: str) -> None:
-    """`command(config, workdir)`; a named fault is one line on stderr (the last), no traceback:
+    """`command(config, workdir)` with the config typed once (`RunConfig.of`); a named fault is one line on stderr (the last), no traceback:
     exit 2 for a config error, 1 for a fault of the run. SIGTERM / SIGINT outside the training
     steps (start-up, compiling, the final evaluation) stop it with a line and exit 0; during
     the steps the loop's `checkpointing.StopSignal` saves first."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
     try:
-        command(config, workdir)
+        from m2omni_jax.run_config import RunConfig  # imports jax: after flag parsing
+
+        command(RunConfig.of(config), workdir)
     except (Stopped, Exception) as e:
         # `_received`: a native library on the way (sentencepiece) may re-raise `Stopped` as its own error.
         message, code = ((f"stopped by {_received[0]} outside the training steps; the last checkpoint "

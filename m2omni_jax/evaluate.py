@@ -27,6 +27,7 @@ from m2omni_jax.inference import decoding
 from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
+from m2omni_jax.run_config import RunConfig
 
 NUM_EXAMPLES_SAVED = 24
 NUM_SPEECH_EXAMPLES_SAVED = 8
@@ -198,6 +199,7 @@ def evaluate(config, workdir: str) -> dict:
     """Restores the latest checkpoint, evaluates, writes `workdir/eval.json` (the metrics and
     a few examples) and `workdir/eval_answers.jsonl` (every record's question, answer,
     prediction and attributes), prints the table."""
+    config = RunConfig.of(config)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh)
     if audio_enabled(config):  # the CMVN statistics the run was trained with

@@ -29,6 +29,7 @@ from m2omni_jax.inference.streaming import HeadSegment
 from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
+from m2omni_jax.run_config import RunConfig
 
 _DEFAULT = SamplingParams()
 DEFAULT_MAX_NEW_TOKENS = 256  # when --max_new_tokens=0, and the context has room
@@ -52,6 +53,7 @@ FLAGS = flags.FLAGS
 def load_generator(config, workdir: str, *, mesh=None, rules=None) -> Generator:
     """A `Generator` with the parameters of the latest checkpoint in `workdir/checkpoints`
     (parameters only: no optimizer state is read), sharded by the config's mesh and rules."""
+    config = RunConfig.of(config)
     rules = tuple(rules or config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     if audio_enabled(config):  # the CMVN statistics the run was trained with

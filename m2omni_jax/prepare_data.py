@@ -7,11 +7,13 @@ with progress bars, and takes the same --config.* overrides (a new task list is 
 """
 from m2omni_jax import cli
 from m2omni_jax.data import sources
+from m2omni_jax.run_config import RunConfig
 
 
 def prepare(config, workdir: str) -> dict[str, str]:
     """Writes (once) every generated data set `config` reads; returns {name: directory or files}."""
     del workdir  # the flags are shared with m2omni-train; the data go under config.data.dir
+    config = RunConfig.of(config)
     written = {}
     for source in sources.make_sources(config).values():
         written.update(source.prepare(progress=True))

@@ -10,7 +10,6 @@ import functools
 from typing import Callable
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -21,12 +20,13 @@ from m2omni_jax.modalities import MODALITIES, modality_id
 from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import balance, balanced_step, dynamic_balance, loop as loop_lib, mfu, optimizers, train_step
+from m2omni_jax.config_fields import replace
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir`'s latest checkpoint); returns the last logged metrics,
     plus `heldout_loss/<modality>` with config.train.heldout_batches."""
-    build.validate_config(config, jax.device_count(), jax.process_count())
+    config = build.validate_config(config, jax.device_count(), jax.process_count())
     if balance_strategy(config) == "step":
         step_balance_weights(config)  # no calibration (or a bad one): fail before anything heavy
     workdir_lib.prepare(workdir)  # writable, and ours alone, before anything heavy
@@ -53,7 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         schedule=optimizers.make_schedule_from_config(config.opt, config.train.steps), callbacks=callbacks,
         fresh_start=(functools.partial(build.init_from_previous_stage, config, workdir,
                                        abstract_state=abstract_state, state_shardings=state_shardings)
-                     if config.get("init_from") else None))
+                     if config.init_from else None))
     _, metrics = loop.run(state)
     return metrics
 
@@ -62,13 +62,13 @@ def make_step(config, model, mesh, rules, abstract_state, state_shardings, balan
     """(step_fn(state, global batch), local batch -> global arrays) for the balance strategy;
     the dynamic balancer's current weights scale the loss weights of every step."""
     loss_weights = loss_weight_vector(config)
-    frozen = optimizers.frozen_mask(config.opt, abstract_state.params) if config.opt.get("frozen") else None
+    frozen = optimizers.frozen_mask(config.opt, abstract_state.params) if config.opt.frozen else None
     if balance_strategy(config) == "step":
         loss_fn = functools.partial(train_step.loss_fn, model=model, z_loss_weight=config.train.z_loss_weight)
         ndims = {k: train_step._BATCH_NDIM.get(k, 2) for k in build.batch_keys(config)}
         step_loss = loss_fn if frozen is None else train_step.without_gradient_through(frozen, loss_fn)
         balanced = balanced_step.jit_balanced_step(step_loss, mesh, rules, state_shardings, ndims,
-                                                   grad_clip=float(config.opt.get("grad_clip", 0.0) or 0.0))
+                                                   grad_clip=float(config.opt.grad_clip or 0.0))
         micro_weights = step_balance_weights(config)
         logging.info("step balance weights %s", dict(zip(config.balance.modalities, micro_weights.tolist())))
         return (lambda st, batch: balanced(st, batch, micro_weights),
@@ -115,7 +115,7 @@ BALANCE_STRATEGIES = ("none", "step", "size_proportional", "round_robin", "dynam
 
 
 def balance_strategy(config) -> str:
-    strategy = config.get("balance", {}).get("strategy", "none")
+    strategy = config.balance.strategy
     if strategy not in BALANCE_STRATEGIES:
         raise ValueError(f"config.balance.strategy={strategy!r}; use one of {BALANCE_STRATEGIES}")
     return strategy
@@ -152,11 +152,9 @@ def dataset_sizes(config, modalities) -> dict[str, int]:
 def optimizer_chain_config(config):
     """The config the optax chain is built from. Step balance clips the weighted average in its
     own step (balanced_step.clip_weighted_sum), so its chain must not clip the α-sized sum again."""
-    if balance_strategy(config) != "step" or not config.opt.get("grad_clip", 0.0):
+    if balance_strategy(config) != "step" or not config.opt.grad_clip:
         return config
-    config = config.copy_and_resolve_references()
-    config.opt.grad_clip = 0.0
-    return config
+    return replace(config, **{"opt.grad_clip": 0.0})
 
 
 def step_balance_weights(config) -> np.ndarray:
@@ -164,7 +162,7 @@ def step_balance_weights(config) -> np.ndarray:
     balance.step.equal_weights is set instead; a ConfigError naming the field otherwise."""
     modalities = tuple(config.balance.modalities)
     path = config.balance.step.calibration_file
-    equal = bool(config.balance.step.get("equal_weights", False))
+    equal = bool(config.balance.step.equal_weights)
     if bool(path) == equal:
         raise faults.ConfigError(
             f"config.balance.strategy='step' needs exactly one of config.balance.step.calibration_file "
@@ -217,11 +215,11 @@ class HeldoutLosses(loop_lib.Callback):
 
 def heldout_losses(config, tokenizer, mesh, validation_loss) -> HeldoutLosses | None:
     """config.train.heldout_batches > 0: held-out losses per balanced modality at the end."""
-    num_batches = int(config.train.get("heldout_batches", 0))
+    num_batches = int(config.train.heldout_batches)
     if num_batches <= 0:
         return None
     modalities = tuple(config.balance.modalities) if build.is_omni(config) else ("text",)
-    batch_size = int(config.train.get("heldout_batch_size", 0)) or int(config.train.batch_size)
+    batch_size = int(config.train.heldout_batch_size) or int(config.train.batch_size)
     return HeldoutLosses(functools.partial(heldout_batches, config, tokenizer, mesh, modalities, num_batches,
                                            batch_size), validation_loss)
 
@@ -230,7 +228,7 @@ def periodic_evaluator(config, model, tokenizer, mesh, rules) -> loop_lib.Period
     """A loop callback: flat held-out metrics (greedy answers, `m2omni-eval`'s) every
     `config.eval.every` steps and at the last, on the first `config.eval.periodic_num_samples`
     held-out records (0: `num_samples`, as m2omni-eval); None when `every` is 0."""
-    every = int(config.eval.get("every", 0))
+    every = int(config.eval.every)
     if every <= 0:
         return None
     if not build.is_omni(config):
@@ -239,10 +237,8 @@ def periodic_evaluator(config, model, tokenizer, mesh, rules) -> loop_lib.Period
     if jax.process_count() > 1:
         raise ValueError(f"config.eval.every={every} runs in one process only (its prompts are host "
                          "arrays); set it to 0 and run m2omni-eval on the checkpoints")
-    num_records = int(config.eval.get("periodic_num_samples", 0)) or int(config.eval.num_samples)
-    periodic = config.copy_and_resolve_references()
-    with periodic.unlocked():
-        periodic.eval.num_samples = num_records
+    num_records = int(config.eval.periodic_num_samples) or int(config.eval.num_samples)
+    periodic = replace(config, **{"eval.num_samples": num_records})
     evaluate_fn = evaluate.make_evaluator(periodic, model, tokenizer, mesh, rules)
     return loop_lib.Periodic(every, lambda state: {**evaluate.scalar_metrics(evaluate_fn(state.params)),
                                                    "eval/num_records": float(num_records)},

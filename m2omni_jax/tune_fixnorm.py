@@ -15,6 +15,8 @@ from absl import flags, logging
 
 from m2omni_jax import cli, train
 from m2omni_jax.training import optimizers
+from m2omni_jax.run_config import RunConfig
+from m2omni_jax.config_fields import replace
 
 flags.DEFINE_list("etas", ["1e-3", "3e-3", "1e-2"], "Peak learning rates tried at tau_default.")
 flags.DEFINE_list("taus", ["5", "10", "20"], "Classifier norms tried at the best eta.")
@@ -24,11 +26,8 @@ FLAGS = flags.FLAGS
 
 
 def trial_config(base, eta: float, tau: float, steps: int):
-    config = optimizers.fixnorm_preset(base.copy_and_resolve_references())  # + the scale-invariant weights
-    config.opt.peak_lr = eta
-    config.opt.fixnorm.tau = tau
-    config.train.steps = steps
-    return config
+    config = optimizers.fixnorm_preset(RunConfig.of(base))  # + the scale-invariant weights
+    return replace(config, **{"opt.peak_lr": eta, "opt.fixnorm.tau": tau, "train.steps": steps})
 
 
 def run_trial(base, workdir: str, eta: float, tau: float, steps: int) -> float:

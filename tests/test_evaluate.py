@@ -22,6 +22,7 @@ from m2omni_jax.models.omni import ConnectorConfig, OmniConfig, OmniModel
 from m2omni_jax.models.vision import VisionConfig
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
+from m2omni_jax.run_config import RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMG, PATCH, END = 4, 6, 5
@@ -156,7 +157,7 @@ def eval_config(tmp_path_factory):
 
 
 def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path):
-    config = media_lib.with_cmvn(eval_config, str(tmp_path))  # what training leaves in its workdir
+    config = media_lib.with_cmvn(RunConfig.of(eval_config), str(tmp_path))  # what training leaves in its workdir
     tokenizer = get_tokenizer(config)
     mesh = sharding.make_mesh(config.mesh)
     model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)

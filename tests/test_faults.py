@@ -308,7 +308,7 @@ def test_a_warmup_longer_than_a_short_run_is_clipped(caplog):
     from test_train import base_config
     config = base_config()
     config.train.steps = 30  # the README's smoke run; configs/tiny.py warms up over 50
-    build.validate_config(config, num_devices=8, process_count=1)
+    config = build.validate_config(config, num_devices=8, process_count=1)
     assert config.opt.warmup_steps == 30 and "config.opt.warmup_steps=50" in caplog.text
 
 

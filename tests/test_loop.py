@@ -130,8 +130,9 @@ def test_a_periodic_callback_records_its_own_line(tmp_path, capsys):
 
 
 def test_max_nonfinite_steps_must_be_positive():
-    import ml_collections
-    config = ml_collections.ConfigDict(dict(train=dict(steps=1, log_every=1, max_nonfinite_steps=0),
-                                            checkpoint=dict(every=1, keep=1)))
+    from configs import base
+    from m2omni_jax.run_config import RunConfig
+    config = base.get_config()
+    config.train.max_nonfinite_steps = 0
     with pytest.raises(ValueError, match="config.train.max_nonfinite_steps=0"):
-        loop_lib.LoopOptions.from_config(config)
+        loop_lib.LoopOptions.from_config(RunConfig.of(config))

@@ -19,6 +19,8 @@ from m2omni_jax.experiments.shapes_world import speech
 from m2omni_jax.data.tokenizer import get_tokenizer
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.models import omni
+from m2omni_jax.config_fields import replace
+from m2omni_jax.run_config import RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN, BATCH, PATCHES = 128, 4, 128
@@ -306,7 +308,7 @@ def audio_config(config, tmp_path_factory):
     config.data.audio.cmvn_samples = 12
     config.data.mixture = "custom"
     config.data.modality_weights.update(dict(text=1.0, image=1.0, video=0.5, interleaved=0.5, audio=3.0))
-    return media.with_cmvn(config, str(tmp_path_factory.mktemp("workdir")))
+    return media.with_cmvn(RunConfig.of(config), str(tmp_path_factory.mktemp("workdir")))
 
 
 def test_rows_pair_audio_placeholders_with_clips(audio_config, tok):
@@ -340,8 +342,7 @@ def test_cmvn_is_computed_once_and_read_back(audio_config, tmp_path):
     stats = audio_frontend.load_cmvn(path)
     assert stats["mean"].shape == stats["std"].shape == (560,) and stats["count"] > 0
     before = os.stat(path).st_mtime_ns
-    again = audio_config.copy_and_resolve_references()
-    again.data.audio.cmvn_file = ""
+    again = replace(audio_config, **{"data.audio.cmvn_file": ""})
     assert media.with_cmvn(again, os.path.dirname(path)).data.audio.cmvn_file == path
     assert os.stat(path).st_mtime_ns == before  # read back, not recomputed
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
@@ -351,8 +352,7 @@ def test_cmvn_is_computed_once_and_read_back(audio_config, tmp_path):
 
 
 def test_audio_in_the_mixture_needs_the_tower(audio_config):
-    config = audio_config.copy_and_resolve_references()
-    config.model.audio.enabled = False
+    config = replace(audio_config, **{"model.audio.enabled": False})
     with pytest.raises(ValueError, match="'audio' weight 3.0, but config.model.audio.enabled=False"):
         op.check_audio_mixture(config)
     assert media.AudioOptions.from_config(config) is None and set(op.batch_keys(config)) == set(op.BATCH_KEYS)

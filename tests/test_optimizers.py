@@ -10,6 +10,8 @@ import optax
 import pytest
 
 from m2omni_jax.training import optimizers as opt_lib
+from m2omni_jax.config_fields import replace
+from m2omni_jax.run_config import RunConfig
 
 
 def _opt(**overrides):
@@ -314,6 +316,7 @@ def _omni_params(connector="linear", mlp=False, audio_projector="linear", seed=0
     config.model.audio.update(dict(width=32, depth=2, mlp_dim=64))
     config.model.connector.update(dict(kind=connector, mlp=mlp, num_tokens=4, depth=1, hidden_width=16))
     config.model.audio.projector = audio_projector
+    config = RunConfig.of(config)
     model = OmniModel(OmniConfig.from_config(config.model, (6, 9), audio_placeholder_id=7, end_of_audio_id=8))
     shapes = nn.unbox(train_step.abstract_boxed_params(model, build.example_batch_shapes(config)))
     return config, _normal_like(shapes, seed)
@@ -337,12 +340,12 @@ def test_fixnorm_preset_labels_the_weights_a_norm_follows_and_holds_them(connect
                                                                         expected):
     config, params = _omni_params(connector, mlp, audio_projector)
     assert _paths_labelled(config, params, opt_lib.SCALE_INVARIANT) == []  # base.py: inert
-    opt_lib.fixnorm_preset(config)
+    config = opt_lib.fixnorm_preset(config)
     assert config.opt.name == "fixnorm"
     assert _paths_labelled(config, params, opt_lib.SCALE_INVARIANT) == expected
     assert _paths_labelled(config, params, opt_lib.CLASSIFIER) == ["llm/lm_head/kernel"]
-    config.opt.update(dict(peak_lr=1e-2, warmup_steps=0))  # steps large enough for norms to drift
-    tx = opt_lib.make_optimizer(config.opt, 100, params)
+    opt = replace(config.opt, peak_lr=1e-2, warmup_steps=0)  # steps large enough for norms to drift
+    tx = opt_lib.make_optimizer(opt, 100, params)
     state, update, new = tx.init(params), jax.jit(tx.update), params
     for step in range(3):
         grads = _normal_like(params, seed=step + 1, scale=1.0)
@@ -360,9 +363,9 @@ def test_fixnorm_preset_labels_the_weights_a_norm_follows_and_holds_them(connect
 
 def test_fixnorm_preset_keeps_rules_already_given_and_text_only_models_have_none():
     config, _ = _omni_params()
-    config.opt.fixnorm.scale_invariant = (r"^mine$",)
-    opt_lib.fixnorm_preset(config)
+    config = replace(config, **{"opt.fixnorm.scale_invariant": (r"^mine$",)})
+    config = opt_lib.fixnorm_preset(config)
     assert config.opt.fixnorm.scale_invariant == (r"^mine$", r"^connector/proj/kernel$",
                                                   r"^audio/projector/proj/kernel$")
-    config.model.kind = "llm"
+    config = replace(config, **{"model.kind": "llm"})
     assert opt_lib.fixnorm_scale_invariant(config) == ()

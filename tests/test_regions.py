@@ -81,17 +81,20 @@ class _Tokenizer:
 
 
 def test_the_plug_in_is_registered_and_read_from_its_config_section():
-    config = ml_collections.ConfigDict(dict(model=dict(connector=dict(extras=regions.EXTRAS_NAME)),
-                                            shapes_world=dict(region_words=True)))
-    extras = omni_lib.make_connector_extras(config, _Tokenizer())
+    from configs import tiny
+    from m2omni_jax.run_config import RunConfig
+    config = tiny.get_config()
+    config.model.connector.extras = regions.EXTRAS_NAME
+    config.shapes_world = ml_collections.ConfigDict(dict(region_words=True))
+    extras = omni_lib.make_connector_extras(RunConfig.of(config), _Tokenizer())
     assert isinstance(extras, regions.RegionTags) and extras.classes == regions.REGION_CLASSES
     assert extras.word_ids[:2] == ((), (len(regions.REGION_ATTRIBUTES[0][1][0]),))  # background, the first shape
     assert len(extras.word_ids) == sum(regions.REGION_CLASSES)
     config.shapes_world.region_words = False
-    assert omni_lib.make_connector_extras(config, _Tokenizer()).word_ids == ()
+    assert omni_lib.make_connector_extras(RunConfig.of(config), _Tokenizer()).word_ids == ()
     config.shapes_world.region_wrods = True
     with pytest.raises(ValueError, match=r"config.shapes_world has unknown fields \['region_wrods'\]"):
-        omni_lib.make_connector_extras(config, _Tokenizer())
+        omni_lib.make_connector_extras(RunConfig.of(config), _Tokenizer())
 
 
 def test_the_tower_writes_its_region_head_where_the_omni_model_reads_it():

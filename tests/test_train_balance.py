@@ -11,6 +11,8 @@ from configs import base
 from m2omni_jax import faults, train
 from m2omni_jax.data import sources
 from m2omni_jax.training import balance
+from m2omni_jax.config_fields import replace
+from m2omni_jax.run_config import RunConfig
 
 
 def step_config(**step):
@@ -37,10 +39,10 @@ def test_step_balance_needs_a_calibration_file_or_explicit_equal_weights(tmp_pat
 
 
 def test_step_balance_chain_does_not_clip_the_sum_again():
-    config = step_config(equal_weights=True)
+    config = RunConfig.of(step_config(equal_weights=True))
     chain = train.optimizer_chain_config(config)
     assert chain.opt.grad_clip == 0.0 and config.opt.grad_clip == 1.0  # the step clips the average
-    config.balance.strategy = "none"
+    config = replace(config, **{"balance.strategy": "none"})
     assert train.optimizer_chain_config(config) is config
 
 

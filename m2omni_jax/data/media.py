@@ -29,6 +29,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from m2omni_jax import config_fields
 from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.data import audio as audio_frontend
 from m2omni_jax.data import image_preprocessing as ip
@@ -82,7 +83,7 @@ class VisionOptions:
     def from_config(cls, cfg) -> "VisionOptions":
         """From an experiment config: `data.vision`, and `model.connector` when model.kind is
         "omni"; or from a `data.vision` section alone (the linear connector's token counts)."""
-        if "data" in cfg and "model" in cfg:
+        if hasattr(cfg, "data") and hasattr(cfg, "model"):
             connector = omni.ConnectorConfig()
             if omni.is_omni(cfg):
                 connector = dataclass_from_config(omni.ConnectorConfig, cfg.model.connector, "model.connector")
@@ -91,7 +92,7 @@ class VisionOptions:
 
     @classmethod
     def _from_section(cls, section, connector: omni.ConnectorConfig) -> "VisionOptions":
-        if "connector" in section:
+        if "connector" in config_fields.as_dict(section):
             raise ValueError("config.data.vision.connector is not a field; set config.model.connector")
         return dataclass_from_config(cls, section, "data.vision", connector=connector)
 
@@ -254,9 +255,7 @@ def with_cmvn(config, workdir: str, *, compute: bool = True):
             epath.Path(path + ".tmp").rename(path)  # a killed run leaves no half-written file
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("cmvn written")
-    config = config.copy_and_resolve_references()
-    config.data.audio.cmvn_file = path
-    return config
+    return config_fields.replace(config, **{"data.audio.cmvn_file": path})
 
 
 def training_audio_cmvn(config, num_records: int) -> dict:

@@ -118,7 +118,7 @@ def finalize_row(row: dict) -> dict:
 
 def modality_weights(data_cfg) -> dict[str, float]:
     """The mixture's modality weights (a preset, or `modality_weights` when "custom")."""
-    name = data_cfg.get("mixture", "custom")
+    name = data_cfg.mixture
     if name != "custom" and name not in MIXTURE_PRESETS:
         raise ValueError(f"config.data.mixture={name!r}; use 'custom' or one of {sorted(MIXTURE_PRESETS)}")
     weights = dict(MIXTURE_PRESETS[name] if name != "custom" else data_cfg.modality_weights)
@@ -146,7 +146,7 @@ def check_audio_mixture(config) -> None:
     """Audio in the mixture needs the audio tower."""
     weight = modality_weights(config.data).get("audio", 0.0)
     if weight > 0 and not omni.audio_enabled(config):
-        raise ValueError(f"the data mixture (config.data.mixture={config.data.get('mixture', 'custom')!r}) "
+        raise ValueError(f"the data mixture (config.data.mixture={config.data.mixture!r}) "
                          f"gives modality 'audio' weight {weight}, but config.model.audio.enabled=False")
 
 
@@ -162,7 +162,7 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     # Rows always carry the clip slots; the CMVN statistics are needed only to read audio.
     audio_opts = media.AudioOptions.from_config(
         config, read_cmvn=any(train_parts[name].modality == "audio" for name in weights))
-    split = data.get("split", "train")
+    split = data.split
     split_parts = train_parts if split == "train" else sources.parts(config, split)
     to_sample = OmniSample(tokenizer, seq_len, opts, audio_opts)
     datasets = []
@@ -173,7 +173,7 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
         ds = split_parts[name].records()[process_index::process_count]
         datasets.append(ds.shuffle(seed + k).repeat(None).map(to_sample))
     mixed = grain.MapDataset.mix(datasets, [weights[name] for name in sorted(weights)])
-    it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 2)),
+    it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data.read_threads),
                                                  prefetch_buffer_size=64))
     it = pipeline.SkipBadDataset(it).map(pipeline.WeighSampleLoss(pipeline.loss_averaging_power(data)))
     lengths = {**{k: seq_len for k in _TOKEN_KEYS}, **{k: opts.patches_per_row for k in _PATCH_KEYS}}
@@ -182,10 +182,10 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     if audio_opts is not None:
         lengths.update({k: audio_opts.clips_per_row for k in omni.AUDIO_KEYS})
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct=lengths, num_packing_bins=int(data.get("packing_bins", 0)) or max(16, batch_size),
+        it, length_struct=lengths, num_packing_bins=int(data.packing_bins) or max(16, batch_size),
         seed=seed, shuffle_bins=True, meta_features=pipeline.COUNT_KEYS)
     it = it.map(finalize_row).batch(batch_size, drop_remainder=True)
-    num_workers = int(data.get("num_workers", 0))
+    num_workers = int(data.num_workers)
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # see pipeline.make_text_dataset
             flags.FLAGS.mark_as_parsed()

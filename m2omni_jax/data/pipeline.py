@@ -106,7 +106,7 @@ LOSS_AVERAGING = {
 
 
 def loss_averaging_power(data_cfg) -> float:
-    name = data_cfg.get("loss_averaging", "token")
+    name = data_cfg.loss_averaging
     if name not in LOSS_AVERAGING:
         raise ValueError(f"config.data.loss_averaging={name!r}; use one of {sorted(LOSS_AVERAGING)}")
     return LOSS_AVERAGING[name]
@@ -261,11 +261,11 @@ def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
                          f"{process_count} processes")
     data = config.data
     ds = make_text_dataset(
-        text_records(config, data.get("split", "train")), tokenizer, seq_len=int(data.seq_len),
+        text_records(config, data.split), tokenizer, seq_len=int(data.seq_len),
         batch_size=global_batch // process_count, seed=int(data.seed),
         process_index=process_index, process_count=process_count, num_epochs=None,
-        packing_bins=int(data.get("packing_bins", 0)), num_workers=int(data.get("num_workers", 0)),
-        read_threads=int(data.get("read_threads", 2)), loss_averaging_power=loss_averaging_power(data))
+        packing_bins=int(data.packing_bins), num_workers=int(data.num_workers),
+        read_threads=int(data.read_threads), loss_averaging_power=loss_averaging_power(data))
     return iter(ds)
 
 

@@ -180,7 +180,7 @@ def train_tokenizer(texts_or_corpus_path: Iterable[str] | str | os.PathLike, mod
 
 
 def _get(cfg, key, default):
-    value = cfg.get(key, default) if cfg is not None else default
+    value = getattr(cfg, key, default) if cfg is not None else default
     return default if value is None else value
 
 
@@ -191,7 +191,7 @@ def get_tokenizer(config) -> Tokenizer:
     (`sources.tokenizer_texts`: e.g. a corpus's first documents and a data set's chats,
     in config order) into `config.tokenizer.cache_dir`, under a name that hashes them.
     """
-    tok_cfg = config.get("tokenizer") if hasattr(config, "get") else None
+    tok_cfg = getattr(config, "tokenizer", None)
     path = _get(tok_cfg, "path", "")
     if path:
         path = os.path.expanduser(path)

@@ -38,6 +38,14 @@ class LLMConfig:
     mrope_sections: tuple[int, ...] = (16, 24, 24)
     # "sectioned" (Qwen2-VL, the paper's) | "interleaved" (Qwen3-VL): rope.mrope_axis_of_pair.
     mrope_layout: str = "sectioned"
+    # Llama-3.1's long-context RoPE ("llama3": rope.llama3_scaled_frequencies) or "none".
+    # The four fields after it are its parameters, defaults Llama-3.1's own.
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
@@ -62,6 +70,8 @@ class LLMConfig:
             raise ValueError(f"model.llm.mrope_sections={tuple(self.mrope_sections)} must sum to "
                              f"head_dim/2={self.head_dim // 2}")
         layers.check_attention_implementation(self.attention_implementation, "model.llm.attention_implementation")
+        if self.rope_scaling not in rope.ROPE_SCALINGS:
+            raise ValueError(f"model.llm.rope_scaling={self.rope_scaling!r}; use one of {rope.ROPE_SCALINGS}")
         if self.mrope_layout not in rope.MROPE_LAYOUTS:
             raise ValueError(f"model.llm.mrope_layout={self.mrope_layout!r}; use one of {rope.MROPE_LAYOUTS}")
         if self.moe_num_experts and not 0 < self.moe_top_k <= self.moe_num_experts:
@@ -70,18 +80,32 @@ class LLMConfig:
         if self.moe_num_experts and (self.moe_every < 1 or self.depth % self.moe_every):
             raise ValueError(f"model.llm.depth={self.depth} must be a multiple of moe_every={self.moe_every}")
 
+    def rope_inverse_frequencies(self) -> jnp.ndarray:
+        """(head_dim/2,) RoPE frequencies, scaled as `rope_scaling` says."""
+        inv_freq = rope.inverse_frequencies(self.head_dim, self.rope_theta)
+        if self.rope_scaling == "llama3":
+            inv_freq = rope.llama3_scaled_frequencies(inv_freq, self.rope_scaling_factor, self.rope_low_freq_factor,
+                                                      self.rope_high_freq_factor, self.rope_original_max_len)
+        return inv_freq
+
     def is_moe_layer(self, index: int) -> bool:
         return self.moe_num_experts > 0 and index % self.moe_every == self.moe_every - 1
 
     @classmethod
     def from_config(cls, cfg) -> "LLMConfig":
         """Builds from a ConfigDict / mapping, naming any field it does not know."""
+        if isinstance(cfg, cls):
+            return cfg
         sections = tuple(dict(cfg).get("mrope_sections", cls.mrope_sections))
         return dataclass_from_config(cls, cfg, "model.llm", mrope_sections=sections)
 
+    @property
+    def num_qkv_biases(self) -> int:
+        return self.head_dim * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+
     def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
         """All parameters, or with `active` only those one token uses (its top-k experts)."""
-        attn = self.width * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        attn = self.width * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + self.num_qkv_biases
         mlp = 3 * self.width * self.mlp_dim
         experts = self.moe_top_k if active else self.moe_num_experts
         moe_mlp = experts * mlp + self.width * self.moe_num_experts  # + router
@@ -112,7 +136,7 @@ class Attention(nn.Module):
     def __call__(self, x, angles, segment_ids):
         cfg = self.config
         proj = lambda name, heads, axis: layers.SplitHeads(  # noqa: E731
-            heads, cfg.head_dim, axis, name=name, **_dtypes(cfg))
+            heads, cfg.head_dim, axis, use_bias=cfg.qkv_bias, name=name, **_dtypes(cfg))
         q = proj("query", cfg.num_heads, "heads")(x)
         k = proj("key", cfg.num_kv_heads, "kv_heads")(x)
         v = proj("value", cfg.num_kv_heads, "kv_heads")(x)
@@ -265,7 +289,7 @@ class LLM(nn.Module):
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[None], (3, batch, length))
         angles = rope.mrope_angles(positions, cfg.head_dim, cfg.mrope_sections, cfg.rope_theta,
-                                 cfg.mrope_layout)
+                                 cfg.mrope_layout, cfg.rope_inverse_frequencies())
         x = self.decoder(x, angles, segment_ids, decode)
         hidden = self.final_norm(x)
         if cfg.tie_embeddings:
@@ -287,7 +311,8 @@ def training_flops_per_token(config: LLMConfig, seq_len: int) -> float:
     token uses, not the dispatch/combine einsums. Rematerialisation is not
     counted (MFU, not HFU).
     """
-    matmul_params = config.num_params(include_embedding=False, active=True) - (2 * config.depth + 1) * config.width
+    norms_and_biases = (2 * config.depth + 1) * config.width + config.depth * config.num_qkv_biases
+    matmul_params = config.num_params(include_embedding=False, active=True) - norms_and_biases
     if config.tie_embeddings:
         matmul_params += config.vocab_size * config.width
     attention = 12 * config.depth * config.num_heads * config.head_dim * seq_len

@@ -52,7 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m2omni_jax.config_fields import dataclass_from_config
+from m2omni_jax.config_fields import as_dict, dataclass_from_config
 from m2omni_jax.models.audio import AudioConfig, AudioEncoder
 from m2omni_jax.models.connectors import CONNECTOR_KINDS, grid_mask, make_connector
 from m2omni_jax.models.layers import fourier_features, kernel_init, zeros_init  # noqa: F401 (re-exported)
@@ -166,7 +166,7 @@ class OmniConfig:
                     end_of_audio_id: int = -1) -> "OmniConfig":
         """From `config.model` (llm, vision, connector, audio sections), naming unknown fields."""
         llm = LLMConfig.from_config(model_cfg.llm)
-        audio, audio_output_scale = audio_from_config(model_cfg.get("audio"), llm.width)
+        audio, audio_output_scale = audio_from_config(getattr(model_cfg, "audio", None), llm.width)
         return cls(llm=llm,
                    vision=dataclass_from_config(VisionConfig, model_cfg.vision, "model.vision"),
                    connector=dataclass_from_config(ConnectorConfig, model_cfg.connector, "model.connector"),
@@ -183,7 +183,7 @@ def audio_from_config(audio_cfg, llm_width: int) -> tuple[AudioConfig | None, fl
     """
     if audio_cfg is None:
         return None, 1.0
-    values = dict(audio_cfg)
+    values = as_dict(audio_cfg)
     enabled, scale = bool(values.pop("enabled", False)), float(values.pop("output_scale", 1.0))
     values.setdefault("out_width", llm_width)
     audio = AudioConfig.from_config(values)
@@ -195,7 +195,7 @@ MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + visi
 
 def model_kind(config) -> str:
     """config.model.kind, checked: the one place a run's model kind is read."""
-    kind = config.model.get("kind", "llm")
+    kind = config.model.kind
     if kind not in MODEL_KINDS:
         raise ValueError(f"config.model.kind={kind!r}; use one of {MODEL_KINDS}")
     return kind
@@ -207,7 +207,7 @@ def is_omni(config) -> bool:
 
 def audio_enabled(config) -> bool:
     """Whether an experiment config has the audio tower (omni model, `model.audio.enabled`)."""
-    return is_omni(config) and bool(config.model.get("audio", {}).get("enabled", False))
+    return is_omni(config) and bool(config.model.audio.enabled)
 
 
 def merged_positions(vision_hw, merge_size: int = 2):
@@ -311,7 +311,7 @@ def register_connector_extras(name: str, factory: Callable[[Any, Any], Connector
 
 def make_connector_extras(config, tokenizer) -> ConnectorExtras | None:
     """The plug-in `config.model.connector.extras` names, or None for ""."""
-    name = config.model.connector.get("extras", "")
+    name = config.model.connector.extras
     if not name:
         return None
     if name not in _CONNECTOR_EXTRAS:

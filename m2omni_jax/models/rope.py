@@ -19,6 +19,22 @@ def inverse_frequencies(rotary_dim: int, theta: float) -> jnp.ndarray:
     return 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
 
 
+ROPE_SCALINGS = ("none", "llama3")
+
+
+def llama3_scaled_frequencies(inv_freq: jnp.ndarray, factor: float, low_freq_factor: float,
+                              high_freq_factor: float, original_max_len: int) -> jnp.ndarray:
+    """Llama-3.1's long-context RoPE: frequencies whose wavelength exceeds
+    original_max_len / low_freq_factor turn `factor` times slower, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between ramps smoothly."""
+    wavelen = 2 * np.pi / inv_freq
+    slowed = jnp.where(wavelen > original_max_len / low_freq_factor, inv_freq / factor, inv_freq)
+    ramp = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - ramp) * slowed / factor + ramp * slowed
+    medium = (wavelen >= original_max_len / high_freq_factor) & (wavelen <= original_max_len / low_freq_factor)
+    return jnp.where(medium, smoothed, slowed)
+
+
 def rope_angles(positions: jnp.ndarray, head_dim: int, theta: float) -> jnp.ndarray:
     """Plain 1-D RoPE. positions (B, L) -> angles (B, L, head_dim/2)."""
     return positions[..., None].astype(jnp.float32) * inverse_frequencies(head_dim, theta)
@@ -49,17 +65,19 @@ def mrope_axis_of_pair(sections: Sequence[int], layout: str = "sectioned") -> np
 
 
 def mrope_angles(positions: jnp.ndarray, head_dim: int, sections: Sequence[int],
-                 theta: float, layout: str = "sectioned") -> jnp.ndarray:
+                 theta: float, layout: str = "sectioned", inv_freq: jnp.ndarray | None = None) -> jnp.ndarray:
     """Multimodal RoPE: frequency pairs split among (t, h, w) (`mrope_axis_of_pair`).
 
     positions: (3, B, L) temporal/height/width ids. Pair j uses the id of the
-    axis it belongs to; with t == h == w this is exactly 1-D RoPE.
+    axis it belongs to; with t == h == w this is exactly 1-D RoPE. `inv_freq`
+    (head_dim/2,): the frequencies when not plain theta^(-2j/head_dim) (e.g. Llama-3.1 scaled).
     """
     if positions.shape[0] != len(sections):
         raise ValueError(f"positions has {positions.shape[0]} axes but sections={tuple(sections)}")
     if sum(sections) != head_dim // 2:
         raise ValueError(f"mrope sections {tuple(sections)} must sum to head_dim/2 = {head_dim // 2}")
-    inv_freq = inverse_frequencies(head_dim, theta)
+    if inv_freq is None:
+        inv_freq = inverse_frequencies(head_dim, theta)
     axis_of_pair = jnp.asarray(mrope_axis_of_pair(sections, layout))
     # (3, B, L, D/2) -> pick per pair the axis it belongs to.
     all_angles = positions[..., None].astype(jnp.float32) * inv_freq

@@ -23,6 +23,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from m2omni_jax.config_fields import as_dict
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over every non-tensor axis
 
@@ -60,6 +62,7 @@ def mesh_shape_from_config(mesh_config: Mapping[str, int], num_devices: int) -> 
 
     Raises ValueError naming the axes and the device count when they do not fit.
     """
+    mesh_config = as_dict(mesh_config)
     unknown = set(mesh_config) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; known axes are {MESH_AXES}")

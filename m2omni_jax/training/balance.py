@@ -204,7 +204,7 @@ class AdaptiveBalance:
     @classmethod
     def from_config(cls, cfg) -> "AdaptiveBalance":
         return cls(tuple(cfg.modalities), int(cfg.window), float(cfg.temperature),
-                   float(cfg.get("momentum", 0.9)), float(cfg.get("eps", 1e-6)))
+                   float(cfg.momentum), float(cfg.eps))
 
     def init(self) -> dict:
         m = len(self.modalities)

@@ -52,8 +52,8 @@ class LoopOptions:
         """From config.train (steps, log_every, max_nonfinite_steps) and config.checkpoint."""
         options = cls(steps=int(config.train.steps), log_every=int(config.train.log_every),
                       checkpoint_every=int(config.checkpoint.every), checkpoint_keep=int(config.checkpoint.keep),
-                      async_checkpoint=bool(config.checkpoint.get("async_save", True)),
-                      max_nonfinite_steps=int(config.train.get("max_nonfinite_steps", 10)))
+                      async_checkpoint=bool(config.checkpoint.async_save),
+                      max_nonfinite_steps=int(config.train.max_nonfinite_steps))
         if options.max_nonfinite_steps < 1:
             raise ValueError(f"config.train.max_nonfinite_steps={options.max_nonfinite_steps} must be at least 1")
         return options

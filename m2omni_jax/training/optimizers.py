@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from m2omni_jax import config_fields
 from m2omni_jax.models.llm import LLMConfig
 
 DEFAULT_GROUP = "default"
@@ -314,13 +315,12 @@ def fixnorm_scale_invariant(config) -> tuple[str, ...]:
 
 
 def fixnorm_preset(config):
-    """Switches `config` to FixNorm-AdamW (in place; returned): opt.name = "fixnorm" and the
+    """A copy of the (typed) `config` switched to FixNorm-AdamW: opt.name = "fixnorm" and the
     model's scale-invariant weights (`fixnorm_scale_invariant`) added to opt.fixnorm.scale_invariant."""
-    config.opt.name = "fixnorm"
     known = tuple(config.opt.fixnorm.scale_invariant)
-    config.opt.fixnorm.scale_invariant = known + tuple(
-        r for r in fixnorm_scale_invariant(config) if r not in known)
-    return config
+    return config_fields.replace(config, **{
+        "opt.name": "fixnorm",
+        "opt.fixnorm.scale_invariant": known + tuple(r for r in fixnorm_scale_invariant(config) if r not in known)})
 
 
 def make_schedule_from_config(opt, total_steps: int) -> optax.Schedule:

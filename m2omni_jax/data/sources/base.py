@@ -86,7 +86,7 @@ def source_kinds() -> tuple[str, ...]:
 def make_sources(config) -> dict[str, Source]:
     """The sources of config.data.sources, in config order."""
     out = {}
-    for name, cfg in config.data.get("sources", {}).items():
+    for name, cfg in config.data.sources.items():
         kind = cfg.get("kind", "")
         if kind not in _KINDS:
             raise ValueError(f"config.data.sources.{name}.kind={kind!r}; registered kinds: {source_kinds()} "
@@ -148,7 +148,7 @@ def tokenizer_texts(config) -> tuple[str, Iterator[str]]:
             texts.append(given[1])
     if not keys:
         raise ValueError(f"config.tokenizer.path is empty and no source of config.data.sources "
-                         f"({sorted(config.data.get('sources', {}))}) gives tokenizer training text")
+                         f"({sorted(config.data.sources)}) gives tokenizer training text")
     return "|".join(keys), itertools.chain(*texts)
 
 

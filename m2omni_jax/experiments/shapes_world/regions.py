@@ -130,7 +130,8 @@ class RegionTags(ConnectorExtras):
 
 def regions_from_config(config, tokenizer) -> RegionTags:
     """The plug-in of `model.connector.extras="shapes_world_regions"`, set by `config.shapes_world`."""
-    settings = dataclass_from_config(RegionSettings, config.get("shapes_world", {}), "shapes_world")
+    settings = dataclass_from_config(RegionSettings, config.sections.get("shapes_world", {}),
+                                     "shapes_world")
     return RegionTags(REGION_CLASSES, region_word_ids(tokenizer) if settings.region_words else ())
 
 

@@ -59,7 +59,6 @@ import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -67,7 +66,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax import cli
-from m2omni_jax.config_fields import dataclass_from_config
+from m2omni_jax.config_fields import dataclass_from_config, replace
 from m2omni_jax.data import image_preprocessing as ip, media
 from m2omni_jax.data import pipeline, tokenizer as tokenizer_lib
 from m2omni_jax.experiments.shapes_world import source as shapes_world_source
@@ -79,6 +78,7 @@ from m2omni_jax.models.layers import LayerNorm, kernel_init
 from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import loop as loop_lib, mfu, optimizers, train_step
+from m2omni_jax.run_config import RunConfig
 
 BATCH_KEYS = ("patches", "segment_ids", "hw", "targets", "region_labels")
 _BATCH_NDIM = {"patches": 3, "hw": 3, "targets": 3, "segment_ids": 2, "region_labels": 3}
@@ -170,7 +170,7 @@ def max_patches_per_image(opts: media.VisionOptions) -> int:
 
 def make_dataset(config, tokenizer, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Batches of `tower_pretrain.batch_size / process_count` rows for this process."""
-    tc, opts = config.tower_pretrain, media.VisionOptions.from_config(config)
+    tc, opts = tower_config(config), media.VisionOptions.from_config(config)
     per_row, per_pack = int(tc.images_per_row), int(tc.patches_per_row)
     if per_pack % ip.MERGE_SIZE ** 2 or per_pack < per_row * max_patches_per_image(opts):
         raise ValueError(f"config.tower_pretrain.patches_per_row={per_pack} must be a multiple of "
@@ -354,9 +354,14 @@ def example_shapes(tc: TowerPretrainConfig, vocab_size: int) -> dict:
             "region_labels": jax.ShapeDtypeStruct((b, n // ip.MERGE_SIZE ** 2, len(REGION_ATTRIBUTES)), jnp.int32)}
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def tower_config(config) -> TowerPretrainConfig:
+    return dataclass_from_config(TowerPretrainConfig, RunConfig.of(config).section("tower_pretrain"), "tower_pretrain")
+
+
+def pretrain(config, workdir: str) -> dict:
     """Trains the tower; returns the last logged metrics. Resumes from `workdir`'s checkpoint."""
-    tc = dataclass_from_config(TowerPretrainConfig, config.tower_pretrain, "tower_pretrain")
+    config = RunConfig.of(config)
+    tc = tower_config(config)
     if tc.head_bias not in ("prior", "rare") or tc.prior_batches < 1:
         raise ValueError(f"config.tower_pretrain.head_bias={tc.head_bias!r} must be 'prior' or 'rare', and "
                          f"prior_batches={tc.prior_batches} at least 1")
@@ -372,11 +377,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vision = dataclass_from_config(VisionConfig, config.model.vision, "model.vision")
     vocab_size = int(config.model.llm.vocab_size)
     model = TowerClassifier(vision, vocab_size, tc.images_per_row, tc.pooling, tc.objective)
-    opt = ml_collections.ConfigDict(dict(config.opt))
-    # Assigned one by one: ConfigDict.update would merge the omni run's lr_multipliers into {}.
-    for key, value in dict(name="adamw", peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps,
-                           weight_decay=tc.weight_decay, param_groups=(), lr_multipliers={}, frozen=()).items():
-        opt[key] = value
+    opt = replace(config.opt, name="adamw", peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps,
+                  weight_decay=tc.weight_decay, param_groups=(), lr_multipliers={}, frozen=())
     shapes = example_shapes(tc, vocab_size)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes, model_inputs))
     tx = optimizers.make_optimizer(opt, tc.steps, abstract_params)
@@ -384,9 +386,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                inputs=model_inputs)
     data_iter = iter(make_dataset(config, tokenizer, process_index=jax.process_index(),
                                   process_count=jax.process_count()))
-    peak = mfu.peak_flops_per_device(float(config.train.get("peak_flops_per_device", 0.0))) * jax.device_count()
+    peak = mfu.peak_flops_per_device(float(config.train.peak_flops_per_device)) * jax.device_count()
     options = loop_lib.LoopOptions(steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
-                                   max_nonfinite_steps=int(config.train.get("max_nonfinite_steps", 10)))
+                                   max_nonfinite_steps=int(config.train.max_nonfinite_steps))
     head_bias_at_prior = tc.head_bias == "prior" and "caption" in tc.objective
     loop = loop_lib.Loop(
         jit_step(model, mesh, rules, shardings), data_iter, options, workdir,
@@ -473,7 +475,7 @@ def evaluate_head(model, params, config, tokenizer, mesh, rules, num_batches: in
     answer needs no locating), `num_batches` batches of tower_pretrain.batch_size rows: the
     region head's (region_accuracy) if the model has one, else the caption head's
     (attribute_accuracy)."""
-    tc, opts = config.tower_pretrain, media.VisionOptions.from_config(config)
+    tc, opts = tower_config(config), media.VisionOptions.from_config(config)
     rng = np.random.default_rng(seed)
     vocab_size = int(config.model.llm.vocab_size)
     apply = jax.jit(lambda p, *inputs: model.apply({"params": p}, *inputs))

@@ -1,0 +1,1 @@
+"""Other frameworks' checkpoints in and out (`hf.py`: Hugging Face safetensors folders)."""
