@@ -3,6 +3,7 @@
 Not meant to be run alone; see configs/tiny.py for a runnable experiment.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -154,7 +155,9 @@ def get_config() -> ml_collections.ConfigDict:
     # m2omni_jax/training/optimizers.py: make_optimizer.
     config.opt = ml_collections.ConfigDict(dict(
         name="adamw",  # "adamw" | "fixnorm" (FixNorm-AdamW: no weight decay)
-        peak_lr=3e-3,  # MM1 law: optimizers.mm1_lr_and_wd(N)[0]
+        # A number, or "mm1": MM1's law from the LLM's parameter count sets it and weight_decay
+        # (λ = 0.1·η, "schedule_only"), logged at start (run_config.resolve_lr_law).
+        peak_lr=config_dict.FieldReference(3e-3, field_type=object),
         warmup_steps=20,  # 2,000 at MM1 scale; schedule length = config.train.steps
         decay="cosine",  # "cosine" | "linear" | "constant"
         final_fraction=0.1,  # the schedule ends at this fraction of peak_lr [MM1]

@@ -37,6 +37,10 @@ def validate_config(config, num_devices: int, process_count: int) -> RunConfig:
         raise
     except ValueError as e:  # the checks of the config sections' own classes
         raise ConfigError(str(e)) from e
+    if config.opt.lr_law:
+        logging.info("opt.peak_lr=%r: peak_lr %.3g, weight_decay %.3g (%s) for the LLM's %.3g parameters",
+                     config.opt.lr_law, config.opt.peak_lr, config.opt.weight_decay,
+                     config.opt.weight_decay_convention, config.model.llm.num_params(active=True))
     return config
 
 

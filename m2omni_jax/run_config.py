@@ -16,11 +16,12 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from m2omni_jax.config_fields import ConfigError, Section, as_dict, freeze
+from m2omni_jax.config_fields import ConfigError, Section, as_dict, freeze, replace
 from m2omni_jax.models.audio import AudioConfig
 from m2omni_jax.models.llm import LLMConfig
 from m2omni_jax.models.omni import MODEL_KINDS, ConnectorConfig
 from m2omni_jax.models.vision import VisionConfig
+from m2omni_jax.training.optimizers import mm1_opt_fields
 
 frozen = dataclasses.dataclass(frozen=True)
 
@@ -125,7 +126,7 @@ class FixNormConfig:
 @frozen
 class OptConfig:
     name: str
-    peak_lr: float
+    peak_lr: float | str  # "mm1" until resolve_lr_law
     warmup_steps: int
     decay: str
     final_fraction: float
@@ -141,6 +142,7 @@ class OptConfig:
     lr_multipliers: Mapping[str, float]
     frozen: tuple
     fixnorm: FixNormConfig
+    lr_law: str = ""  # set by resolve_lr_law: the law peak_lr and weight_decay came from
 
 
 @frozen
@@ -224,7 +226,7 @@ class RunConfig:
             raise
         except (TypeError, ValueError) as e:  # the model sections' own checks
             raise ConfigError(str(e)) from e
-        return dataclasses.replace(run, sections=Section(sections, "config"))
+        return resolve_lr_law(dataclasses.replace(run, sections=Section(sections, "config")))
 
     def section(self, name: str) -> Section:
         """A command's or experiment's own section; a clear error when the config has none."""
@@ -232,6 +234,23 @@ class RunConfig:
             raise ConfigError(f"config.{name} is missing: this command needs its section "
                               f"(configs have {sorted(self.sections)})")
         return self.sections[name]
+
+
+LR_LAWS = ("mm1",)
+
+
+def resolve_lr_law(run: RunConfig) -> RunConfig:
+    """`opt.peak_lr="mm1"`: peak LR and weight decay from MM1's law for the LLM's size
+    (optimizers.mm1_opt_fields); any other string is an error naming the field."""
+    peak_lr = run.opt.peak_lr
+    if not isinstance(peak_lr, str):
+        if isinstance(peak_lr, bool) or not isinstance(peak_lr, (int, float)):
+            raise ConfigError(f"config.opt.peak_lr={peak_lr!r} must be a number or one of {LR_LAWS}")
+        return run
+    if peak_lr not in LR_LAWS:
+        raise ConfigError(f"config.opt.peak_lr={peak_lr!r} must be a number or one of {LR_LAWS}")
+    fields = {f"opt.{k}": v for k, v in mm1_opt_fields(run.model.llm).items()}
+    return replace(run, **fields, **{"opt.lr_law": peak_lr})
 
 
 def _audio_width_default(values: dict) -> dict:

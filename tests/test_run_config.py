@@ -67,3 +67,19 @@ def test_a_command_or_experiment_section_is_kept_frozen_and_named_when_missing()
     assert typed.section("alignment").beta == 0.1 and typed.section("alignment").get("missing", 7) == 7
     with pytest.raises(ConfigError, match=r"config.tower_pretrain is missing"):
         typed.section("tower_pretrain")
+
+
+def test_peak_lr_mm1_resolves_from_the_llm_size_and_bad_values_are_named():
+    config = tiny.get_config()
+    config.opt.peak_lr = "mm1"
+    typed = RunConfig.of(config)
+    n = typed.model.llm.num_params(active=True)
+    eta = 2.718281828459045 ** (-0.4214 * __import__("math").log(n) - 0.5535)  # MM1's law, written out
+    assert typed.opt.peak_lr == pytest.approx(eta, rel=1e-12)
+    assert typed.opt.weight_decay == pytest.approx(0.1 * eta, rel=1e-12)
+    assert (typed.opt.weight_decay_convention, typed.opt.lr_law) == ("schedule_only", "mm1")
+    assert RunConfig.of(tiny.get_config()).opt.lr_law == ""  # a number stays as given
+    for bad in ("MM1", "fast", True):
+        config.opt.peak_lr = bad
+        with pytest.raises(ConfigError, match=r"config\.opt\.peak_lr=.*number or one of \('mm1',\)"):
+            RunConfig.of(config)
