@@ -14,8 +14,8 @@ for stage in pt1 pt2; do
   run "$stage"; m2omni-train --config="configs/stages/$stage.py:tiny" --workdir="$root/$stage" "$@"
 done
 run calibration
-# L* = mean of the last --tail logged losses (at most half the run); the file records the tail's slope.
-m2omni-calibrate --config=configs/stages/pt3.py:tiny --workdir="$root/calib" --steps=20 --tail=10 "$@"
+# Each modality alone in rounds of --steps until its loss plateaus (or --max_steps); L* = the tail's mean.
+m2omni-calibrate --config=configs/stages/pt3.py:tiny --workdir="$root/calib" --steps=20 --max_steps=200 --tail=10 "$@"
 run pt3
 m2omni-train --config=configs/stages/pt3.py:tiny --workdir="$root/pt3" \
   --config.balance.step.calibration_file="$root/calib/converged_losses.json" "$@"
