@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 
 from m2omni_jax import build, evaluate, faults
@@ -19,7 +20,8 @@ from m2omni_jax.data import balance_sources, media, pipeline, sources, tokenizer
 from m2omni_jax.modalities import MODALITIES, modality_id
 from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import balance, balanced_step, dynamic_balance, loop as loop_lib, mfu, optimizers, train_step
+from m2omni_jax.training import (balance, balance_optax, balanced_step, dynamic_balance, loop as loop_lib, mfu,
+                                 optimizers, train_step)
 from m2omni_jax.config_fields import replace
 
 
@@ -38,13 +40,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                  balance_strategy(config))
     tokenizer = tokenizer_lib.get_tokenizer(config)
     model, tx, shapes = build.make_model_and_optimizer(optimizer_chain_config(config), tokenizer)
+    tx = balanced_optimizer(config, tx)
     state, abstract_state, state_shardings = train_step.create_train_state(
         model, tx, mesh, rules, shapes, config.seed)
     validation_loss = dynamic_balance.jit_validation_loss(
         functools.partial(train_step.loss_fn, model=model, z_loss_weight=config.train.z_loss_weight),
         mesh, rules, state_shardings.params)
     balancer = make_balancer(config, tokenizer, mesh, validation_loss)
-    step_fn, to_global = make_step(config, model, mesh, rules, abstract_state, state_shardings, balancer)
+    step_fn, to_global = make_step(config, model, mesh, rules, abstract_state, state_shardings)
     callbacks = [c for c in (balancer, periodic_evaluator(config, model, tokenizer, mesh, rules),
                              heldout_losses(config, tokenizer, mesh, validation_loss)) if c is not None]
     loop = loop_lib.Loop(
@@ -58,27 +61,41 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     return metrics
 
 
-def make_step(config, model, mesh, rules, abstract_state, state_shardings, balancer) -> tuple[Callable, Callable]:
-    """(step_fn(state, global batch), local batch -> global arrays) for the balance strategy;
-    the dynamic balancer's current weights scale the loss weights of every step."""
+def make_step(config, model, mesh, rules, abstract_state, state_shardings) -> tuple[Callable, Callable]:
+    """(step_fn(state, global batch), local batch -> global arrays) for the balance strategy
+    (the dynamic balance's weights are read from the optimizer state by the step)."""
     loss_weights = loss_weight_vector(config)
     frozen = optimizers.frozen_mask(config.opt, abstract_state.params) if config.opt.frozen else None
     if balance_strategy(config) == "step":
         loss_fn = functools.partial(train_step.loss_fn, model=model, z_loss_weight=config.train.z_loss_weight)
         ndims = {k: train_step._BATCH_NDIM.get(k, 2) for k in build.batch_keys(config)}
         step_loss = loss_fn if frozen is None else train_step.without_gradient_through(frozen, loss_fn)
-        balanced = balanced_step.jit_balanced_step(step_loss, mesh, rules, state_shardings, ndims,
-                                                   grad_clip=float(config.opt.grad_clip or 0.0))
-        micro_weights = step_balance_weights(config)
-        logging.info("step balance weights %s", dict(zip(config.balance.modalities, micro_weights.tolist())))
-        return (lambda st, batch: balanced(st, batch, micro_weights),
-                functools.partial(stacked_global_batch, mesh=mesh))
+        balanced = balanced_step.jit_balanced_step(step_loss, mesh, rules, state_shardings, ndims)
+        return balanced, functools.partial(stacked_global_batch, mesh=mesh)
     step = train_step.jit_train_step(model, mesh, rules, state_shardings, z_loss_weight=config.train.z_loss_weight,
                                      batch_keys=build.batch_keys(config), frozen=frozen)
     to_global = functools.partial(pipeline.make_global_batch, mesh=mesh)
-    if balancer is None:
-        return (lambda st, batch: step(st, batch, loss_weights)), to_global
-    return (lambda st, batch: step(st, batch, loss_weights * balancer.weights)), to_global
+    return (lambda st, batch: step(st, batch, loss_weights)), to_global
+
+
+def balanced_optimizer(config, tx):
+    """The optimizer with the balance strategy's Optax transformation (balance_optax), so the
+    strategy's state is optimizer state: step balance wraps it, the dynamic balance's weight
+    schedule is chained after it."""
+    strategy = balance_strategy(config)
+    if strategy == "step":
+        weights = step_balance_weights(config)
+        logging.info("step balance weights %s", dict(zip(config.balance.modalities, weights.tolist())))
+        return balance_optax.step_balance(tx, weights, grad_clip=float(config.opt.grad_clip or 0.0))
+    if strategy == "dynamic":
+        return optax.chain(tx, balance_optax.dynamic_balance(adaptive_balance(config)))
+    return tx
+
+
+def adaptive_balance(config) -> balance.AdaptiveBalance:
+    dyn = config.balance.dynamic
+    return balance.AdaptiveBalance(tuple(config.balance.modalities), int(dyn.window), float(dyn.temperature),
+                                   float(dyn.momentum), float(dyn.eps))
 
 
 def throughput(config, model) -> loop_lib.Throughput:
@@ -151,7 +168,7 @@ def dataset_sizes(config, modalities) -> dict[str, int]:
 
 def optimizer_chain_config(config):
     """The config the optax chain is built from. Step balance clips the weighted average in its
-    own step (balanced_step.clip_weighted_sum), so its chain must not clip the α-sized sum again."""
+    own transformation (balance_optax.clip_weighted_sum), so its chain must not clip the α-sized sum again."""
     if balance_strategy(config) != "step" or not config.opt.grad_clip:
         return config
     return replace(config, **{"opt.grad_clip": 0.0})
@@ -195,8 +212,7 @@ def make_balancer(config, tokenizer, mesh, validation_loss) -> dynamic_balance.D
     if balance_strategy(config) != "dynamic":
         return None
     dyn = config.balance.dynamic
-    adaptive = balance.AdaptiveBalance(tuple(config.balance.modalities), int(dyn.window),
-                                       float(dyn.temperature), float(dyn.momentum), float(dyn.eps))
+    adaptive = adaptive_balance(config)
     batches = heldout_batches(config, tokenizer, mesh, adaptive.modalities, dyn.val_batches, dyn.val_batch_size)
     return dynamic_balance.DynamicBalancer(adaptive, batches, validation_loss, int(dyn.interval_steps))
 

@@ -72,3 +72,35 @@ def test_size_proportional_samples_by_dataset_size_not_mixture_weight():
     assert share == pytest.approx(6 / 7, abs=0.02)
     with pytest.raises(ValueError, match=r"config\.balance\.modalities has \['video'\]"):
         train.dataset_sizes(config, ("text", "video"))
+
+
+BALANCED_RUNS = {
+    "dynamic": ["--config.balance.strategy=dynamic", "--config.balance.modalities=('text','image')",
+                "--config.balance.dynamic.window=2", "--config.balance.dynamic.interval_steps=2",
+                "--config.balance.dynamic.val_batches=1", "--config.balance.dynamic.val_batch_size=8"],
+    "step": ["--config.balance.strategy=step", "--config.balance.modalities=('text','image')",
+             "--config.balance.step.equal_weights=True"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sorted(BALANCED_RUNS))
+def test_a_balanced_run_resumes_exactly_with_its_state_in_the_optimizer(tmp_path, strategy):
+    """8 steps straight = 4 steps, then a resume to 8 (the balance's state comes back with the
+    optimizer state): the same losses bitwise, and for dynamic the same weights."""
+    from test_train import losses, run, train_command
+    from m2omni_jax.training.metrics_logging import read_metrics
+    data = tmp_path / "data"
+    extra = [*BALANCED_RUNS[strategy], "--config.checkpoint.every=4"]
+    straight = run(train_command(tmp_path / "straight", data, "--config.train.steps=8", *extra), timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run(train_command(tmp_path / "resumed", data, "--config.train.steps=4", *extra), timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(train_command(tmp_path / "resumed", data, "--config.train.steps=8", *extra), timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 4" in second.stderr
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 8
+    if strategy == "dynamic":
+        records = [read_metrics(tmp_path / d / "metrics.jsonl") for d in ("straight", "resumed")]
+        weights = [{s: r[s].get("balance/weight/text") for s in (6, 8)} for r in records]
+        assert weights[0] == weights[1] and weights[0][8] is not None and weights[0][8] != 1.0

@@ -4,11 +4,13 @@ Every `interval_steps` steps a validation pass runs each balanced modality's
 held-out batches (Sᵢ batches of Bᵢ samples, fixed for the whole run) through
 the model; their mean losses feed `balance.AdaptiveBalance`, whose smoothed
 weights are the train step's per-modality loss weights until the next pass.
-The balance state goes into every checkpoint (`extra["dynamic_balance"]`), so
-a resumed run continues the same weights.
+The balance state is optimizer state (`balance_optax.dynamic_balance`): it goes
+into every checkpoint with the optimizer, so a resumed run continues the same
+weights, and the train step reads the weights from it (`balance_optax.loss_weights`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -18,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax.modalities import NUM_MODALITIES, modality_id
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import balance
+from m2omni_jax.training import balance, balance_optax
 from m2omni_jax.training.loop import Callback
 
 
@@ -37,8 +39,9 @@ def jit_validation_loss(loss_fn: Callable, mesh, rules, param_shardings) -> Call
 
 
 class DynamicBalancer(Callback):
-    """Holds the AdaptiveBalance state and runs its validation passes: a loop callback whose
-    val losses and weights join the training log lines, its state in every checkpoint."""
+    """Runs the validation passes of the dynamic balance, whose state is optimizer state
+    (`balance_optax.dynamic_balance`): every `interval_steps` steps the new train state and
+    the val losses and weights, which join the training log lines from then on."""
 
     def __init__(self, adaptive: balance.AdaptiveBalance, validation_batches: Mapping[str, Sequence],
                  validation_loss: Callable, interval_steps: int):
@@ -51,9 +54,7 @@ class DynamicBalancer(Callback):
         self.validation_batches = validation_batches
         self.validation_loss = validation_loss
         self.interval_steps = interval_steps
-        self.state = adaptive.init()
-        self._update = jax.jit(adaptive.update)
-        self.weights = self.weights_vector()  # per modality id, for the train step's loss weights
+        self._observe = None  # jitted on the first pass, with the optimizer state's shardings
 
     def due(self, step: int) -> bool:
         return step % self.interval_steps == 0
@@ -62,36 +63,29 @@ class DynamicBalancer(Callback):
         """Mean held-out loss of each balanced modality on its own batches."""
         return heldout_losses(params, self.validation_batches, self.validation_loss)
 
-    def update(self, params) -> dict[str, float]:
-        """One validation pass; returns what to log (val losses and weights per modality)."""
-        losses = self.validate(params)
-        self.state = self._update(self.state, losses)
-        self.weights = self.weights_vector()
-        weights = np.asarray(self.state["weights"])
+    def observe(self, state, losses: Mapping[str, float]):
+        """`state` with the balance's optimizer state after this validation pass (jitted, the
+        optimizer state donated and its shardings kept)."""
+        if self._observe is None:
+            shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
+            self._observe = jax.jit(functools.partial(balance_optax.observe_validation_losses, self.adaptive),
+                                    out_shardings=shardings, donate_argnums=(0,))
+        losses = np.asarray(self.adaptive.losses_array(losses))
+        return state.replace(opt_state=self._observe(state.opt_state, losses))
+
+    def metrics(self, state, losses: Mapping[str, float]) -> dict[str, float]:
         out = {f"val_loss/{n}": v for n, v in losses.items()}
-        out.update({f"balance/weight/{n}": float(w) for n, w in zip(self.adaptive.modalities, weights)})
+        weights = jax.device_get(balance_optax.balance_metrics(self.adaptive, state.opt_state))
+        out.update({k: float(v) for k, v in weights.items()})
         return out
 
-    def weights_vector(self) -> np.ndarray:
-        return np.asarray(self.adaptive.weights_vector(self.state))
-
-    def to_json(self) -> str:
-        return balance.state_to_json(self.state)
-
-    def load_json(self, text: str) -> None:
-        self.state = balance.state_from_json(text)
-        self.weights = self.weights_vector()
-
     # loop.Callback
-    def after_step(self, step: int, state) -> dict[str, float] | None:
-        return self.update(state.params) if self.due(step) else None
-
-    def checkpoint_extra(self) -> dict:
-        return {"dynamic_balance": self.to_json()}
-
-    def restore(self, extra) -> None:
-        if "dynamic_balance" in extra:
-            self.load_json(extra["dynamic_balance"])
+    def update_state(self, step: int, state):
+        if not self.due(step):
+            return state, None
+        losses = self.validate(state.params)
+        state = self.observe(state, losses)
+        return state, self.metrics(state, losses)
 
 
 def heldout_losses(params, batches_by_modality: Mapping[str, Sequence], validation_loss) -> dict[str, float]:

@@ -79,6 +79,12 @@ class Callback:
         """After every step (`step` steps done); metrics to log, or None."""
         return None
 
+    def update_state(self, step: int, state) -> tuple[Any, Mapping[str, float] | None]:
+        """After every step: (the train state from now on, metrics to log or None). For a
+        callback that owns part of the state (the dynamic balance's optimizer state); the
+        default leaves it alone and logs `after_step`'s metrics."""
+        return state, self.after_step(step, state)
+
     def finish(self, state) -> Mapping[str, Any]:
         """After the last step (not after a stop request); merged into `run`'s result."""
         return {}
@@ -256,7 +262,7 @@ class Loop:
             if pending is not None:
                 self.nonfinite.observe(step - 1, pending)
             pending = metrics.pop(NONFINITE_KEY, None)
-            records = self._after_step(step, state, sticky)
+            state, records = self._after_step(step, state, sticky)
             if logger.should_log(step):
                 last = self._log_metrics(step, metrics, local_batch, pending, sticky)
                 pending = None  # observed above
@@ -276,18 +282,19 @@ class Loop:
         checkpointer.wait()
         return state, step, last
 
-    def _after_step(self, step, state, sticky) -> list[tuple[str, Mapping]]:
-        """Runs the callbacks: unlabelled metrics go into `sticky`; returns the labelled ones."""
+    def _after_step(self, step, state, sticky) -> tuple[Any, list[tuple[str, Mapping]]]:
+        """Runs the callbacks: unlabelled metrics go into `sticky`; returns the state and the
+        labelled ones."""
         records = []
         for callback in self.callbacks:
             start = time.perf_counter()
-            values = callback.after_step(step, state)
+            state, values = callback.update_state(step, state)
             self.throughput.exclude(time.perf_counter() - start)
             if values and callback.label is None:
                 sticky.update(values)
             elif values:
                 records.append((callback.label, values))
-        return records
+        return state, records
 
     def _log_metrics(self, step, metrics, local_batch, pending, sticky) -> dict:
         fetched = jax.device_get(metrics)

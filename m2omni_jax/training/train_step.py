@@ -24,6 +24,7 @@ from m2omni_jax.data.pipeline import BATCH_KEYS  # the text batch's keys, define
 from m2omni_jax.modalities import NUM_MODALITIES
 from m2omni_jax.models import moe, omni
 from m2omni_jax.parallel import sharding
+from m2omni_jax.training import balance_optax
 
 # Extra inputs of the omni model (models/omni.py), passed through when a batch has them.
 MEDIA_KEYS = omni.MEDIA_KEYS
@@ -90,6 +91,7 @@ def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: 
     loss = functools.partial(loss_fn, model=model, z_loss_weight=z_loss_weight)
     if frozen is not None:
         loss = without_gradient_through(frozen, loss)
+    loss_weights = loss_weights * balance_optax.loss_weights(state.opt_state)  # the dynamic balance's (or 1)
     (loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, loss_weights)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
