@@ -1,5 +1,6 @@
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,6 +41,29 @@ def test_c_abstractor_default_depth_three_on_a_non_square_grid():
     assert out.shape == (1, 64, OUT_WIDTH)
     blocks = [name for name in params["params"] if "block" in name]
     assert len(blocks) == 6  # depth 3 before and 3 after pooling
+
+
+def test_c_abstractor_blocks_are_honeybees():
+    """A learned position embedding per grid cell, a depthwise 3×3 and squeeze-excite to 0.25 of
+    the block's input width (timm's RegBottleneck); the gates depend on the image (a per-channel scale in (0, 1))."""
+    connector = make_connector("c_abstractor", OUT_WIDTH, 4, hidden_width=8, depth=1, max_grid_side=7)
+    params, _ = _init_apply(connector, _grid(6))
+    p = nn.unbox(params["params"])
+    assert p["position_embedding"].shape == (7, 7, IN_WIDTH) and np.abs(p["position_embedding"]).max() > 0
+    with pytest.raises(ValueError, match=r"a 8x8 grid is larger than .* \(7x7, model.connector.max_grid_side\)"):
+        connector.apply(params, _grid(8))
+    block = p["stage1_block0"]
+    assert block["spatial"]["kernel"].shape == (3, 3, 1, 8)  # depthwise: one input channel per group
+    se = block["squeeze_excite"]
+    assert se["reduce"]["kernel"].shape == (8, 4) and se["expand"]["kernel"].shape == (4, 8)
+    assert p["stage2_block0"]["squeeze_excite"]["reduce"]["kernel"].shape == (8, 2)
+    gates = [connectors.SqueezeExcite(4).apply({"params": se}, x[..., :8]) for x in (_grid(6, seed=1), _grid(6, seed=2))]
+    assert all(0 < float(g.min()) and float(g.max()) < 1 for g in gates)
+    assert float(jnp.abs(gates[0] - gates[1]).max()) > 1e-4
+    # The position embedding is a function of the cell: moving it changes the tokens.
+    shifted = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.roll(x, 1, axis=0) if "position_embedding" in jax.tree_util.keystr(path) else x, params)
+    assert float(jnp.abs(connector.apply(shifted, _grid(6)) - connector.apply(params, _grid(6))).max()) > 1e-6
 
 
 @pytest.mark.parametrize("mlp", [False, True])
@@ -93,7 +117,7 @@ def test_padded_grid_with_extent_equals_the_image_alone(kind):
     padded = np.full((1, 8, 7, IN_WIDTH), 1e3, np.float32)  # garbage, not zeros
     padded[:, :5, :3] = image
     extent = np.array([[5, 3]], np.int32)
-    connector = make_connector(kind, OUT_WIDTH, 4, num_heads=4, hidden_width=8, depth=2)
+    connector = make_connector(kind, OUT_WIDTH, 4, num_heads=4, hidden_width=8, depth=2, max_grid_side=8)
     params, alone = _init_apply(connector, image)
     if kind == "attn_pool":
         mask = np.asarray(connectors.grid_mask(extent, 8, 7)).reshape(1, -1)

@@ -288,7 +288,7 @@ def test_pooling_connector_gives_k_tokens_per_segment_in_placeholder_order(poole
     features, merged_ids = model.apply({"params": params}, *[batch[key] for key in VISION_INPUTS],
                                        method=OmniModel.vision_features)
     connector = make_connector(cfg.kind, LLM_CONFIG.width, k, hidden_width=cfg.hidden_width,
-                               num_heads=cfg.num_heads, depth=cfg.depth)
+                               num_heads=cfg.num_heads, depth=cfg.depth, max_grid_side=cfg.max_grid_side)
 
     def standalone(row, first, name):
         h, w = (side // 28 for side in POOL_IMAGES[name])

@@ -169,20 +169,25 @@ class AttnPoolConnector(nn.Module):
         return MergeHeads(self.out_width, use_bias=True, name="out", **dtypes)(pooled)
 
 
-class ResNetBottleneck(nn.Module):
-    """1×1 → 3×3 → 1×1 convs, each with LayerNorm over channels (no batch statistics), SiLU."""
+class RegBottleneck(nn.Module):
+    """Honeybee's C-Abstractor block (timm RegNet `RegBottleneck`): 1×1 → depthwise 3×3 →
+    squeeze-excite (`se_ratio` of the input width) → 1×1, each conv with LayerNorm over channels
+    (no batch statistics), SiLU, a residual (1×1-projected when the widths differ)."""
     features: int
+    se_ratio: float = 0.25
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x, mask=None):
         """x (B, H, W, C); mask (B, H, W) bool, False on padding cells (None: no padding).
-        With a mask the 3×3 conv reads zeros there, and the output is zero there."""
-        def conv(features, size, axes, name):
+        With a mask the 3×3 conv reads zeros there, the squeeze averages the valid cells only,
+        and the output is zero there."""
+        def conv(features, size, axes, name, groups=1):
             # flax forbids a logical name twice in one array: the width dim stays unnamed.
             return nn.Conv(features, (size, size), padding="SAME", use_bias=False, name=name,
-                           kernel_init=kernel_init(("conv", None) + axes), **_dtypes(self))
+                           feature_group_count=groups, kernel_init=kernel_init(("conv", None) + axes),
+                           **_dtypes(self))
 
         def norm(name):
             return LayerNorm(name=name, **_dtypes(self))
@@ -192,17 +197,43 @@ class ResNetBottleneck(nn.Module):
             shortcut = norm("shortcut_norm")(conv(self.features, 1, (None, "embed"), "shortcut")(x))
         keep = (lambda a: a) if mask is None else (lambda a: jnp.where(mask[..., None], a, 0).astype(a.dtype))
         h = nn.silu(norm("norm1")(conv(self.features, 1, ("embed", "mlp"), "reduce")(x)))
-        h = nn.silu(norm("norm2")(conv(self.features, 3, (None, "mlp"), "spatial")(keep(h))))
+        h = nn.silu(norm("norm2")(conv(self.features, 3, (None, "mlp"), "spatial", groups=self.features)(keep(h))))
+        squeezed = max(1, round(x.shape[-1] * self.se_ratio))
+        h = h * SqueezeExcite(squeezed, name="squeeze_excite", **_dtypes(self))(h, mask)
         h = norm("norm3")(conv(self.features, 1, ("mlp", "embed"), "expand")(h))
         return keep(nn.silu(h + shortcut))
 
 
+
+class SqueezeExcite(nn.Module):
+    """Per-channel gates in (0, 1) from the mean over the (valid) cells: Dense–ReLU–Dense–sigmoid."""
+    squeezed: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, h, mask=None):
+        """h (B, H, W, C) → gates (B, 1, 1, C); mask (B, H, W) bool (None: every cell)."""
+        if mask is None:
+            mean = h.mean(axis=(1, 2))
+        else:
+            valid = mask[..., None].astype(h.dtype)
+            mean = (h * valid).sum(axis=(1, 2)) / jnp.maximum(valid.sum(axis=(1, 2)), 1)
+        z = nn.relu(nn.Dense(self.squeezed, kernel_init=kernel_init(("mlp", None)), bias_init=zeros_init((None,)),
+                             name="reduce", **_dtypes(self))(mean))
+        gate = nn.Dense(h.shape[-1], kernel_init=kernel_init((None, "mlp")), bias_init=zeros_init(("mlp",)),
+                        name="expand", **_dtypes(self))(z)
+        return jax.nn.sigmoid(gate)[:, None, None, :]
+
+
 class CAbstractor(nn.Module):
-    """Honeybee/MM1: ResNet blocks → adaptive avg pool to √k×√k → ResNet blocks → MLP."""
+    """Honeybee / MM1: + a learned position embedding per grid cell → RegNet blocks → adaptive
+    avg pool to √k×√k → RegNet blocks → MLP readout (Honeybee, arXiv 2312.06742, §3.2)."""
     out_width: int
     num_tokens: int = 64
     hidden_width: int | None = None  # default: the input width
     depth: int = 3
+    max_grid_side: int | None = None  # the position table's side (None: the first grid's)
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -210,15 +241,24 @@ class CAbstractor(nn.Module):
     def __call__(self, grid, extent=None):
         """grid (B, H, W, C); extent (B, 2) actual (rows, cols), None: the whole grid."""
         _require_grid(grid, "c_abstractor")
+        rows, cols = grid.shape[1:3]
+        table_side = self.max_grid_side or max(rows, cols)
+        if max(rows, cols) > table_side:
+            raise ValueError(f"a {rows}x{cols} grid is larger than the C-Abstractor's position table "
+                             f"({table_side}x{table_side}, model.connector.max_grid_side)")
         side = grid_side(self.num_tokens)
         hidden = self.hidden_width or grid.shape[-1]
         mask = None if extent is None else grid_mask(extent, grid.shape[1], grid.shape[2])
-        x = grid
+        # Honeybee adds its position embedding to the encoder's tokens; here one per cell of the
+        # (H, W) grid, so a cell's embedding is its (row, col), whatever the image's size.
+        init = nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None, "embed"))
+        position = self.param("position_embedding", init, (table_side, table_side, grid.shape[-1]), self.param_dtype)
+        x = grid + position[:rows, :cols].astype(grid.dtype)
         for i in range(self.depth):
-            x = ResNetBottleneck(hidden, self.dtype, self.param_dtype, name=f"stage1_block{i}")(x, mask)
+            x = RegBottleneck(hidden, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage1_block{i}")(x, mask)
         x = adaptive_avg_pool_2d(x, side, side, extent)  # the pooled √k×√k grid has no padding
         for i in range(self.depth):
-            x = ResNetBottleneck(hidden, self.dtype, self.param_dtype, name=f"stage2_block{i}")(x)
+            x = RegBottleneck(hidden, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage2_block{i}")(x)
         x = _flatten_grid(x)
         x = nn.Dense(self.out_width, kernel_init=kernel_init(("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), name="readout1", **_dtypes(self))(x)
@@ -228,6 +268,7 @@ class CAbstractor(nn.Module):
 
 def make_connector(kind: str, out_width: int, num_tokens: int | None = None, *, mlp: bool = False,
                    hidden_width: int | None = None, num_heads: int = 8, depth: int = 3,
+                   max_grid_side: int | None = None,
                    dtype: str = "float32", param_dtype: str = "float32",
                    attention_implementation: str = DEFAULT_ATTENTION) -> nn.Module:
     """Builds the connector named by `kind` (one of CONNECTOR_KINDS).
@@ -249,4 +290,4 @@ def make_connector(kind: str, out_width: int, num_tokens: int | None = None, *, 
     if kind == "attn_pool":
         return AttnPoolConnector(out_width, num_tokens, num_heads, **dtypes,
                                  attention_implementation=attention_implementation)
-    return CAbstractor(out_width, num_tokens, hidden_width, depth, **dtypes)
+    return CAbstractor(out_width, num_tokens, hidden_width, depth, max_grid_side, **dtypes)

@@ -333,6 +333,7 @@ class OmniModel(nn.Module):
         c = cfg.connector
         self.connector = make_connector(c.kind, cfg.llm.width, c.num_tokens if c.pools else None, mlp=c.mlp,
                                         hidden_width=c.hidden_width or None, num_heads=c.num_heads, depth=c.depth,
+                                        max_grid_side=c.max_grid_side,
                                         dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype,
                                         attention_implementation=cfg.vision.attention_implementation)
         if self.connector_extras is not None and c.pools:
@@ -506,9 +507,9 @@ def connector_macs_per_pack(config: OmniConfig, merged: int, extra_input_width: 
     else:
         h = c.hidden_width or d
 
-        def blocks(n, width_in):  # bottleneck: 1×1 reduce, 3×3, 1×1 expand, a 1×1 shortcut if widths differ
-            first = width_in * h + 9 * h * h + h * h + (width_in * h if width_in != h else 0)
-            return n * (first + (c.depth - 1) * 11 * h * h) if c.depth else 0
+        def blocks(n, width_in):  # 1×1 reduce, depthwise 3×3, 1×1 expand, a 1×1 shortcut if widths differ
+            first = width_in * h + 9 * h + h * h + (width_in * h if width_in != h else 0)
+            return n * (first + (c.depth - 1) * (2 * h * h + 9 * h)) if c.depth else 0  # (+ SE, per image)
         per_segment = blocks(cells, d) + pool(h if c.depth else d, c.max_grid_side) + blocks(k, h)
         per_segment += k * ((h if c.depth else d) * out + out * out)
     return float(c.max_segments_per_row * per_segment + (k * d * d if c.kind == "attn_pool" else 0))
