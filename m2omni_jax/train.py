@@ -197,11 +197,14 @@ def step_balance_weights(config) -> np.ndarray:
     return np.asarray([weights[m] for m in modalities], np.float32)
 
 
-def heldout_batches(config, tokenizer, mesh, modalities, num_batches: int, batch_size: int) -> dict:
-    """Fixed held-out batches per modality (the eval split), as global arrays."""
+def heldout_batches(config, tokenizer, mesh, modalities, num_batches: int, batch_size: int,
+                    split: str = "eval") -> dict:
+    """Fixed held-out batches per modality of `split` ("eval", or "validation": held out of the
+    training data for the dynamic balance), as global arrays."""
     out = {}
     for m in modalities:
-        it = build.make_train_iterator(build.single_modality_config(config, m, split="eval", batch_size=batch_size), tokenizer)
+        it = build.make_train_iterator(build.single_modality_config(config, m, split=split, batch_size=batch_size),
+                                       tokenizer)
         out[m] = dynamic_balance.fixed_validation_batches(
             it, num_batches, lambda b: pipeline.make_global_batch(b, mesh))
     return out
@@ -213,7 +216,9 @@ def make_balancer(config, tokenizer, mesh, validation_loss) -> dynamic_balance.D
         return None
     dyn = config.balance.dynamic
     adaptive = adaptive_balance(config)
-    batches = heldout_batches(config, tokenizer, mesh, adaptive.modalities, dyn.val_batches, dyn.val_batch_size)
+    # Sᵢ batches of Bᵢ from records held out of the training data [paper], never the eval split.
+    batches = heldout_batches(config, tokenizer, mesh, adaptive.modalities, dyn.val_batches, dyn.val_batch_size,
+                              split="validation")
     return dynamic_balance.DynamicBalancer(adaptive, batches, validation_loss, int(dyn.interval_steps))
 
 

@@ -21,7 +21,8 @@ LARGE_AUDIO = dict(enabled=True, output_scale=1.0, width=512, depth=50, num_head
                    num_audio_tokens=256, dtype="bfloat16", param_dtype="float32", remat_policy="full")
 # Up to 1,024 tokens per image (Qwen2-VL's range, capped); 4 such images per 4,096-token row.
 LARGE_PIXELS = dict(image_min_pixels=4 * 28 * 28, image_max_pixels=1024 * 28 * 28,
-                    video_min_pixels=4 * 28 * 28, video_max_pixels=256 * 28 * 28, patches_per_row=16_384)
+                    video_min_pixels=4 * 28 * 28, video_max_pixels=256 * 28 * 28, patches_per_row=16_384,
+                    video_fps=2.0, video_min_frames=4, video_max_frames=120)  # the paper's 2 fps, 4-120 frames
 
 
 def sized_config(size: str, stage: str, previous: str | None):

@@ -14,6 +14,6 @@ Everything past a source (media, chat assembly, packing) sees only records.
 """
 from m2omni_jax.data.sources.base import (SPLITS, Part, SafeDecode, Source, eval_records, make_sources,  # noqa: F401
                                           part_records, parts, register_source, round_robin, source_kinds,
-                                          tokenizer_texts)
+                                          tokenizer_texts, validation_records)
 from m2omni_jax.data.sources import array_record, jsonl, tfds  # noqa: F401,E402  (register the built-in kinds)
 from m2omni_jax.data.sources.array_record import ArrayRecordFiles  # noqa: F401,E402

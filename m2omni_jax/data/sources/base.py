@@ -16,7 +16,8 @@ import grain
 
 from m2omni_jax.data import records as records_lib
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval")  # what a source provides
+READ_SPLITS = SPLITS + ("validation",)  # what parts() reads; "validation" is held out of "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,17 +97,45 @@ def make_sources(config) -> dict[str, Source]:
 
 
 def parts(config, split: str = "train") -> dict[str, Part]:
-    """Every part of every configured source for `split`, in config then source order."""
-    if split not in SPLITS:
-        raise ValueError(f"config.data.split={split!r}; use one of {SPLITS}")
+    """Every part of every configured source for `split`, in config then source order. The
+    "validation" split is the last `validation_records(config)` records of each training part,
+    and "train" then leaves them out."""
+    if split not in READ_SPLITS:
+        raise ValueError(f"config.data.split={split!r}; use one of {READ_SPLITS}")
+    held_out = validation_records(config)
+    if split == "validation" and not held_out:
+        raise ValueError("the validation split is held out of the training data only for the dynamic balance "
+                         "(config.balance.strategy='dynamic')")
     out: dict[str, Part] = {}
     for name, source in make_sources(config).items():
-        for part_name, part in source.parts(split).items():
+        for part_name, part in source.parts("eval" if split == "eval" else "train").items():
             if part_name in out:
                 raise ValueError(f"config.data.sources.{name} and .{out[part_name].source} both have a part "
                                  f"named {part_name!r}; rename one source")
-            out[part_name] = part
+            out[part_name] = _hold_out(part_name, part, held_out, split) if held_out and split != "eval" else part
     return out
+
+
+def validation_records(config) -> int:
+    """Training records per part held out for the dynamic balance's validation passes: Σ Sᵢ·Bᵢ
+    of the paper, Sᵢ = `balance.dynamic.val_batches` batches of Bᵢ = `val_batch_size` (the same
+    for every modality here); 0 for the other strategies."""
+    if config.balance.strategy != "dynamic":
+        return 0
+    return int(config.balance.dynamic.val_batches) * int(config.balance.dynamic.val_batch_size)
+
+
+def _hold_out(name: str, part: Part, num: int, split: str) -> Part:
+    """The part's last `num` records ("validation") or the others ("train")."""
+    def records():
+        all_records = part.records()
+        if len(all_records) <= num:
+            raise ValueError(f"part {name!r} of config.data.sources.{part.source} has {len(all_records)} training "
+                             f"records; the dynamic balance holds out {num} of each part for its validation "
+                             "passes (balance.dynamic.val_batches × val_batch_size): lower those or add data")
+        cut = len(all_records) - num
+        return all_records[cut:] if split == "validation" else all_records[:cut]
+    return dataclasses.replace(part, records=records)
 
 
 def part_records(config, split: str, *, modalities: Sequence[str] | None = None,
