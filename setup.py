@@ -58,5 +58,6 @@ setuptools.setup(
         "m2omni-align=m2omni_jax.align:run",
         "m2omni-import=m2omni_jax.import_hf:run",
         "m2omni-pretrain-tower=m2omni_jax.experiments.shapes_world.tower:run",
+        "m2omni-train-speech-tokenizer=m2omni_jax.train_speech_tokenizer:run",
     ]},
 )

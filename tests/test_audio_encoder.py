@@ -92,9 +92,10 @@ def test_sharded_forward_matches_single_device(model_and_params, encode):
     model, _ = model_and_params
     expected, _ = encode(_features(24), LENGTHS)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    # The shardings are computed outside `activate`, as train_step.create_train_state does.
+    abstract = jax.eval_shape(model.init, jax.random.key(0), _features(24), LENGTHS)
+    shardings = sharding.logical_to_mesh_sharding(abstract, mesh)
     with sharding.activate(mesh):
-        abstract = jax.eval_shape(model.init, jax.random.key(0), _features(24), LENGTHS)
-        shardings = sharding.logical_to_mesh_sharding(abstract, mesh)
         sharded_params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), _features(24), LENGTHS)
         feats = jax.device_put(_features(24), sharding.batch_sharding(mesh, 3))
         lengths = jax.device_put(LENGTHS, sharding.batch_sharding(mesh, 1))

@@ -134,8 +134,8 @@ def test_sharded_loss_and_grads_match_single_device(model_and_params):
         lambda p, b: flow_matching_loss(model, p, b, jax.random.key(7))[0]))
     expected_loss, expected_grads = loss_and_grads(params, batch)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = sharding.logical_to_mesh_sharding(params, mesh)  # outside `activate`, as create_train_state
     with sharding.activate(mesh):
-        shardings = sharding.logical_to_mesh_sharding(params, mesh)
         sharded = jax.device_put(params, shardings)
         sharded_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
         loss, grads = loss_and_grads(sharded, sharded_batch)

@@ -189,6 +189,24 @@ class SANMBlock(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION), None
 
 
+def sanm_blocks(cfg: AudioConfig, x, frame_mask):
+    """`cfg.depth` SAN-M blocks (`input_block`, then `blocks`: scanned unless cfg.scan is
+    False) created in the calling compact module's scope; also the speech tokenizer's."""
+    block = maybe_remat(SANMBlock, cfg.remat_policy)
+    x, _ = block(cfg, name="input_block")(x, frame_mask)
+    if cfg.depth == 1:
+        return x
+    if cfg.scan:
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast,), length=cfg.depth - 1,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(cfg, name="blocks")(x, frame_mask)
+        return x
+    for i in range(cfg.depth - 1):
+        x, _ = block(cfg, name=f"block_{i}")(x, frame_mask)
+    return x
+
+
 class AudioEncoder(nn.Module):
     config: AudioConfig
 
@@ -209,7 +227,7 @@ class AudioEncoder(nn.Module):
         x = features.astype(jnp.float32) * cfg.width ** 0.5
         x = (x + sinusoidal_positions(features.shape[1], cfg.input_dim)).astype(dtype)
         x = nn.with_logical_constraint(x, ACTIVATION)
-        x = self._blocks(x, frame_mask)
+        x = sanm_blocks(cfg, x, frame_mask)
         x = LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, param_dtype=to_dtype(cfg.param_dtype),
                       name="final_norm")(x)
         tokens = LinearConnector(cfg.out_width, mlp=cfg.projector == "mlp", dtype=cfg.dtype,
@@ -222,22 +240,6 @@ class AudioEncoder(nn.Module):
                 nn.initializers.normal(0.02), ("embed",)), (cfg.out_width,), to_dtype(cfg.param_dtype))
         tokens = jnp.where(valid[..., None], tokens, end_of_audio.astype(tokens.dtype))
         return nn.with_logical_constraint(tokens, ACTIVATION), valid
-
-    def _blocks(self, x, frame_mask):
-        cfg = self.config
-        block = maybe_remat(SANMBlock, cfg.remat_policy)
-        x, _ = block(cfg, name="input_block")(x, frame_mask)
-        if cfg.depth == 1:
-            return x
-        if cfg.scan:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,), length=cfg.depth - 1,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, name="blocks")(x, frame_mask)
-            return x
-        for i in range(cfg.depth - 1):
-            x, _ = block(cfg, name=f"block_{i}")(x, frame_mask)
-        return x
 
     def _group_frames(self, x, frame_mask):
         """Zeroes padding frames, pads/cuts to max_frames, concatenates each frames_per_token."""
