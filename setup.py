@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "jiwer",  # ASR word error rate
     "librosa",  # Griffin-Lim phase recovery of the default vocoder (models/vocoder.py)
     "tokenizers",  # a Hugging Face checkpoint's tokenizer.json (interop/hf_tokenizer.py)
+    "threadpoolctl",  # one BLAS thread for the input pipeline's numpy work (data/pipeline.py)
     "importlib_resources",  # tfds 4.9.x imports it when preparing a builder (tensorflow/datasets#11212)
 ]
 
@@ -30,11 +31,12 @@ EXTRAS = {
     # tensorflow-cpu: tfds.testing.mock_data builds the real registered builders' Image/Audio
     # features with it (tests/test_sources.py); the framework itself reads TFDS without it.
     # torch + transformers: the Hugging Face parity tests (tests/test_hf_interop.py); 2.13.0 is
-    # a CPU build (any other torch pulls several GB of CUDA wheels).
-    "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank", "tensorflow-cpu", "torch==2.13.0", "transformers"],
+    # a CPU build (any other torch pulls several GB of CUDA wheels). nbclient: tests/test_notebooks.py.
+    "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank", "tensorflow-cpu", "torch==2.13.0", "transformers",
+             "nbclient", "nbformat", "ipykernel"],
     # benchmarks/peers/: the same models in PyTorch / transformers, measured side by side.
     "peers": ["torch==2.13.0", "transformers"],
-    "experiments": ["matplotlib"],  # benchmarks/balance_comparison.py plots
+    "experiments": ["matplotlib", "optuna"],  # benchmarks/balance_comparison.py plots; fixnorm_vs_tpe.py: TPE
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],
 }
@@ -52,6 +54,7 @@ setuptools.setup(
         "m2omni-train=m2omni_jax.main:run",
         "m2omni-eval=m2omni_jax.evaluate:run",
         "m2omni-generate=m2omni_jax.generate:run",
+        "m2omni-chat=m2omni_jax.chat_cli:run",
         "m2omni-prepare-data=m2omni_jax.prepare_data:run",
         "m2omni-calibrate=m2omni_jax.calibrate:run",
         "m2omni-tune-fixnorm=m2omni_jax.tune_fixnorm:run",
@@ -59,5 +62,6 @@ setuptools.setup(
         "m2omni-import=m2omni_jax.import_hf:run",
         "m2omni-pretrain-tower=m2omni_jax.experiments.shapes_world.tower:run",
         "m2omni-train-speech-tokenizer=m2omni_jax.train_speech_tokenizer:run",
+        "m2omni-aot=m2omni_jax.aot:run",
     ]},
 )

@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="float32", param_dtype="float32",  # compute / parameter dtypes ("bfloat16" compute on TPU/GPU)
         remat_policy="none",  # rematerialisation per layer (models/layers.py: REMAT_POLICIES)
         scan_layers=True,  # nn.scan over the layers: one compiled layer, stacked parameters
+        lm_head_chunk=0,  # > 0: the loss's LM head + cross-entropy this many positions at a time (no whole logits)
         # "einsum" (ours, the fastest on CPU) | "xla" (jax.nn.dot_product_attention) | "cudnn"
         # (its flash attention: GPU, bf16/fp16 only); models/layers.py, benchmarks/attention.py
         attention_implementation="einsum"))
@@ -77,13 +78,35 @@ def get_config() -> ml_collections.ConfigDict:
         remat_policy="none",  # as model.llm.remat_policy
         scan=True,  # nn.scan over the blocks
         attention_implementation="einsum"))  # as model.llm.attention_implementation
+    # The image output head (models/image_head.py: ImageOutputConfig), read when kind="omni" and
+    # enabled: a flow-matching DiT conditioned on the LLM's hidden states of a `<gen_image>` span.
+    config.model.image_head = ml_collections.ConfigDict(dict(
+        enabled=False,  # off: no head, no image batch keys (configs without it unchanged)
+        route="query",  # "query": N <gen_imagePatch> tokens | "caption": the description the LLM writes
+        num_queries=8,  # "query": <gen_imagePatch> tokens per drawing
+        max_cond_tokens=32,  # "caption": description tokens the decoder attends to
+        images_per_row=2,  # drawing slots per packed row (static)
+        loss_weight=1.0,  # × the flow-matching loss (modality "image_out" in train.loss_weights too)
+        image_size=32, patch_size=4, channels=3,  # square RGB target, patchified
+        width=128, depth=4, num_heads=4, mlp_ratio=4.0,  # the DiT
+        cond_width=64,  # the projector's output (the head's condition width)
+        position_embedding="sincos",  # "sincos" | "learned"
+        cond_dropout=0.1,  # rows trained unconditionally (classifier-free guidance)
+        time_sampling="uniform",  # "uniform" | "logit_normal"
+        sample_steps=20, sampler="euler", guidance_scale=1.0,  # sampling: steps, "euler" | "heun", CFG scale
+        prediction="velocity",  # the DiT's output: "velocity" x1 − x0 | "data": the clean image
+        dtype="float32", param_dtype="float32", remat_policy="none", scan=True,
+        attention_implementation="einsum"))
 
     # Mesh axis sizes (parallel/sharding.py); one may be -1 (fills the remaining devices).
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # pure data parallelism (parameters replicated)
         fsdp=1,  # data parallelism with parameters and optimizer state sharded
         expert=1,  # MoE experts
-        tensor=1))  # tensor parallelism (heads, MLP hidden, vocab)
+        tensor=1,  # tensor parallelism (heads, MLP hidden, vocab)
+        # Multislice: slices each axis spans over the data-centre network (the sizes above are
+        # per slice; the mesh axis is their product). All 1: one slice. E.g. dcn.data=2.
+        dcn=ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))))
     config.sharding_rules = ()  # logical-axis rules; empty: the table in m2omni_jax/parallel/sharding.py
 
     config.tokenizer = ml_collections.ConfigDict(dict(
@@ -101,6 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
         packing_bins=0,  # first-fit bins open at once; 0: max(16, local batch)
         num_workers=0,  # grain worker processes (0: in the main process)
         read_threads=2,  # threads reading + preprocessing per process
+        shards=0,  # text data streams the global batch is split into (a multiple of the process
+        # count; each process reads its own); 0: one per process. Fixed: same batches on any process count
         # How a sample's trained tokens weigh in the loss: "token" | "square" | "sample"
         # (data/pipeline.py LOSS_AVERAGING; "square": InternVL 2.5).
         loss_averaging="token",

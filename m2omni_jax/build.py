@@ -82,6 +82,7 @@ def _check_model_and_data(config, num_devices: int, process_count: int) -> None:
         media.AudioOptions.from_config(config, read_cmvn=False)
         omni_pipeline.modality_weights(config.data)
         omni_pipeline.check_audio_mixture(config)
+        omni_pipeline.check_drawing_mixture(config)
 
 
 def build_model(config, tokenizer) -> nn.Module:
@@ -111,6 +112,7 @@ def batch_keys(config) -> tuple[str, ...]:
 
 def make_train_iterator(config, tokenizer):
     config = RunConfig.of(config)
+    pipeline.single_threaded_blas()
     if is_omni(config):
         return omni_pipeline.make_train_iterator(config, tokenizer)
     return pipeline.make_train_iterator(config, tokenizer)
@@ -145,6 +147,7 @@ def single_modality_config(config: RunConfig, modality: str, *, split: str = "tr
                            batch_size: int | None = None) -> RunConfig:
     """The same data config reading one modality only (and optionally another split/batch)."""
     changes = {"data.split": split}
+    modality = "image_gen" if modality == "image_out" else modality  # the image head's loss: drawing requests
     if is_omni(config):
         weights = {name: 0.0 for name in config.data.modality_weights}
         changes.update({"data.mixture": "custom", "data.modality_weights": {**weights, modality: 1.0}})

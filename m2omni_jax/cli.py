@@ -8,7 +8,6 @@ flags of their own define them in their module, next to their `run()`.
 from __future__ import annotations
 
 import logging as py_logging
-import os
 import signal
 import sys
 from typing import Callable
@@ -29,11 +28,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def workdir_path(workdir: str) -> str:
     """An absolute local path, or a cloud URL (gs://bucket/run) unchanged."""
-    return workdir if "://" in workdir else os.path.abspath(workdir)
+    from m2omni_jax import workdir as workdir_lib  # imports jax: after flag parsing
+
+    return workdir_lib.local_or_url(workdir)
 
 
-def run(command: Callable, name: str, *, quiet: bool = False) -> None:
-    """Parses the flags and calls `command(config, workdir)`; `quiet` keeps absl at WARNING."""
+def run(command: Callable, name: str, *, quiet: bool = False, help_from: tuple[str, ...] = ()) -> None:
+    """Parses the flags and calls `command(config, workdir)`; `quiet` keeps absl at WARNING;
+    `help_from`: other modules whose flags the command takes, listed by --help."""
 
     def main(argv):
         if len(argv) > 1:
@@ -43,6 +45,7 @@ def run(command: Callable, name: str, *, quiet: bool = False) -> None:
         if FLAGS.multihost:
             jax.distributed.initialize()
         import m2omni_jax.experiments  # noqa: F401  (registers the built-in data set's sources and plug-ins)
+        import m2omni_jax.interop.hf_tokenizer  # noqa: F401  (config.tokenizer.path may be a tokenizer.json)
 
         logging.get_absl_handler().addFilter(OwnInfoOnly())
         logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
@@ -50,7 +53,7 @@ def run(command: Callable, name: str, *, quiet: bool = False) -> None:
         run_command(command, name, FLAGS.config, workdir_path(FLAGS.workdir))
 
     if any(arg in ("-h", "--help", "-?") for arg in sys.argv[1:]):
-        print_help(command, name)
+        print_help(command, name, help_from)
         sys.exit(0)
     if quiet:
         logging.set_verbosity(logging.WARNING)
@@ -106,12 +109,12 @@ def _stop(signum, frame):
     raise Stopped(signal.Signals(signum).name)
 
 
-def print_help(command: Callable, name: str) -> None:
-    """The command's module docstring, then its flags (the shared ones and its own)."""
+def print_help(command: Callable, name: str, help_from: tuple[str, ...] = ()) -> None:
+    """The command's module docstring, then its flags (the shared ones, its own, `help_from`'s)."""
     module = sys.modules.get(command.__module__)
     doc = (module.__doc__ or "").strip() if module else ""
     print(f"{name} --config=CONFIG --workdir=DIR [--config.section.field=value ...]\n\n{doc}\n")
-    for flags_module in dict.fromkeys([__name__, command.__module__]):
+    for flags_module in dict.fromkeys([__name__, command.__module__, *help_from]):
         text = FLAGS.module_help(flags_module)
         if text.strip():
             print(text + "\n")

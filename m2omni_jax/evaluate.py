@@ -12,25 +12,41 @@ is experiments/shapes_world/metrics.py: accuracy per question type, caption attr
 ASR WER, ...), any other kind's by exact match (+ WER for transcripts). Writes
 `workdir/eval.json` (metrics and examples), `workdir/eval_answers.jsonl` (every answer)
 and prints one table.
+
+With the image head (`model.image_head.enabled`), the first `eval.num_samples` held-out
+drawing requests (parts of modality "image_gen") are drawn too (`make_drawer`): on the
+caption route the model writes its description greedily, on the query route its span is
+the N `<gen_imagePatch>` queries; the span's hidden states condition the image head
+(`inference.generator.ImageDrawer`). Their source kind's scorer scores the images (its
+`score(images, records)`: the shapes world's is `gen_image_accuracy`, colour / shape /
+position / size per requested object, read by its attribute checker); `m2omni-eval` writes
+`workdir/gen_image_grid.png` (each drawing beside the reference).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from typing import Sequence
 
-from m2omni_jax import build, cli, scoring
-from m2omni_jax.data import chat, media, tokenizer as tokenizer_lib
+import numpy as np
+from PIL import Image
+
+from m2omni_jax import build, cli, scoring, workdir as workdir_lib
+from m2omni_jax.data import chat, media, records as records_lib, tokenizer as tokenizer_lib
 from m2omni_jax.data import sources as data_sources
-from m2omni_jax.inference import decoding
-from m2omni_jax.models.omni import audio_enabled
+from m2omni_jax.data import omni_pipeline
+from m2omni_jax.inference import decoding, generator
+from m2omni_jax.models.omni import audio_enabled, image_output_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
 from m2omni_jax.run_config import RunConfig
 
 NUM_EXAMPLES_SAVED = 24
 NUM_SPEECH_EXAMPLES_SAVED = 8
+NUM_DRAWINGS_SHOWN = 32  # in gen_image_grid.png
+DRAWING_SEED = 0  # the sampler's noise: every evaluation draws from the same
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -44,18 +60,21 @@ cut_at_stop = decoding.cut_at_stop
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules):
+def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules, *,
+                  stop_ids: Sequence[int] | None = None, keep_ids: bool = False):
     """answer(params) -> greedy answers to the first user turn of each record, batched and
     left-padded. Prompts, batches and the compiled decoder are made once, so a training loop
     can call it every `config.eval.every` steps without recompiling."""
     opts = media.VisionOptions.from_config(config)  # + model.connector: tokens per image
     audio_opts = media.AudioOptions.from_config(config)
     prompts = [chat.eval_prompt(r, tokenizer, opts, audio_opts) for r in records]
-    prompt_len = int(config.eval.prompt_len) or -(-max(len(p["ids"]) for p in prompts) // 8) * 8
+    prompt_len = int(config.eval.prompt_len) or -(-max([len(p["ids"]) for p in prompts] or [1]) // 8) * 8
     max_new = int(config.eval.max_new_tokens)
     batch_size = _eval_batch_size(config, mesh)
+    if not records:
+        return lambda params: []
     decode = make_greedy_decoder(model, prompt_len + max_new)
-    stop_ids = (tokenizer.special_id("<|eot_id|>"), tokenizer.eos_id)
+    stop_ids = tuple(stop_ids or (tokenizer.special_id("<|eot_id|>"), tokenizer.eos_id))
     batches = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -68,7 +87,8 @@ def make_answerer(config, model, tokenizer, records: Sequence[dict], mesh, rules
         for size, inputs, next_position in batches:
             with sharding.activate(mesh, rules):
                 tokens = decode(params, inputs, next_position, max_new, stop_ids)
-            answers += [tokenizer.decode(cut_at_stop(row, stop_ids)) for row in tokens[:size]]
+            answers += ([list(row) for row in tokens[:size]] if keep_ids else
+                        [tokenizer.decode(cut_at_stop(row, stop_ids)) for row in tokens[:size]])
         return answers
     return answer
 
@@ -110,6 +130,82 @@ def heldout_records(config) -> list[HeldOut]:
     return out
 
 
+def drawing_records(config) -> list[HeldOut]:
+    """The first `eval.num_samples` held-out drawing requests of each source kind (parts of
+    modality "image_gen", a `reverse=True` source's included); none without the image head."""
+    if not image_output_enabled(config):
+        return []
+    by_kind: dict[str, list] = {}
+    for part in omni_pipeline.split_parts(config, "eval").values():
+        if part.modality == "image_gen":
+            by_kind.setdefault(config.data.sources[part.source].kind, []).append(part)
+    out = []
+    for kind, parts in by_kind.items():
+        good = (r for r in data_sources.round_robin([p.records() for p in parts]) if not records_lib.is_bad(r))
+        out.append(HeldOut(kind, list(itertools.islice(good, int(config.eval.num_samples))), 0))
+    return out
+
+
+def make_drawer(config, model, tokenizer, records: Sequence[dict], mesh, rules):
+    """draw(params) -> (replies, uint8 images (n, H, W, 3)) for drawing requests: the reply
+    up to its first `</gen_image>` (caption route: greedy, at most `eval.max_new_tokens`; query
+    route: `<gen_image>` + the queries), then `generator.ImageDrawer`."""
+    head = model.config.image_head
+    opts, audio_opts = media.VisionOptions.from_config(config), media.AudioOptions.from_config(config)
+    prompts = [chat.eval_prompt(r, tokenizer, opts, audio_opts) for r in records]
+    open_, close = (tokenizer.special_id(t) for t in records_lib.GEN_IMAGE_SPAN)
+    drawer = generator.ImageDrawer(model, tokenizer, config, mesh, rules, int(config.eval.batch_size))
+    if head.route == "query":
+        queries = [open_] + [tokenizer.special_id("<gen_imagePatch>")] * head.num_queries + [close]
+        reply_for = lambda params: [queries] * len(prompts)  # noqa: E731
+    else:
+        caption_records = [dict(r, messages=r["messages"][:1]) for r in records]
+        eot = tokenizer.special_id("<|eot_id|>")
+        answer = make_answerer(config, model, tokenizer, caption_records, mesh, rules, stop_ids=(close, eot),
+                               keep_ids=True)
+
+        def reply_for(params):
+            return [decoding.cut_at_stop(ids, (eot, tokenizer.eos_id))[:_through(ids, close)]
+                    for ids in answer(params)]
+
+    def draw(params):
+        replies = reply_for(params)
+        sequences = [generator.continue_prompt(p, ids) for p, ids in zip(prompts, replies)]
+        return [tokenizer.decode(ids) for ids in replies], drawer(params, sequences, DRAWING_SEED)
+    return draw
+
+
+def _through(ids: Sequence[int], token: int) -> int:
+    """The length of `ids` up to and including the first `token` (all of them without one)."""
+    ids = list(ids)
+    return ids.index(token) + 1 if token in ids else len(ids)
+
+
+def score_drawings(sources: Sequence[HeldOut], images) -> dict:
+    """Each kind's drawings by its scorer's `score(images, records)` (a kind without a scorer
+    of its own gets none: exact match does not read images)."""
+    out, start = {}, 0
+    for source in sources:
+        chunk = list(images[start:start + len(source.records)])
+        start += len(source.records)
+        if source.kind in scoring.registered_kinds():
+            out[source.kind] = scoring.scorer_for(source.kind).score(chunk, source.records)
+    return out
+
+
+def drawing_grid(records: Sequence[dict], images, size: int, columns: int = 8) -> np.ndarray:
+    """uint8 grid: each drawing with the reference image (`gen_images[0]`, resized) below it."""
+    cells = []
+    for record, image in zip(records, images):
+        reference = chat.drawing_target(record["gen_images"][0], size) if record.get("gen_images") else None
+        reference = np.zeros_like(image) if reference is None else generator.to_uint8(reference)
+        cells.append(np.concatenate([image, reference], axis=0))
+    cells += [np.full_like(cells[0], 255)] * (-len(cells) % columns)
+    rows = [np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells[i:i + columns]], 1)
+            for i in range(0, len(cells), columns)]
+    return np.concatenate(rows, 0)
+
+
 def score_answers(sources: Sequence[HeldOut], answers: Sequence[str]) -> dict:
     """Each kind's answers by its scorer: the scorer's result itself with one kind (the
     shapes world's eval.json layout), {kind: result} with several."""
@@ -121,6 +217,11 @@ def score_answers(sources: Sequence[HeldOut], answers: Sequence[str]) -> dict:
         records += source.records
         start += len(source.records)
     results = {kind: scoring.scorer_for(kind).score(p, r) for kind, (p, r) in by_kind.items()}
+    return merge_kinds(results)
+
+
+def merge_kinds(results: dict) -> dict:
+    """{kind: result} -> the result itself when there is one kind."""
     return next(iter(results.values())) if len(results) == 1 else results
 
 
@@ -137,10 +238,21 @@ def make_evaluator(config, model, tokenizer, mesh, rules):
     sources = heldout_records(config)
     records = [r for source in sources for r in source.records]
     answer = make_answerer(config, model, tokenizer, records, mesh, rules)
+    drawing_sources = drawing_records(config)
+    drawing_requests = [r for source in drawing_sources for r in source.records]
+    draw = make_drawer(config, model, tokenizer, drawing_requests, mesh, rules) if drawing_requests else None
 
-    def evaluate_fn(params, *, every_answer: bool = False) -> dict:
+    def evaluate_fn(params, *, every_answer: bool = False, with_drawings: bool = False) -> dict:
         answers = answer(params)
-        result = score_answers(sources, answers)
+        result = score_answers(sources, answers) if sources else {}
+        if draw is not None:
+            replies, images = draw(params)
+            scored = score_drawings(drawing_sources, images)
+            drawn = merge_kinds(scored) if scored else {}
+            counts = {**result.get("counts", {}), **drawn.pop("counts", {})}
+            result = {**result, **drawn, "counts": counts}
+            if with_drawings:
+                result["drawings"] = {"records": drawing_requests, "replies": replies, "images": images}
         result["examples"], start = [], 0
         for source in sources:
             example = scoring.scorer_for(source.kind).example
@@ -151,7 +263,7 @@ def make_evaluator(config, model, tokenizer, mesh, rules):
             result["answers"] = [{**scoring.scorer_for(source.kind).example(r, a), "attributes": r.get("attributes")}
                                  for source, r, a in zip(_source_per_record(sources), records, answers)]
         return result
-    evaluate_fn.kinds = tuple(dict.fromkeys(source.kind for source in sources))
+    evaluate_fn.kinds = tuple(dict.fromkeys(source.kind for source in list(sources) + drawing_sources))
     return evaluate_fn
 
 
@@ -184,7 +296,7 @@ def restore_params(config, workdir: str, tokenizer, mesh, rules):
     # The model and optimizer of training, so the restored state tree matches.
     model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
     abstract, shardings = train_step.state_shardings(model, tx, mesh, rules, shapes)
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = checkpointing.Checkpointer(os.fspath(workdir_lib.path(workdir, "checkpoints")),
                                               save_every=int(config.checkpoint.every),
                                               keep=int(config.checkpoint.keep), async_save=False)
     with checkpointer:
@@ -207,13 +319,25 @@ def evaluate(config, workdir: str) -> dict:
     tokenizer = tokenizer_lib.get_tokenizer(config)
     model, params, step = restore_params(config, workdir, tokenizer, mesh, rules)
     evaluate_fn = make_evaluator(config, model, tokenizer, mesh, rules)
-    result = {"step": step, **evaluate_fn(params, every_answer=True)}
-    with open(os.path.join(workdir, "eval_answers.jsonl"), "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in result.pop("answers"))
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"eval at step {step} ({os.path.join(workdir, 'eval.json')}):\n{format_table(result, evaluate_fn.kinds)}")
+    result = {"step": step, **evaluate_fn(params, every_answer=True, with_drawings=True)}
+    drawings = result.pop("drawings", None)
+    if drawings is not None:
+        write_drawings(workdir, drawings, model.config.image_head.image_size)
+        result["examples"] += [{"id": r.get("id"), "task": r.get("task"), "question": r["messages"][0]["content"],
+                                "reply": reply} for r, reply in list(zip(drawings["records"], drawings["replies"]))[:8]]
+    answers = "".join(json.dumps(line) + "\n" for line in result.pop("answers"))
+    workdir_lib.path(workdir, "eval_answers.jsonl").write_text(answers)  # epath: a gs:// workdir too
+    workdir_lib.path(workdir, "eval.json").write_text(json.dumps(result, indent=1))
+    print(f"eval at step {step} ({workdir_lib.path(workdir, 'eval.json')}):\n{format_table(result, evaluate_fn.kinds)}")
     return result
+
+
+def write_drawings(workdir: str, drawings: dict, size: int) -> None:
+    """`workdir/gen_image_grid.png`: the first drawings, each above its reference image."""
+    shown = drawings["records"][:NUM_DRAWINGS_SHOWN], drawings["images"][:NUM_DRAWINGS_SHOWN]
+    grid = drawing_grid(*shown, size=size)
+    with workdir_lib.path(workdir, "gen_image_grid.png").open("wb") as f:
+        Image.fromarray(np.kron(grid, np.ones((2, 2, 1), np.uint8))).save(f, format="PNG")
 
 
 def run():

@@ -3,23 +3,30 @@
     m2omni-generate --config=configs/tiny.py --workdir=/tmp/m2omni_tiny --prompt="What is in the picture?"
         [--image=scene.png] [--audio=question.wav] [--system="..."] [--max_new_tokens=N]
         [--temperature=T] [--top_p=P] [--top_k=K] [--repetition_penalty=R] [--greedy] [--seed=S]
+        [--out_dir=DIR]
 
 Restores the parameters of the latest checkpoint in `workdir/checkpoints` (and, with the
 audio tower, the run's `workdir/cmvn.json`). Each --image / --audio file fills one
 `<image>` / `<audio>` placeholder of the prompt, in order; a prompt without placeholders
 gets them in front. Sampling defaults are the paper's (temperature 0.7, top-k 100, top-p 0.8,
-repetition penalty 1.05); --greedy takes the argmax. A missing or unreadable file, an
+repetition penalty 1.05); --greedy takes the argmax. Images and speech the model's output
+heads make are written to --out_dir (PNG / WAV; default `workdir/outputs`), their paths printed. A missing or unreadable file, an
 unsupported format or a prompt longer than the model's context (config.data.seq_len) is a
 one-line error (exit 2).
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
+import wave as wave_lib
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import flags
+from etils import epath
+from PIL import Image
 
 from m2omni_jax import build, cli, faults
 from m2omni_jax.data import media, records, tokenizer as tokenizer_lib
@@ -47,6 +54,7 @@ flags.DEFINE_integer("top_k", _DEFAULT.top_k, "Sample among the k most likely to
 flags.DEFINE_float("repetition_penalty", _DEFAULT.repetition_penalty, "CTRL repetition penalty (1: off).")
 flags.DEFINE_bool("greedy", False, "Argmax decoding (ignores the sampling flags).")
 flags.DEFINE_integer("seed", 0, "PRNG seed of the sampling.")
+flags.DEFINE_string("out_dir", None, "Folder for generated images (PNG) and speech (WAV); default: workdir/outputs.")
 FLAGS = flags.FLAGS
 
 
@@ -63,7 +71,7 @@ def load_generator(config, workdir: str, *, mesh=None, rules=None) -> Generator:
     boxed = train_step.abstract_boxed_params(model, build.example_batch_shapes(config))
     shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
-    directory = os.path.join(workdir, "checkpoints")
+    directory = str(epath.Path(workdir) / "checkpoints")
     try:
         params, missing = checkpointing.load_params(directory, abstract)
     except FileNotFoundError as e:
@@ -88,16 +96,18 @@ def conversation(prompt: str, images=(), audio=(), system: str = "") -> dict:
     return {"messages": messages, "images": [records.load_image(p) for p in images], "audio": list(audio)}
 
 
-def check_file(flag: str, path: str, load) -> None:
+def check_file(flag: str, path: str, load, label: str | None = None) -> None:
+    """Raises a `ConfigError` starting with `label` (default `--flag=path`) if `load` cannot read `path`."""
+    label = label or f"--{flag}={path}"
     if not os.path.isfile(path):
-        raise faults.ConfigError(f"--{flag}={path}: no such file")
+        raise faults.ConfigError(f"{label}: no such file")
     if not os.access(path, os.R_OK):
-        raise faults.ConfigError(f"--{flag}={path}: not readable (permissions)")
+        raise faults.ConfigError(f"{label}: not readable (permissions)")
     try:
         load(path)
     except (OSError, ValueError, RuntimeError) as e:  # Pillow / wave / soundfile: not a format they read
         message = " ".join(str(e).split())
-        raise faults.ConfigError(f"--{flag}={path}: unsupported or damaged {flag} file ({message})") from e
+        raise faults.ConfigError(f"{label}: unsupported or damaged {flag} file ({message})") from e
 
 
 def sampling_from_flags() -> SamplingParams:
@@ -110,9 +120,10 @@ def sampling_from_flags() -> SamplingParams:
 
 
 def generate_reply(generator: Generator, record: dict, sampling: SamplingParams, max_new_tokens: int, seed: int,
-                   out=None) -> str:
+                   out=None, out_dir: str | None = None) -> str:
     """Writes the reply to `out` as it arrives and returns its text; a conversation the model
-    cannot take (too long, media it cannot read) is a `ConfigError`."""
+    cannot take (too long, media it cannot read) is a `ConfigError`. What an output head
+    makes is saved under `out_dir` (when given) and its path written in the text's place."""
     try:
         if not max_new_tokens:  # as many as fit, up to the default
             room = generator.max_len - len(generator.prompt(record)["ids"]) + 1
@@ -124,13 +135,34 @@ def generate_reply(generator: Generator, record: dict, sampling: SamplingParams,
     text = []
     for segment in stream:
         piece = segment.text
-        if isinstance(segment, HeadSegment):  # no head is registered yet; one would show here
-            piece = f"\n[{segment.kind} output: {type(segment.output).__name__}]\n"
+        if isinstance(segment, HeadSegment):
+            saved = save_head_output(segment, out_dir) if out_dir else type(segment.output).__name__
+            piece = f"\n[{segment.kind}: {saved}]\n"
         text.append(piece)
         out.write(piece)
         out.flush()
     out.write("\n")
     return "".join(text)
+
+
+def save_head_output(segment: HeadSegment, out_dir: str, sample_rate: int = records.DEFAULT_SAMPLE_RATE) -> str:
+    """Writes an image head's (H, W, 3) uint8 array as PNG, a speech head's waveform (or
+    (waveform, sample_rate)) as 16-bit WAV, to a fresh numbered file in `out_dir`; its path."""
+    directory = epath.Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = len(list(directory.glob(f"{segment.kind}_*")))
+    buffer = io.BytesIO()
+    if segment.kind == "image":
+        path = directory / f"image_{index:03d}.png"
+        Image.fromarray(np.asarray(segment.output, np.uint8)).save(buffer, format="PNG")
+    else:
+        wave, rate = segment.output if isinstance(segment.output, tuple) else (segment.output, sample_rate)
+        path = directory / f"audio_{index:03d}.wav"
+        pcm = (np.clip(np.asarray(wave, np.float32).reshape(-1), -1, 1) * 32767).astype("<i2")
+        with wave_lib.open(buffer, "wb") as f:
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(int(rate)), f.writeframes(pcm.tobytes())
+    path.write_bytes(buffer.getvalue())
+    return str(path)
 
 
 def generate(config, workdir: str) -> str:
@@ -141,7 +173,8 @@ def generate(config, workdir: str) -> str:
         raise faults.ConfigError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0 (0: as many as fit)")
     record = conversation(FLAGS.prompt, FLAGS.image, FLAGS.audio, FLAGS.system)
     generator = load_generator(config, workdir)
-    return generate_reply(generator, record, sampling, FLAGS.max_new_tokens, FLAGS.seed)
+    out_dir = FLAGS.out_dir or str(epath.Path(workdir) / "outputs")
+    return generate_reply(generator, record, sampling, FLAGS.max_new_tokens, FLAGS.seed, out_dir=out_dir)
 
 
 def run():

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from m2omni_jax.config_fields import ConfigError, Section, as_dict, freeze, replace
 from m2omni_jax.models.audio import AudioConfig
+from m2omni_jax.models.image_head import ImageOutputConfig
 from m2omni_jax.models.llm import LLMConfig
 from m2omni_jax.models.omni import MODEL_KINDS, ConnectorConfig
 from m2omni_jax.models.vision import VisionConfig
@@ -40,10 +41,20 @@ class ModelConfig:
     vision: VisionConfig
     connector: ConnectorConfig
     audio: ModelAudioConfig
+    image_head: ImageOutputConfig = ImageOutputConfig()  # the image output head (off unless enabled)
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"config.model.kind={self.kind!r}; use one of {MODEL_KINDS}")
+
+
+@frozen
+class DcnMeshConfig:
+    """config.mesh.dcn: slices each mesh axis spans (multislice; parallel/sharding.py)."""
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
 
 
 @frozen
@@ -52,6 +63,7 @@ class MeshConfig:
     fsdp: int
     expert: int
     tensor: int
+    dcn: DcnMeshConfig = DcnMeshConfig()
 
 
 @frozen
@@ -92,6 +104,7 @@ class DataConfig:
     packing_bins: int
     num_workers: int
     read_threads: int
+    shards: int
     loss_averaging: str
     sources: Mapping[str, Section]  # name -> {kind, ...}: each source kind checks its own fields
     vision: VisionDataConfig

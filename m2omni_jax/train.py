@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import optax
 from absl import logging
 
@@ -38,7 +39,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices; balance strategy %s", dict(mesh.shape), mesh.size,
                  balance_strategy(config))
-    tokenizer = tokenizer_lib.get_tokenizer(config)
+    tokenizer = process_zero_first(functools.partial(tokenizer_lib.get_tokenizer, config), "tokenizer")
     model, tx, shapes = build.make_model_and_optimizer(optimizer_chain_config(config), tokenizer)
     tx = balanced_optimizer(config, tx)
     state, abstract_state, state_shardings = train_step.create_train_state(
@@ -59,6 +60,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                      if config.init_from else None))
     _, metrics = loop.run(state)
     return metrics
+
+
+def process_zero_first(fn: Callable, name: str):
+    """fn() on process 0, then on the others once it is done: what it writes once (the built-in
+    tokenizer and the text it is trained on) is written by process 0 and read by the rest on a
+    shared file system (and made the same way on each host's own disk otherwise)."""
+    if jax.process_count() == 1:
+        return fn()
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"m2omni_{name}_ready")
+    return out if jax.process_index() == 0 else fn()
 
 
 def make_step(config, model, mesh, rules, abstract_state, state_shardings) -> tuple[Callable, Callable]:

@@ -13,7 +13,7 @@ import os
 
 from absl import flags, logging
 
-from m2omni_jax import cli, train
+from m2omni_jax import cli, train, workdir as workdir_lib
 from m2omni_jax.training import optimizers
 from m2omni_jax.run_config import RunConfig
 from m2omni_jax.config_fields import replace
@@ -31,7 +31,7 @@ def trial_config(base, eta: float, tau: float, steps: int):
 
 
 def run_trial(base, workdir: str, eta: float, tau: float, steps: int) -> float:
-    trial_dir = os.path.join(workdir, f"eta={eta:g}_tau={tau:g}")
+    trial_dir = os.fspath(workdir_lib.path(workdir, f"eta={eta:g}_tau={tau:g}"))
     logging.info("FixNorm trial eta=%g tau=%g -> %s", eta, tau, trial_dir)
     return float(train.train_and_evaluate(trial_config(base, eta, tau, steps), trial_dir)["loss"])
 
@@ -45,9 +45,9 @@ def tune(base, workdir: str) -> dict:
     for row in table:
         print(f"{row['stage']:>5}  {row['eta']:<9g}  {row['tau']:<7g}  {row['metric']:.4f}")
     print(f"best: eta={eta:g} tau={tau:g}")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "fixnorm_tuning.json"), "w") as f:
-        json.dump({"best": {"eta": eta, "tau": tau}, "trials": table}, f, indent=2)
+    workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)  # epath: a gs:// workdir too
+    workdir_lib.path(workdir, "fixnorm_tuning.json").write_text(
+        json.dumps({"best": {"eta": eta, "tau": tau}, "trials": table}, indent=2))
     return {"best": {"eta": eta, "tau": tau}, "trials": table}
 
 

@@ -1,15 +1,22 @@
 """A training run's workdir: created and test-written at start-up, and locked so that one
 run at a time writes it (`<workdir>/run.lock`: an fcntl lock held for the process's life,
 holding "pid host"; the kernel drops it when the process dies, so a stale lock file of a dead
-run is simply taken over). Cloud URLs (gs://, s3://) are neither tested nor locked.
+run is simply taken over). Cloud URLs (gs://, s3://) are test-written but not locked.
+
+Paths: a workdir is a local path or a URL (gs://bucket/run); files in it go through
+`etils.epath` (as Orbax does), never `open` / `os.path`, so both work: `path(workdir, "x.json")`.
+Object stores cannot append: `RewrittenFile` keeps what was written and rewrites the whole
+object on `flush` (metrics.jsonl and TensorBoard event files on a bucket).
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import socket
+import uuid
 
 import jax
+from etils import epath
 
 from m2omni_jax import faults
 
@@ -17,9 +24,67 @@ LOCK_FILE = "run.lock"
 _held: dict[str, int] = {}  # workdir -> the locked file's descriptor, for this process's life
 
 
+def is_url(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def local_or_url(path: str) -> str:
+    """An absolute local path, or a URL (gs://bucket/run) unchanged (never `./gs:/bucket/run`)."""
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def path(workdir, *parts: str) -> epath.Path:
+    """`workdir/parts...` as an `epath.Path` (local or URL)."""
+    return epath.Path(workdir).joinpath(*parts)
+
+
+class RewrittenFile:
+    """A write-only file for object stores: `write` collects, `flush` writes the object whole
+    (with what it held when opened, for "a"). Text or bytes, as the first write."""
+
+    def __init__(self, file, mode: str = "a"):
+        self._path = epath.Path(file)
+        self._chunks = [self._path.read_bytes()] if mode.startswith("a") and self._path.exists() else []
+        self._dirty = mode.startswith("w")
+
+    def write(self, data) -> int:
+        self._chunks.append(data.encode() if isinstance(data, str) else bytes(data))
+        self._dirty = True
+        return len(data)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._path.write_bytes(b"".join(self._chunks))
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+def open_for_append(file):
+    """A local file opened to append, or a `RewrittenFile` for a URL."""
+    return RewrittenFile(file) if is_url(file) else open(file, "a", encoding="utf-8")
+
+
+def _prepare_url(workdir: str) -> None:
+    try:
+        directory = epath.Path(workdir)
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test.{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:  # each backend (gcsfs, tf.io.gfile, s3fs) raises its own errors
+        raise faults.RunError(f"workdir {workdir} is not writable: {type(e).__name__}: {e}") from e
+
+
 def prepare(workdir: str) -> None:
-    """Creates `workdir`, checks it is writable and (process 0) locks it; idempotent."""
-    if "://" in workdir or workdir in _held:
+    """Creates `workdir`, checks it is writable and (process 0, local) locks it; idempotent."""
+    if workdir in _held:
+        return
+    if is_url(workdir):
+        if jax.process_index() == 0:
+            _prepare_url(workdir)
+        _held[workdir] = -1  # tested once; object stores have no locks
         return
     try:
         os.makedirs(workdir, exist_ok=True)

@@ -298,3 +298,24 @@ def test_m2omni_generate_on_a_two_step_checkpoint(tmp_path):
         failed = run("m2omni_jax.generate", *args)
         last = failed.stderr.strip().splitlines()[-1]
         assert failed.returncode == 2 and last.startswith("m2omni-generate: ") and message in last, failed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_decoding_equals_one_step_per_call(tiny, generator, chunk):
+    """Steps scanned on the device in chunks (and a 7-step tail of 4+2+1) give the tokens of
+    one step per call, greedy and sampled (the PRNG key and seen tokens carried through)."""
+    config, model, params, tokenizer = tiny
+    inputs, next_position = decoding.prompt_inputs(config, [generator.prompt("hello there")] * 8, 32,
+                                                   generator.vision_opts, None)
+    hot = SamplingParams(temperature=1.5, top_k=0, top_p=0.9)
+    for select, carry in ((decoding.greedy_select, None),
+                          (sampling.make_sampled_select(tokenizer.vocab_size),
+                           {"key": jax.random.key(3), "seen": sampling.seen_tokens(
+                               inputs["tokens"], inputs["segment_ids"], tokenizer.vocab_size), **hot.arrays()})):
+        with sharding.activate(generator.mesh, generator.rules):
+            one = np.stack(list(decoding.make_decoder(model, 64, select)(params, inputs, next_position, 8 + 8, (), carry)))
+            many = np.stack(list(decoding.make_decoder(model, 64, select, chunk=chunk)(
+                params, inputs, next_position, 8 + 8, (), carry)))
+        np.testing.assert_array_equal(many, one)
+    with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+        decoding.make_decoder(model, 64, chunk=0)

@@ -214,3 +214,24 @@ def test_worker_processes_resume_bitwise(config, tok):
     resumed = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
     resumed.set_state(state)
     assert all(_equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(3)]))
+
+
+def test_fixed_data_shards_give_the_same_global_batches_on_any_process_count(config, tok):
+    sharded = config.copy_and_resolve_references()
+    sharded.data.shards = 2
+    alone = pipeline.make_train_iterator(sharded, tok, process_index=0, process_count=1)
+    per_process = [pipeline.make_train_iterator(sharded, tok, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(3):
+        whole, parts = next(alone), [next(it) for it in per_process]
+        assert whole["tokens"].shape == (BATCH, SEQ_LEN)
+        for k in whole:
+            np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
+    assert alone.stats["tokens"] == sum(it.stats["tokens"] for it in per_process)
+    state = alone.get_state()
+    expected = [next(alone) for _ in range(2)]
+    resumed = pipeline.make_train_iterator(sharded, tok, process_index=0, process_count=1)
+    resumed.set_state(json.loads(json.dumps(state)))
+    assert all(_equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(2)]))
+    sharded.data.shards = 3
+    with pytest.raises(ValueError, match="config.data.shards=3"):
+        pipeline.make_train_iterator(sharded, tok, process_index=0, process_count=2)

@@ -1,6 +1,8 @@
 """Sharded training equals single-device training; mesh/config errors are clear."""
+import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,61 @@ def test_mesh_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown axes"):
         sharding.mesh_shape_from_config({"dta": 8}, 8)
     assert sharding.mesh_shape_from_config({"data": -1, "tensor": 2}, 8) == (4, 1, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """What the mesh builders read of a device; CPU devices have no slice_index."""
+    id: int
+    slice_index: int
+    process_index: int = 0
+    platform: str = "cpu"
+    device_kind: str = "fake"
+
+
+def fake_slices(slices, per_slice):
+    return [FakeDevice(s * per_slice + i, s) for s in range(slices) for i in range(per_slice)]
+
+
+@pytest.mark.parametrize("mesh_config, ici, dcn, slice_axis", [
+    ({"data": 1, "fsdp": -1, "dcn": {"data": 2}}, (1, 4, 1, 1), (2, 1, 1, 1), 0),
+    ({"data": 1, "fsdp": 2, "tensor": 2, "dcn": {"fsdp": 2}}, (1, 2, 1, 2), (1, 2, 1, 1), 1)])
+def test_multislice_mesh_puts_each_slice_in_its_dcn_block(mesh_config, ici, dcn, slice_axis):
+    devices = fake_slices(2, 4)
+    assert sharding.mesh_shapes_from_config(mesh_config, 8) == (ici, dcn)
+    assert sharding.mesh_shape_from_config(mesh_config, 8) == tuple(i * d for i, d in zip(ici, dcn))
+    grid = np.vectorize(lambda d: d.slice_index)(sharding.device_mesh(devices, ici, dcn))
+    assert grid.shape == tuple(i * d for i, d in zip(ici, dcn))
+    halves = np.split(grid, 2, axis=slice_axis)  # the dcn axis: slice 0's block, then slice 1's
+    assert (halves[0] == 0).all() and (halves[1] == 1).all()
+    assert sorted(d.id for d in sharding.device_mesh(devices, ici, dcn).flat) == list(range(8))
+
+
+def test_single_slice_mesh_is_unchanged():
+    config = {"data": 2, "fsdp": -1, "tensor": 2}
+    assert sharding.mesh_shapes_from_config(config, 8) == ((2, 2, 1, 2), (1, 1, 1, 1))
+    assert sharding.mesh_shapes_from_config(dict(config, dcn={"data": 1}), 8)[0] == (2, 2, 1, 2)
+    mesh = sharding.make_mesh(config)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+
+
+def test_multislice_errors_name_the_problem():
+    with pytest.raises(ValueError, match="spans 3 slices, which do not divide the 8 devices"):
+        sharding.mesh_shapes_from_config({"data": -1, "dcn": {"data": 3}}, 8)
+    with pytest.raises(ValueError, match="has 8 devices but 4 devices in each of 2 slices"):
+        sharding.mesh_shapes_from_config({"data": 8, "dcn": {"fsdp": 2}}, 8)
+    with pytest.raises(ValueError, match="dcn has unknown axes"):
+        sharding.mesh_shapes_from_config({"data": -1, "dcn": {"pipeline": 2}}, 8)
+    # 8 CPU devices of one process are not 2 slices: the mesh says so instead of guessing.
+    with pytest.raises(ValueError, match="asks for 2 slices but the devices come from 1 processes"):
+        sharding.make_mesh({"data": -1, "dcn": {"data": 2}})
+
+
+def test_a_dimension_its_mesh_axes_do_not_divide_is_replicated():
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    boxed = {"odd": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((6, 8), jnp.float32), ("embed", "mlp")),
+             "even": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8, 8), jnp.float32), ("embed", "mlp"))}
+    specs = {k: s.spec for k, s in sharding.logical_to_mesh_sharding(boxed, mesh).items()}
+    assert specs == {"odd": jax.sharding.PartitionSpec(None, "tensor"),
+                     "even": jax.sharding.PartitionSpec("fsdp", "tensor")}

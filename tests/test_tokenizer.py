@@ -133,3 +133,30 @@ def test_user_model_without_special_tokens_is_rejected(tmp_path):
                                    vocab_size=300, hard_vocab_limit=False, minloglevel=2)
     with pytest.raises(ValueError, match="plain.model.*<image>"):
         get_tokenizer(_config(tmp_path, path=str(tmp_path / "plain.model")))
+
+
+def _hf_tokenizer_json(folder):
+    """A small byte-level BPE tokenizer.json (a Hugging Face checkpoint's tokenizer)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the cat sat on the mat", "hello world"] * 20, trainer)
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return os.path.join(folder, "tokenizer.json")
+
+
+def test_get_tokenizer_reads_a_hugging_face_tokenizer_json(tmp_path, tok):
+    from m2omni_jax.interop.hf_tokenizer import HFTokenizer  # registers the tokenizer.json reader
+    file = _hf_tokenizer_json(tmp_path / "hf")
+    for path in (file, str(tmp_path / "hf")):  # the file or its folder
+        got = get_tokenizer(_config(tmp_path, path=path))
+        assert type(got) is HFTokenizer and got.encode("<image>the cat")[0] == got.special_id("<image>")
+    assert type(get_tokenizer(_config(tmp_path, path=tok.path))) is Tokenizer  # SentencePiece stays the default
+    with pytest.raises(ValueError, match="empty.*is a folder without a tokenizer file"):
+        os.makedirs(tmp_path / "empty")
+        get_tokenizer(_config(tmp_path, path=str(tmp_path / "empty")))

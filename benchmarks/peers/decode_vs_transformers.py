@@ -1,7 +1,7 @@
 """Greedy decode tokens/s: our KV-cache decoder (inference/decoding.py) vs `transformers` generate.
 
     python benchmarks/peers/decode_vs_transformers.py [--batch=1] [--prompt_len=32] [--new_tokens=64]
-        [--repeats=3] [--json=benchmarks/results/decode_vs_transformers.json]
+        [--repeats=3] [--chunk=16] [--json=benchmarks/results/decode_vs_transformers.json]
 
 One small random LlamaForCausalLM (Llama-3.1 RoPE scaling, GQA), built by `transformers`,
 saved and imported with interop/hf.py, so both sides run the same weights; both decode
@@ -38,6 +38,7 @@ flags.DEFINE_integer("batch", 1, "Prompts decoded together.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt (no early stop).")
 flags.DEFINE_integer("repeats", 3, "Alternating rounds per side.")
+flags.DEFINE_integer("chunk", 16, "Our decode steps per device call (inference/decoding.py; 1: one per token).")
 flags.DEFINE_integer("torch_threads", 1, "torch intra-op threads (0: torch's default, one per core).")
 flags.DEFINE_string("json", os.path.join(os.path.dirname(__file__), "..", "results", "decode_vs_transformers.json"),
                     "Write the results here ('' to skip).")
@@ -61,7 +62,7 @@ def main(argv):
     prompts = np.random.default_rng(0).integers(0, MODEL["vocab_size"], (FLAGS.batch, FLAGS.prompt_len))
     new = FLAGS.new_tokens
 
-    decode = decoding.make_greedy_decoder(LLM(imported.llm), max_len=FLAGS.prompt_len + new)
+    decode = decoding.make_greedy_decoder(LLM(imported.llm), max_len=FLAGS.prompt_len + new, chunk=FLAGS.chunk)
     positions = np.broadcast_to(np.arange(FLAGS.prompt_len), prompts.shape)
     inputs = {"tokens": jnp.asarray(prompts), "positions": jnp.asarray(np.stack([positions] * 3)),
               "segment_ids": jnp.ones(prompts.shape, jnp.int32)}
@@ -102,7 +103,7 @@ def main(argv):
     result = {
         "what": "greedy decode tokens/s (prefill included), KV cache, fp32, same random Llama weights",
         "model": {k: v for k, v in MODEL.items()}, "batch": FLAGS.batch, "prompt_len": FLAGS.prompt_len,
-        "new_tokens": new, "repeats": FLAGS.repeats, "same_tokens": same,
+        "new_tokens": new, "repeats": FLAGS.repeats, "chunk": FLAGS.chunk, "same_tokens": same,
         "tokens_per_s": rate, "ratio_ours_over_transformers": rate["ours"] / rate["transformers"],
         "ratio_ours_over_transformers_forward_loop": rate["ours"] / rate["transformers_forward_loop"],
         "seconds": times, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

@@ -35,6 +35,8 @@ def get_config():
         batch_size=32,  # rows per step (global)
         images_per_row=7, patches_per_row=256,  # ≥ images_per_row × the largest image's patches
         peak_lr=3e-3, warmup_steps=50, weight_decay=0.05,  # AdamW, warmup then cosine
+        optimizer="adamw",  # | "fixnorm": FixNorm-AdamW, no weight decay (tower.tower_optimizer)
+        fixnorm_tau=10.0,  # fixnorm: the heads' classifier norm
         log_every=10, checkpoint_every=500,
         objective="regions",  # "caption" | "regions" (each token names its object) | "caption+regions"
         pooling="mean",  # caption objective: "mean" | "max" (each caption word from the image's best token)

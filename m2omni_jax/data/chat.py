@@ -9,22 +9,109 @@ the block start; the text after it resumes at the block's max + 1; audio placeho
 count as text (1-D positions). Only assistant text (and its `<|eot_id|>`) is trained;
 prompt and media tokens are not. A plain-text record is bos + text + eos, all trained.
 
+Drawings (with the image head, `DrawOptions`): each `<gen_image>DESCRIPTION</gen_image>` span
+of an assistant turn draws the record's next `gen_images` entry. The query route replaces the
+description by N `<gen_imagePatch>` tokens; the caption route keeps it (the LLM learns to
+write it). The whole assistant turn is trained as text. `cond` (L,) marks the tokens inside
+the k-th span with k (1, 2, ...): their hidden states condition drawing k, resized to the
+head's square `image_size` in [-1, 1] (`gen_image` (n, H, W, 3), `gen_image_valid` (n,)).
+
 Evaluation prompts (`eval_prompt`, `batch_prompts`): a record's first user turn with the
 assistant header open, left-padded to a fixed length, its patches and clips packed to
 the batch's fixed sizes.
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from m2omni_jax.data import audio as audio_frontend
 from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.data import media as media_lib
 from m2omni_jax.data import pipeline
+from m2omni_jax.data import records as records_lib
+from m2omni_jax.models import omni
+from m2omni_jax.models.image_head import ImageOutputConfig
 
 SEGMENTS_KEY = "vision_segments"  # packed only (pooling connectors), not a batch key
+DRAWING_KEYS = omni.IMAGE_OUT_KEYS  # gen_image, gen_image_valid, gen_image_cond
+GEN_IMAGE_SPAN = re.compile("{}(.*?){}".format(*map(re.escape, records_lib.GEN_IMAGE_SPAN)), re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawOptions:
+    """What the data needs of `config.model.image_head` (see models/image_head.py)."""
+    route: str = "query"
+    num_queries: int = 8
+    image_size: int = 32
+    images_per_row: int = 2
+
+    @classmethod
+    def from_config(cls, config) -> "DrawOptions | None":
+        """None unless the omni model has the image head."""
+        if not omni.image_output_enabled(config):
+            return None
+        head = ImageOutputConfig.from_config(config.model.image_head)
+        return cls(head.route, head.num_queries, head.image_size, head.images_per_row)
+
+
+def drawing_messages(messages: Sequence[dict], opts: DrawOptions) -> list[dict]:
+    """Query route: each assistant `<gen_image>…</gen_image>` span's description becomes N
+    `<gen_imagePatch>` tokens; the caption route keeps the messages as they are."""
+    if opts.route != "query":
+        return list(messages)
+    open_, close = records_lib.GEN_IMAGE_SPAN
+    queries = open_ + "<gen_imagePatch>" * opts.num_queries + close
+    return [{**m, "content": GEN_IMAGE_SPAN.sub(queries, m["content"])} if m["role"] == "assistant" else m
+            for m in messages]
+
+
+def condition_slots(ids: Sequence[int], open_id: int, close_id: int) -> np.ndarray:
+    """(L,) int32: k at the tokens inside the k-th `<gen_image>` … `</gen_image>` span (k = 1, 2,
+    ...), 0 elsewhere (the markers included). A span unclosed, nested or empty is a ValueError."""
+    out = np.zeros(len(ids), np.int32)
+    span, start = 0, None
+    for i, token in enumerate(ids):
+        if token == open_id:
+            if start is not None:
+                raise ValueError(f"<gen_image> at {i} inside the span opened at {start}")
+            span, start = span + 1, i
+        elif token == close_id:
+            if start is None or i == start + 1:
+                raise ValueError(f"</gen_image> at {i} closes {'no' if start is None else 'an empty'} span")
+            start = None
+        elif start is not None:
+            out[i] = span
+    if start is not None:
+        raise ValueError(f"<gen_image> at {start} is never closed")
+    return out
+
+
+def drawing_target(image, size: int) -> np.ndarray:
+    """An image (array, path or bytes) -> float32 (size, size, 3) in [-1, 1]: squashed to the
+    square, box-filtered when shrinking (each pixel the mean of what it covers)."""
+    pixels = Image.fromarray(records_lib.load_image(image))
+    shrink = min(pixels.size) >= size
+    pixels = pixels.resize((size, size), Image.BOX if shrink else Image.BILINEAR)
+    return np.asarray(pixels, np.float32) / 127.5 - 1.0
+
+
+def drawings(tokenizer, ids: np.ndarray, gen_images: Sequence, opts: DrawOptions) -> dict:
+    """cond (L,), gen_image (n, H, W, 3) and gen_image_valid (n,) of an assembled chat's spans."""
+    cond = condition_slots(ids, tokenizer.special_id("<gen_image>"), tokenizer.special_id("</gen_image>"))
+    spans = int(cond.max(initial=0))
+    if spans != len(gen_images):
+        raise ValueError(f"{spans} <gen_image> span(s) but {len(gen_images)} gen_images")
+    if spans > opts.images_per_row:
+        raise ValueError(f"{spans} drawings exceed model.image_head.images_per_row={opts.images_per_row}")
+    size = opts.image_size
+    targets = [drawing_target(image, size) for image in gen_images]
+    return {"cond": cond, "gen_image": np.stack(targets) if targets else np.zeros((0, size, size, 3), np.float32),
+            "gen_image_valid": np.ones(spans, np.int32)}
 
 
 def expand_placeholders(messages: Sequence[dict], media: Sequence[media_lib.MediaItem | media_lib.AudioClip]) -> list[dict]:
@@ -110,9 +197,11 @@ def assemble_chat(tokenizer, messages: Sequence[dict], media: Sequence[media_lib
 
 
 def sample_from_chat(chat: dict, modality: int, audio_opts: media_lib.AudioOptions | None,
-                     opts: media_lib.VisionOptions | None = None, seq_len: int | None = None) -> dict:
+                     opts: media_lib.VisionOptions | None = None, seq_len: int | None = None,
+                     draw_opts: DrawOptions | None = None) -> dict:
     """An assembled chat -> one unpacked sample for grain's packing (axis 0 = sequence);
-    `seq_len` truncates (text without media only: a cut media block would lose its pairing)."""
+    `seq_len` truncates (text without media only: a cut media block would lose its pairing).
+    With `draw_opts` every sample has the drawing keys (none drawn: empty)."""
     sample = pipeline.make_sample(chat["ids"], chat["mask"], modality, seq_len or len(chat["ids"]))
     sample["positions"] = chat["positions"][:, :len(sample["tokens"])].T.copy()  # grain packs along axis 0
     sample["vision_patches"] = chat["patches"].astype(np.float32)
@@ -122,6 +211,11 @@ def sample_from_chat(chat: dict, modality: int, audio_opts: media_lib.AudioOptio
         sample[SEGMENTS_KEY] = segment_entries(int(chat["frames"].max(initial=0)))
     if audio_opts is not None:
         sample.update(media_lib.clip_arrays(chat["audio"], audio_opts.max_frames))
+    if draw_opts is not None:
+        size, n = draw_opts.image_size, len(sample["tokens"])
+        sample["gen_image"] = chat.get("gen_image", np.zeros((0, size, size, 3), np.float32))
+        sample["gen_image_valid"] = chat.get("gen_image_valid", np.zeros(0, np.int32))
+        sample["gen_image_cond"] = chat.get("cond", np.zeros(n, np.int32))[:n].astype(np.int32)
     return sample
 
 
@@ -142,12 +236,19 @@ def assemble_text(tokenizer, text: str) -> dict:
 
 
 def assemble_record(tokenizer, record: dict, opts: media_lib.VisionOptions,
-                    audio_opts: media_lib.AudioOptions | None = None) -> dict:
-    """A record (`records.py`) -> `assemble_chat`'s dict."""
+                    audio_opts: media_lib.AudioOptions | None = None, draw_opts: DrawOptions | None = None) -> dict:
+    """A record (`records.py`) -> `assemble_chat`'s dict (+ `drawings`' keys with `draw_opts`
+    when the record draws)."""
     if "messages" not in record:
         return assemble_text(tokenizer, record["text"])
     messages = record["messages"]
-    return assemble_chat(tokenizer, messages, media_lib.record_media(record, opts, messages, audio_opts))
+    if draw_opts is not None:
+        messages = drawing_messages(messages, draw_opts)
+    assembled = assemble_chat(tokenizer, messages, media_lib.record_media(record, opts, messages, audio_opts))
+    if draw_opts is not None and (record.get("gen_images") or np.any(
+            assembled["ids"] == tokenizer.special_id(records_lib.GEN_IMAGE_SPAN[0]))):
+        assembled.update(drawings(tokenizer, assembled["ids"], record.get("gen_images", []), draw_opts))
+    return assembled
 
 
 def eval_prompt(record: dict, tokenizer, opts: media_lib.VisionOptions, audio_opts: media_lib.AudioOptions | None = None) -> dict:

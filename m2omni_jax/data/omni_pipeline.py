@@ -27,14 +27,23 @@ With the audio tower on (`model.audio.enabled`), each row also has C =
   audio_features      float32 (B,C,F,560) LFR+CMVN frames of the row's clips, in order, zero-padded
   audio_lengths       int32 (B,C)         valid frames per clip, 0 = empty slot
 Audio placeholder block j of a row (N tokens) belongs to clip j.
+With the image head on (`model.image_head.enabled`), each row also has S =
+`model.image_head.images_per_row` drawing slots (H = W = its `image_size`):
+  gen_image           float32 (B,S,H,W,3) the row's drawn images, in order, in [-1, 1]; zero-padded
+  gen_image_valid     int32 (B,S)         1 = a drawing, 0 = empty slot
+  gen_image_cond      int32 (B,T)         s + 1 at the tokens inside the span of the row's s-th drawing
+A source with `reverse=True` (an image–caption source) is read as drawing requests
+(`records.drawing_record`, its `draw_prompt`), modality "image_gen".
 
-A sample with media and more than `seq_len` tokens, `patches_per_row` patches,
+A sample with media (or drawings) and more than `seq_len` tokens, `patches_per_row` patches,
 `clips_per_row` clips or a clip longer than the encoder's `max_frames` (with a pooling
 connector also: more than S segments, or an image past `max_grid_side`) is skipped and
 counted as a bad record; a sample without media is truncated instead. Packing never puts
 more than S segments into a row.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import grain
 import jax
@@ -65,8 +74,10 @@ MIXTURE_PRESETS = {
 class OmniSample:
     """An omni record → a packed-ready sample dict, or the bad-record marker."""
 
-    def __init__(self, tokenizer, seq_len: int, opts: media.VisionOptions, audio_opts: media.AudioOptions | None = None):
+    def __init__(self, tokenizer, seq_len: int, opts: media.VisionOptions, audio_opts: media.AudioOptions | None = None,
+                 draw_opts: chat.DrawOptions | None = None):
         self.tokenizer, self.seq_len, self.opts, self.audio_opts = tokenizer, seq_len, opts, audio_opts
+        self.draw_opts = draw_opts
 
     def __call__(self, record: dict) -> dict:
         if records_lib.is_bad(record):
@@ -74,18 +85,19 @@ class OmniSample:
         # assemble_record's ValueErrors include an image past model.connector.max_grid_side
         # and more than max_segments_per_row segments (pooling connectors).
         try:
-            assembled = chat.assemble_record(self.tokenizer, record, self.opts, self.audio_opts)
+            assembled = chat.assemble_record(self.tokenizer, record, self.opts, self.audio_opts, self.draw_opts)
             modality = modality_id(record.get("modality", "text"))
         except records_lib.READ_ERRORS:
             return records_lib.bad_record()
-        if not len(assembled["patches"]) and not assembled["audio"]:
-            return chat.sample_from_chat(assembled, modality, self.audio_opts, self.opts, seq_len=self.seq_len)
+        if not len(assembled["patches"]) and not assembled["audio"] and "gen_image" not in assembled:
+            return chat.sample_from_chat(assembled, modality, self.audio_opts, self.opts, seq_len=self.seq_len,
+                                         draw_opts=self.draw_opts)
         # Cutting a media block would break the placeholder/feature pairing.
         if len(assembled["ids"]) > self.seq_len or len(assembled["patches"]) > self.opts.patches_per_row:
             return records_lib.bad_record()
         if assembled["audio"] and len(assembled["audio"]) > self.audio_opts.clips_per_row:
             return records_lib.bad_record()
-        return chat.sample_from_chat(assembled, modality, self.audio_opts, self.opts)
+        return chat.sample_from_chat(assembled, modality, self.audio_opts, self.opts, draw_opts=self.draw_opts)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -108,9 +120,21 @@ def finalize_row(row: dict) -> dict:
     out["vision_segment_ids"] = vision_segment_ids(row["vision_patches_segment_ids"], row["vision_frames"])
     out["vision_hw"] = row["vision_hw"].T.copy()
     out.update({k: row[k] for k in omni.AUDIO_KEYS if k in row})
+    if "gen_image" in row:
+        out.update(gen_image=row["gen_image"], gen_image_valid=row["gen_image_valid"],
+                   gen_image_cond=drawing_slots(row["tokens_segment_ids"], row["gen_image_cond"]))
     for k in pipeline.COUNT_KEYS:
         out[k] = np.int32(sum(row[k]))
     return out
+
+
+def drawing_slots(sample_ids: np.ndarray, cond: np.ndarray) -> np.ndarray:
+    """Each packed sample's own span numbers (1, 2, ... per sample) -> the row's drawing slots
+    (1, 2, ... over the row, in order: the order grain packs the samples' drawings in)."""
+    marked = cond > 0
+    key = sample_ids.astype(np.int64) * (int(cond.max(initial=0)) + 1) + cond
+    starts = marked & (key != np.concatenate([[-1], key[:-1]]))
+    return (np.cumsum(starts) * marked).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- mixture
@@ -142,6 +166,36 @@ def part_weights(data_cfg, parts: dict[str, sources.Part]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v > 0}
 
 
+def check_drawing_mixture(config) -> None:
+    """Drawing requests in the mixture need the image head."""
+    weight = modality_weights(config.data).get("image_gen", 0.0)
+    if weight > 0 and not omni.image_output_enabled(config):
+        raise ValueError(f"the data mixture (config.data.mixture={config.data.mixture!r}) gives modality "
+                         f"'image_gen' weight {weight}, but config.model.image_head.enabled=False")
+
+
+class ReversedRecords:
+    """A part's records read as drawing requests (`records.DrawingRecords`); picklable."""
+
+    def __init__(self, records, prompt: str):
+        self.records, self.prompt = records, prompt
+
+    def __call__(self) -> grain.MapDataset:
+        return self.records().map(records_lib.DrawingRecords(self.prompt))
+
+
+def split_parts(config, split: str) -> dict[str, sources.Part]:
+    """The sources' parts of `split`, a `reverse=True` source's as drawing requests ("image_gen")."""
+    out = {}
+    for name, part in sources.parts(config, split).items():
+        cfg = config.data.sources[part.source]
+        if cfg.get("reverse", False):
+            part = dataclasses.replace(part, modality="image_gen",
+                                       records=ReversedRecords(part.records, cfg.get("draw_prompt", "Draw {}.")))
+        out[name] = part
+    return out
+
+
 def check_audio_mixture(config) -> None:
     """Audio in the mixture needs the audio tower."""
     weight = modality_weights(config.data).get("audio", 0.0)
@@ -157,20 +211,22 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     seed, seq_len = int(data.seed), int(data.seq_len)
     opts = media.VisionOptions.from_config(config)
     check_audio_mixture(config)
-    train_parts = sources.parts(config, "train")
+    check_drawing_mixture(config)
+    train_parts = split_parts(config, "train")
     weights = part_weights(data, train_parts)
     # Rows always carry the clip slots; the CMVN statistics are needed only to read audio.
     audio_opts = media.AudioOptions.from_config(
         config, read_cmvn=any(train_parts[name].modality == "audio" for name in weights))
     split = data.split
-    split_parts = train_parts if split == "train" else sources.parts(config, split)
-    to_sample = OmniSample(tokenizer, seq_len, opts, audio_opts)
+    parts_of_split = train_parts if split == "train" else split_parts(config, split)
+    draw_opts = chat.DrawOptions.from_config(config)
+    to_sample = OmniSample(tokenizer, seq_len, opts, audio_opts, draw_opts)
     datasets = []
     for k, name in enumerate(sorted(weights)):  # k: the seed offset stays with the part's name
-        if name not in split_parts:
+        if name not in parts_of_split:
             weights.pop(name)  # a train-only part (no held-out records)
             continue
-        ds = split_parts[name].records()[process_index::process_count]
+        ds = parts_of_split[name].records()[process_index::process_count]
         datasets.append(ds.shuffle(seed + k).repeat(None).map(to_sample))
     mixed = grain.MapDataset.mix(datasets, [weights[name] for name in sorted(weights)])
     it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data.read_threads),
@@ -181,6 +237,9 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
         lengths[chat.SEGMENTS_KEY] = opts.connector.max_segments_per_row
     if audio_opts is not None:
         lengths.update({k: audio_opts.clips_per_row for k in omni.AUDIO_KEYS})
+    if draw_opts is not None:
+        lengths.update(gen_image=draw_opts.images_per_row, gen_image_valid=draw_opts.images_per_row,
+                       gen_image_cond=seq_len)
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct=lengths, num_packing_bins=int(data.packing_bins) or max(16, batch_size),
         seed=seed, shuffle_bins=True, meta_features=pipeline.COUNT_KEYS)
@@ -221,9 +280,17 @@ def example_batch_shapes(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         clips = (batch, audio.clips_per_row)
         shapes["audio_features"] = (clips + (audio.max_frames, audio_frontend.FEATURE_DIM), np.float32)
         shapes["audio_lengths"] = (clips, np.int32)
+    draw = chat.DrawOptions.from_config(config)
+    if draw is not None:
+        slots = (batch, draw.images_per_row)
+        shapes["gen_image"] = (slots + (draw.image_size, draw.image_size, 3), np.float32)
+        shapes["gen_image_valid"] = (slots, np.int32)
+        shapes["gen_image_cond"] = ((batch, seq_len), np.int32)
     return shapes
 
 
 def batch_keys(config) -> tuple[str, ...]:
-    """The keys of an omni batch: the audio keys only with the audio tower."""
-    return BATCH_KEYS + (omni.AUDIO_KEYS if omni.audio_enabled(config) else ())
+    """The keys of an omni batch: the audio keys only with the audio tower, the drawing keys only
+    with the image head."""
+    return (BATCH_KEYS + (omni.AUDIO_KEYS if omni.audio_enabled(config) else ())
+            + (omni.IMAGE_OUT_KEYS if omni.image_output_enabled(config) else ()))

@@ -5,6 +5,7 @@
     → shuffle(seed) → repeat → tokenise (bad records → marker) → to_iter_dataset
     → drop bad records (counted) → grain FirstFitPackIterDataset(seq_len)
     → per-row finalise → batch(local batch) → [mp_prefetch] → running stats
+    and, per process, its shards of `config.data.shards` side by side (`ShardsIterator`).
 
 Batch (numpy, per-process local batch B, length T = seq_len):
   tokens      int32 (B,T)    inputs
@@ -191,6 +192,46 @@ class StatsDataset(grain.IterDataset):
         return StatsIterator(self._parent.__iter__())
 
 
+class ShardsIterator(grain.DatasetIterator):
+    """This process's data shards side by side: each step, the shards' batches concatenated
+    along dim 0 (shard order), so a global batch is the same on any number of processes."""
+
+    def __init__(self, parents: Sequence[StatsIterator]):
+        super().__init__(list(parents))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The shards' running totals, summed."""
+        out: dict[str, int] = {}
+        for parent in self._parents:
+            for k, v in parent.stats.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def __next__(self):
+        batches = [next(parent) for parent in self._parents]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self):
+        return {"shards": [parent.get_state() for parent in self._parents]}
+
+    def set_state(self, state):
+        if len(state["shards"]) != len(self._parents):
+            raise ValueError(f"the data iterator state has {len(state['shards'])} shards, this process reads "
+                             f"{len(self._parents)}: resume with the same config.data.shards / process count")
+        for parent, shard_state in zip(self._parents, state["shards"]):
+            parent.set_state(shard_state)
+
+
+def data_shards(num_shards: int, process_index: int, process_count: int) -> range:
+    """The shards (of `num_shards`; 0: one per process) that process `process_index` reads."""
+    num_shards = num_shards or process_count
+    if num_shards % process_count:
+        raise ValueError(f"config.data.shards={num_shards} is not a multiple of the {process_count} processes")
+    per_process = num_shards // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)
+
+
 def _finalize_row(row: dict) -> dict:
     """grain's packed row → our per-row format (+ the two counts, summed)."""
     positions = row["tokens_positions"]
@@ -247,26 +288,41 @@ def text_records(config, split: str = "train") -> grain.MapDataset:
 
 
 def make_train_iterator(config, tokenizer, *, process_index: int | None = None,
-                        process_count: int | None = None) -> StatsIterator:
+                        process_count: int | None = None) -> StatsIterator | ShardsIterator:
     """Infinite training iterator over the configured text sources for this process.
 
     Yields this process's batch (global `config.train.batch_size` / process
-    count); `get_state()`/`set_state()` resume on exactly the same samples.
+    count): its `config.data.shards` shards' batches side by side, each shard
+    reading its own records (`records[shard::shards]`); `get_state()`/`set_state()`
+    resume on exactly the same samples.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    global_batch = int(config.train.batch_size)
-    if global_batch % process_count:
-        raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the "
-                         f"{process_count} processes")
     data = config.data
-    ds = make_text_dataset(
-        text_records(config, data.split), tokenizer, seq_len=int(data.seq_len),
-        batch_size=global_batch // process_count, seed=int(data.seed),
-        process_index=process_index, process_count=process_count, num_epochs=None,
+    shards = data_shards(int(data.shards), process_index, process_count)
+    num_shards = len(shards) * process_count
+    global_batch = int(config.train.batch_size)
+    if global_batch % num_shards:
+        raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the {num_shards} data "
+                         f"shards (config.data.shards={int(data.shards)}, {process_count} processes)")
+    records = text_records(config, data.split)
+    iterators = [iter(make_text_dataset(
+        records, tokenizer, seq_len=int(data.seq_len), batch_size=global_batch // num_shards, seed=int(data.seed),
+        process_index=shard, process_count=num_shards, num_epochs=None,
         packing_bins=int(data.packing_bins), num_workers=int(data.num_workers),
-        read_threads=int(data.read_threads), loss_averaging_power=loss_averaging_power(data))
-    return iter(ds)
+        read_threads=int(data.read_threads), loss_averaging_power=loss_averaging_power(data)))
+        for shard in shards]
+    return iterators[0] if len(iterators) == 1 else ShardsIterator(iterators)
+
+
+def single_threaded_blas() -> None:
+    """One BLAS thread in this process, for the pipeline's numpy work (the audio fbank's mel
+    matmul): the pipeline's reader threads already fill the cores, and OpenBLAS's own thread
+    pool on top of them oversubscribes the host (that 498×257 @ 257×80 matmul: 0.9 ms on one
+    thread, 3–20 ms on its pool on a busy 2-core host). XLA's CPU backend does not use BLAS."""
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
 def make_global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -15,13 +15,20 @@ A record is a dict:
                waveform in [-1, 1], a file path, or encoded bytes (WAV, FLAC, ... as
                soundfile reads)
   sample_rate  Hz of the waveform clips (default 16,000); a file's own rate wins
-  modality     "text" | "image" | "video" | "interleaved" | "audio": the modality tag of the
-               sample's tokens (losses per modality, the mixture's modality weights)
+  gen_images   [image, ...] the images the assistant draws, one per `<gen_image>DESCRIPTION</gen_image>`
+               span of its turns, in order (the paper's format: the description is what the LLM
+               writes on the caption route; the query route puts N `<gen_imagePatch>` in its place)
+  modality     "text" | "image" | "video" | "interleaved" | "audio" | "image_gen" (drawing
+               requests): the modality tag of the sample's tokens (losses per modality, the
+               mixture's modality weights)
   task, id, answer, attributes, ...  optional metadata, passed through untouched (held-out
                scoring reads them; training does not)
 
+An image–caption record read in reverse (`drawing_record`) is a drawing request: the caption
+asked for and described, the image drawn.
+
 Serialised (`encode_record`, ArrayRecord files of the `array_record` source): a msgpack
-map, images and video frames as PNG bytes, clips as little-endian int16 PCM bytes. UTF-8
+map, images, drawn images and video frames as PNG bytes, clips as little-endian int16 PCM bytes. UTF-8
 JSON of a text record (`{"text": ...}` or `{"messages": [...]}`) decodes too.
 
 A source whose record cannot be read returns `bad_record()` in its place; the pipeline
@@ -39,7 +46,8 @@ import numpy as np
 from PIL import Image
 
 BAD_RECORD = "bad_record"  # key of the marker a failed record becomes
-RECORD_MODALITIES = ("text", "image", "video", "interleaved", "audio")
+RECORD_MODALITIES = ("text", "image", "video", "interleaved", "audio", "image_gen")
+GEN_IMAGE_SPAN = ("<gen_image>", "</gen_image>")  # an assistant's drawing: description between
 DEFAULT_SAMPLE_RATE = 16_000
 _PNG_COMPRESS_LEVEL = 6
 # What reading a malformed record raises; anything else is a bug and propagates.
@@ -83,6 +91,8 @@ def encode_record(record: dict) -> bytes:
     payload = dict(record)
     payload["images"] = [png_bytes(a) for a in record.get("images", [])]
     payload["video"] = [png_bytes(f) for f in record.get("video", [])]
+    if "gen_images" in record:
+        payload["gen_images"] = [png_bytes(a) for a in record["gen_images"]]
     if "audio" in record:
         payload["audio"] = [pcm16_bytes(a) for a in record["audio"]]
     return msgpack.packb(payload, use_bin_type=True)
@@ -99,11 +109,44 @@ def decode_record(data: bytes, *, decode_media: bool = True) -> dict:
         if decode_media:
             record["images"] = [decode_image(b) for b in record.get("images", [])]
             record["video"] = [decode_image(b) for b in record.get("video", [])]
+            if "gen_images" in record:
+                record["gen_images"] = [decode_image(b) for b in record["gen_images"]]
             if "audio" in record:
                 record["audio"] = [decode_pcm16(b) for b in record["audio"]]
     if not isinstance(record, dict) or not ("text" in record or "messages" in record):
         raise ValueError("record has neither 'text' nor 'messages'")
     return record
+
+
+def drawing_record(record: dict, prompt: str = "Draw {}.") -> dict:
+    """An image–caption record (`<image>` + a prompt -> the caption) read in reverse: the user
+    asks `prompt` with the caption, the assistant draws it, `<gen_image>caption</gen_image>`."""
+    caption = record["messages"][-1]["content"].strip()
+    images = record.get("images") or []
+    if len(images) != 1 or not caption:
+        raise ValueError(f"a drawing needs one image and a caption, got {len(images)} image(s) "
+                         f"and caption {caption!r}")
+    open_, close = GEN_IMAGE_SPAN
+    return {**{k: v for k, v in record.items() if k not in ("images", "messages")},
+            "modality": "image_gen", "gen_images": [images[0]], "answer": caption,
+            "messages": [{"role": "user", "content": prompt.format(caption)},
+                         {"role": "assistant", "content": f"{open_}{caption}{close}"}]}
+
+
+class DrawingRecords:
+    """A source's records read in reverse (`drawing_record`); bad records pass through.
+    A class, so grain's worker processes can pickle it."""
+
+    def __init__(self, prompt: str = "Draw {}."):
+        self.prompt = prompt
+
+    def __call__(self, record: dict) -> dict:
+        if is_bad(record):
+            return record
+        try:
+            return drawing_record(record, self.prompt)
+        except READ_ERRORS:
+            return bad_record()
 
 
 def training_text(record: dict) -> str:

@@ -12,7 +12,7 @@ import glob
 import hashlib
 import os
 import uuid
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -184,8 +184,35 @@ def _get(cfg, key, default):
     return default if value is None else value
 
 
+# File name -> reader, for tokenizers of other formats: interop/hf_tokenizer.py registers
+# "tokenizer.json" (a Hugging Face checkpoint's); the commands import it at start-up (cli.py).
+_FILE_READERS: dict[str, Callable[[str], Tokenizer]] = {}
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+def register_reader(file_name: str, reader: Callable[[str], Tokenizer]) -> None:
+    _FILE_READERS[file_name] = reader
+
+
+def read_tokenizer(path: str) -> Tokenizer:
+    """A SentencePiece model, or a registered format's file (or a folder holding one)."""
+    folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
+    if name is None:
+        name = next((n for n in (*_FILE_READERS, HF_TOKENIZER_FILE) if os.path.exists(os.path.join(folder, n))), "")
+    if name in _FILE_READERS:
+        return _FILE_READERS[name](path)
+    if name == HF_TOKENIZER_FILE:
+        raise ValueError(f"config.tokenizer.path = {path!r} is a Hugging Face {HF_TOKENIZER_FILE}: import "
+                         "m2omni_jax.interop.hf_tokenizer first to read it")
+    if os.path.isdir(path):
+        raise ValueError(f"config.tokenizer.path = {path!r} is a folder without a tokenizer file "
+                         f"({', '.join(_FILE_READERS) or HF_TOKENIZER_FILE}); name the SentencePiece .model")
+    return Tokenizer(path)
+
+
 def get_tokenizer(config) -> Tokenizer:
-    """The user's model (`config.tokenizer.path`), or the built-in one, trained once and cached.
+    """The user's model (`config.tokenizer.path`: SentencePiece, or a Hugging Face
+    tokenizer.json, `read_tokenizer`), or the built-in one, trained once and cached.
 
     The built-in model is trained on the texts the configured sources give
     (`sources.tokenizer_texts`: e.g. a corpus's first documents and a data set's chats,
@@ -197,7 +224,7 @@ def get_tokenizer(config) -> Tokenizer:
         path = os.path.expanduser(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"config.tokenizer.path = {path!r} does not exist")
-        return Tokenizer(path)
+        return read_tokenizer(path)
     vocab_size = int(_get(tok_cfg, "vocab_size", DEFAULT_VOCAB_SIZE))
     key, texts = sources.tokenizer_texts(config)
     cache_dir = os.path.expanduser(_get(tok_cfg, "cache_dir", "") or DEFAULT_CACHE_DIR)

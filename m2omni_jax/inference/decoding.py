@@ -2,13 +2,16 @@
 
 One prefill call runs the (left-padded) prompts and writes the cache; then one compiled
 step per new token, driven by a host-side loop that yields each step's tokens as they
-arrive, so a caller can stream them. What picks the next token from the last logits is a
+arrive, so a caller can stream them. The loop dispatches step i+1 before it reads token i
+(JAX's async dispatch: the host's copy and the caller's work overlap the device's next
+step), and each step donates the cache it replaces. What picks the next token from the last logits is a
 `select(logits (B, V), carry) -> (tokens (B,), carry)` function (`greedy_select`, or
 `sampling.make_sampled_select`); `carry` is its state (a PRNG key, the seen tokens).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -27,7 +30,7 @@ def greedy_select(logits, carry):
 
 
 def make_decoder(model, max_len: int, select: Select = greedy_select,
-                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, chunk: int = 1):
     """Returns steps(params, prompt_inputs, next_position, num_new, stop_ids=(), carry=None),
     an iterator of (B,) int32 numpy tokens, one per step, that ends after `num_new` tokens or
     once every row has produced one of `stop_ids` (a row's tokens after its stop are junk).
@@ -36,7 +39,13 @@ def make_decoder(model, max_len: int, select: Select = greedy_select,
     (3, B, L), segment_ids (B, L) (+ media keys). The cache holds `max_len` positions. New
     token i is fed back at M-RoPE position next_position + i (t = h = w, text after the
     prompt). `context` is entered around each device call (e.g. the mesh and its rules).
+    chunk > 1: up to `chunk` steps per device call (a `lax.scan` of a power of two of them),
+    so the per-token dispatch is paid once per chunk; tokens still come one step at a time,
+    in bursts, and a stop is seen at the end of its chunk.
     """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+
     def apply(params, cache, inputs):
         return model.apply({"params": params, "cache": cache}, **inputs, decode=True, mutable=["cache"])
 
@@ -47,13 +56,29 @@ def make_decoder(model, max_len: int, select: Select = greedy_select,
         token, carry = select(logits[:, -1], carry)
         return token, variables["cache"], carry
 
-    @jax.jit
-    def step(params, cache, token, position, carry):
+    def step_fn(params, cache, token, position, carry):
         inputs = {"tokens": token[:, None], "positions": jnp.broadcast_to(position[None, :, None], (3,) + token.shape + (1,)),
                   "segment_ids": jnp.ones((token.shape[0], 1), jnp.int32)}
         logits, variables = apply(params, cache, inputs)
         token, carry = select(logits[:, -1], carry)
         return token, variables["cache"], carry
+
+    step = jax.jit(step_fn, donate_argnums=(1,))  # the old cache's buffers hold the new one
+
+    @functools.partial(jax.jit, static_argnums=(5,), donate_argnums=(1,))
+    def multi_step(params, cache, token, position, carry, length: int):
+        def body(state, i):
+            token, cache, carry = step_fn(params, state[1], state[0], position + i, state[2])
+            return (token, cache, carry), token
+        (token, cache, carry), tokens = jax.lax.scan(body, (token, cache, carry), jnp.arange(length, dtype=jnp.int32))
+        return tokens, token, cache, carry
+
+    def dispatch(params, cache, token, position, carry, length: int):
+        """(tokens (length, B), last token, cache, carry) of the next `length` steps."""
+        if length == 1:
+            token, cache, carry = step(params, cache, token, position, carry)
+            return token[None], token, cache, carry
+        return multi_step(params, cache, token, position, carry, length)
 
     def steps(params, prompt_inputs, next_position, num_new: int, stop_ids: Sequence[int] = (),
               carry=None) -> Iterator[np.ndarray]:
@@ -67,23 +92,30 @@ def make_decoder(model, max_len: int, select: Select = greedy_select,
         with context():
             token, cache, carry = prefill(params, prompt_inputs, carry)
         done = np.zeros(token.shape[0], bool)
-        for i in range(num_new):
-            if i:
+        ready, fed = token[None], 0  # tokens not yet read; steps dispatched
+        while True:
+            length = min(chunk, num_new - 1 - fed)
+            if length:  # the next steps go to the device before the ready tokens are read
+                length = 1 << (length.bit_length() - 1)  # chunk, or the tail in powers of two
                 with context():
-                    token, cache, carry = step(params, cache, token, jnp.asarray(next_position + i - 1, jnp.int32),
-                                               carry)
-            tokens = np.asarray(token)
-            yield tokens
-            done |= np.isin(tokens, stop_ids)
-            if done.all():
+                    block, token, cache, carry = dispatch(params, cache, token,
+                                                          jnp.asarray(next_position + fed, jnp.int32), carry, length)
+                fed += length
+            for tokens in np.asarray(ready):
+                yield tokens
+                done |= np.isin(tokens, stop_ids)
+                if done.all():
+                    return
+            if not length:
                 return
+            ready = block
     return steps
 
 
-def make_greedy_decoder(model, max_len: int):
+def make_greedy_decoder(model, max_len: int, chunk: int = 1):
     """Returns decode(params, prompt_inputs, next_position, num_new, stop_ids=()) -> (B, num_new)
     greedy token ids (zero after the step at which every row had stopped); see `make_decoder`."""
-    steps = make_decoder(model, max_len)
+    steps = make_decoder(model, max_len, chunk=chunk)
 
     def decode(params, prompt_inputs, next_position, num_new: int, stop_ids: Sequence[int] = ()):
         tokens = np.stack(list(steps(params, prompt_inputs, next_position, num_new, stop_ids)), 1)

@@ -14,6 +14,12 @@ together under the mesh by the shared KV-cache decoder (`decoding.make_decoder`)
 prefill, then one compiled step per token. The cache holds `config.data.seq_len`
 positions, the model's context: prompt + new tokens must fit in it. Generation ends at
 `<|eot_id|>` or eos, or after `max_new_tokens`.
+
+With the image head (`config.model.image_head.enabled`), a completed `<gen_image> … </gen_image>`
+span is drawn by the model itself (`ImageOutputHead`): the prompt, the reply so far and the
+span go through the model once more (`ImageDrawer`), the hidden states over the span condition
+the flow-matching head, and the `HeadSegment`'s output is a uint8 (H, W, 3) image. On the
+query route the span holds the `<gen_imagePatch>` queries the model was trained to write.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import dataclasses
 from typing import Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m2omni_jax.data import chat, media
@@ -33,6 +40,7 @@ from m2omni_jax.parallel import sharding
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: few prefill compiles
 STOP_TOKENS = ("<|eot_id|>",)  # and the tokenizer's eos
+DECODE_CHUNK = 8  # decode steps per device call (decoding.make_decoder): tokens stream in bursts of up to 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,8 @@ class Generator:
             stop_ids = [tokenizer.special_id(t) for t in STOP_TOKENS] + [tokenizer.eos_id]
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.heads = registered_output_heads() if heads is None else dict(heads)
+        if heads is None and omni.image_output_enabled(config):
+            self.heads["image"] = ImageOutputHead(self)
         self._decoders = {}  # greedy? -> decoding.make_decoder's steps
 
     def generate(self, conversations: Sequence[dict | str], sampling: SamplingParams = SamplingParams(), *,
@@ -112,13 +122,15 @@ class Generator:
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         prompts = [self.prompt(c) for c in conversations]
+        self._last_prompts = prompts  # the drawing head's context (`ImageOutputHead`)
         return (len(prompts),) + self._batch(prompts, max_new_tokens)
 
     def _decode(self, prepared, sampling: SamplingParams, max_new_tokens: int, seed, stop_ids):
         """(row, segment) as each row's tokens arrive; last per row (row, _Finished)."""
         num_rows, inputs, next_position = prepared
         stop_ids = self.stop_ids if stop_ids is None else tuple(int(i) for i in stop_ids)
-        streams = [SegmentStream(self.tokenizer, self.heads) for _ in range(num_rows)]
+        prompts = self._last_prompts
+        streams = [SegmentStream(self.tokenizer, self.heads, prompts[row]["ids"]) for row in range(num_rows)]
         ids = [[] for _ in range(num_rows)]
         live = set(range(num_rows))
         for tokens in self._token_steps(inputs, next_position, sampling, max_new_tokens, seed, stop_ids):
@@ -159,7 +171,8 @@ class Generator:
             make_select = sampling_lib.make_greedy_select if greedy else sampling_lib.make_sampled_select
             select = make_select(self.tokenizer.vocab_size)
             self._decoders[greedy] = decoding.make_decoder(
-                self.model, self.max_len, select, context=lambda: sharding.activate(self.mesh, self.rules))
+                self.model, self.max_len, select, context=lambda: sharding.activate(self.mesh, self.rules),
+                chunk=DECODE_CHUNK)
         carry = None
         if not greedy:
             key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
@@ -167,6 +180,92 @@ class Generator:
                                             int(self.config.model.llm.vocab_size))
             carry = {"key": key, "seen": seen, **sampling.arrays()}
         return self._decoders[greedy](self.params, inputs, next_position, max_new_tokens, stop_ids, carry)
+
+
+def continue_prompt(prompt: dict, new_ids: Sequence[int]) -> dict:
+    """An assembled prompt (`chat.assemble_chat`) + the ids generated after it: text whose
+    M-RoPE positions continue from the prompt's."""
+    new_ids = np.asarray(new_ids, np.int32)
+    start = int(prompt["positions"].max(initial=-1)) + 1
+    positions = np.tile(np.arange(start, start + len(new_ids), dtype=np.int32), (3, 1))
+    return {**prompt, "ids": np.concatenate([prompt["ids"], new_ids]),
+            "positions": np.concatenate([prompt["positions"], positions], axis=1)}
+
+
+def to_uint8(images) -> np.ndarray:
+    """Images in [-1, 1] -> uint8 in [0, 255]."""
+    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+class ImageDrawer:
+    """draw(params, sequences, seed) -> uint8 (n, H, W, 3): each assembled sequence (prompt +
+    reply, `continue_prompt`) through the model, its first `<gen_image>` span's hidden states
+    conditioning the image head (none: drawn unconditionally). Sequences are left-padded to
+    `config.data.seq_len` in batches of `batch_size` rows: one compiled program."""
+
+    def __init__(self, model, tokenizer, config, mesh, rules, batch_size: int):
+        self.model, self.config, self.mesh, self.rules = model, config, mesh, rules
+        ways = sharding.batch_axis_size(mesh)
+        self.batch_size = -(-batch_size // ways) * ways
+        self.length = int(config.data.seq_len)
+        self.span_ids = (tokenizer.special_id("<gen_image>"), tokenizer.special_id("</gen_image>"))
+        self.vision_opts = media.VisionOptions.from_config(config)
+        self.audio_opts = media.AudioOptions.from_config(config, read_cmvn=False)
+        self.slots = model.config.image_head.images_per_row
+
+        def run(params, inputs, cond, rng):
+            _, hidden = model.apply({"params": params}, **inputs, gen_image_cond=cond, return_hidden=True)
+            return model.apply({"params": params}, hidden, cond, rng, method=omni.OmniModel.draw)
+        self._run = jax.jit(run)
+
+    def __call__(self, params, sequences: Sequence[dict], seed: int = 0) -> np.ndarray:
+        out = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = list(sequences[start:start + self.batch_size])
+            padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
+            inputs, _ = decoding.prompt_inputs(self.config, padded, self.length, self.vision_opts, self.audio_opts)
+            cond = np.zeros((len(padded), self.length), np.int32)
+            for row, seq in enumerate(padded):
+                slots = first_span(seq["ids"], *self.span_ids)
+                cond[row, self.length - len(slots):] = slots
+            rng = jax.random.fold_in(jax.random.key(seed), start)
+            with sharding.activate(self.mesh, self.rules):
+                images = self._run(params, inputs, jnp.asarray(cond), rng)
+            out.append(to_uint8(images[::self.slots][:len(chunk)]))
+        return np.concatenate(out)
+
+
+def first_span(ids: Sequence[int], open_id: int, close_id: int) -> np.ndarray:
+    """(L,) int32: 1 at the tokens after the first `open_id`, up to its `close_id` (or the end:
+    a reply cut short still draws from what it wrote); 0 elsewhere, and everywhere without one."""
+    ids = np.asarray(ids)
+    out = np.zeros(len(ids), np.int32)
+    opens = np.flatnonzero(ids == open_id)
+    if len(opens):
+        start = opens[0] + 1
+        closes = np.flatnonzero(ids[start:] == close_id)
+        out[start:start + (closes[0] if len(closes) else len(ids))] = 1
+    return out
+
+
+class ImageOutputHead:
+    """The `<gen_image>` output head of a generator whose model draws (see the module docstring)."""
+    takes_context = True
+
+    def __init__(self, generator: "Generator", seed: int = 0):
+        self.generator, self.seed = generator, seed
+        self.drawer = None
+
+    def __call__(self, token_ids: Sequence[int], text: str, context: Sequence[int] = ()) -> np.ndarray:
+        del text
+        g = self.generator
+        if self.drawer is None:
+            self.drawer = ImageDrawer(g.model, g.tokenizer, g.config, g.mesh, g.rules, batch_size=1)
+        # The row's prompt (its media too): the one the context starts with.
+        prompt = next(p for p in g._last_prompts if tuple(context[:len(p["ids"])]) == tuple(p["ids"]))
+        span = [g.tokenizer.special_id("<gen_image>"), *token_ids, g.tokenizer.special_id("</gen_image>")]
+        reply = list(context[len(prompt["ids"]):]) + span
+        return self.drawer(g.params, [continue_prompt(prompt, reply)], self.seed)[0]
 
 
 def as_record(conversation: dict | str) -> dict:

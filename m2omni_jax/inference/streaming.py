@@ -5,7 +5,10 @@ span goes to the output head registered for its kind (`register_output_head`), w
 the span's tokens into an image or a waveform (`HeadSegment`): the paper's decoupled image
 generation renders the caption inside `<gen_image>`; its speech decoder turns the audio
 codes inside `<gen_audio>` into a waveform. A span with no head flows on as text, markers
-included, so a text-only model's stream is only text.
+included, so a text-only model's stream is only text. A head with `takes_context = True`
+(the omni model's own image head, `generator.ImageOutputHead`: it conditions on the LLM's
+hidden states over the span) is also given `context`: the row's prompt ids and every token
+before the span.
 """
 from __future__ import annotations
 
@@ -50,8 +53,9 @@ def registered_output_heads() -> dict[str, OutputHead]:
 class SegmentStream:
     """One row's tokens in (`push`), its segments out, text as soon as it decodes cleanly."""
 
-    def __init__(self, tokenizer, heads: Mapping[str, OutputHead]):
+    def __init__(self, tokenizer, heads: Mapping[str, OutputHead], prefix: Sequence[int] = ()):
         self._tokenizer = tokenizer
+        self._seen = [int(i) for i in prefix]  # the prompt and every token pushed
         self._heads = dict(heads)
         unknown = sorted(set(self._heads) - set(OUTPUT_KINDS))
         if unknown:
@@ -65,6 +69,7 @@ class SegmentStream:
     def push(self, token_id: int) -> list[Segment]:
         """The segments that `token_id` completes (often none, or one piece of text)."""
         token_id = int(token_id)
+        self._seen.append(token_id)
         if self._span is not None:
             kind, ids = self._span
             if token_id != self._closes[kind]:
@@ -72,7 +77,12 @@ class SegmentStream:
                 return []
             self._span = None
             text = self._tokenizer.decode(ids)
-            return [HeadSegment(kind, self._heads[kind](tuple(ids), text), tuple(ids), text)]
+            head = self._heads[kind]
+            if getattr(head, "takes_context", False):
+                output = head(tuple(ids), text, context=tuple(self._seen[:-len(ids) - 2]))
+            else:
+                output = head(tuple(ids), text)
+            return [HeadSegment(kind, output, tuple(ids), text)]
         if token_id in self._opens:
             segments = self._flush()
             self._span = (self._opens[token_id], [])

@@ -22,7 +22,7 @@ import tokenizers
 from m2omni_jax.data import tokenizer as tokenizer_lib
 from m2omni_jax.data.tokenizer import SPECIAL_TOKENS
 
-TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+TOKENIZER_FILE, TOKENIZER_CONFIG = tokenizer_lib.HF_TOKENIZER_FILE, "tokenizer_config.json"
 _USUAL = {"bos": ("<|begin_of_text|>", "<s>", "<bos>"),
           "eos": ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"),
           "pad": ("<pad>", "<|finetune_right_pad_id|>")}
@@ -112,3 +112,6 @@ def _roles(folder: str, tok: tokenizers.Tokenizer) -> dict[str, str]:
     roles["bos"] = roles["bos"] or roles["eos"]
     roles["pad"] = roles["pad"] or roles["eos"]
     return roles
+
+
+tokenizer_lib.register_reader(TOKENIZER_FILE, HFTokenizer)  # config.tokenizer.path may name one

@@ -113,6 +113,54 @@ class ImageHeadConfig:
         return int(self.width * self.mlp_ratio)
 
 
+ROUTES = ("query", "caption")
+PREDICTIONS = ("velocity", "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOutputConfig(ImageHeadConfig):
+    """config.model.image_head: the DiT's fields, whether the omni model has it, and how the LLM
+    conditions it (models/omni.py). The condition tokens of a drawing are the tokens inside its
+    `<gen_image> … </gen_image>` span: N `<gen_imagePatch>` queries ("query") or the
+    description the LLM writes ("caption", the paper's)."""
+    enabled: bool = False  # off: no head, no image batch keys (configs without it unchanged)
+    route: str = "query"  # ROUTES
+    num_queries: int = 8  # "query": <gen_imagePatch> tokens per drawing
+    max_cond_tokens: int = 32  # "caption": description tokens the decoder attends to (the rest dropped)
+    images_per_row: int = 2  # drawing slots per packed row (static); a fuller row is not packed
+    loss_weight: float = 1.0  # × the flow-matching loss (and × train.loss_weights["image_out"])
+    sample_steps: int = 20  # sampling (m2omni-eval, the generator): integration steps
+    sampler: str = "euler"  # SAMPLERS
+    guidance_scale: float = 1.0  # classifier-free guidance scale s (1: plain conditional)
+    # What the DiT outputs: the velocity x1 − x0 (rectified flow), or "data": the clean image x1,
+    # trained by its squared error, the velocity (x1 − x_t)/(1 − t) when sampling. Data
+    # prediction need not reproduce the noise pixel by pixel: an under-trained velocity model
+    # leaves speckles of it in its samples.
+    prediction: str = "velocity"
+
+    def __post_init__(self):
+        super().__post_init__()
+        field = "config.model.image_head"
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"{field}.prediction={self.prediction!r}; use one of {PREDICTIONS}")
+        if self.route not in ROUTES:
+            raise ValueError(f"{field}.route={self.route!r}; use one of {ROUTES}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"{field}.sampler={self.sampler!r}; use one of {SAMPLERS}")
+        for name in ("num_queries", "max_cond_tokens", "images_per_row", "sample_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{field}.{name}={getattr(self, name)} must be positive")
+
+    @classmethod
+    def from_config(cls, cfg) -> "ImageOutputConfig":
+        return dataclass_from_config(cls, cfg, "model.image_head")
+
+    @property
+    def cond_tokens(self) -> int:
+        """Condition tokens per drawing the decoder attends to (static)."""
+        return self.num_queries if self.route == "query" else self.max_cond_tokens
+
+
 # --------------------------------------------------------------------------- the DiT
 
 def patchify(images, patch_size: int):
@@ -284,13 +332,14 @@ def interpolate(noise, data, t):
 
 
 def flow_matching_loss(apply_fn, params, images, cond, cond_mask, rng, *, cond_dropout: float = 0.0,
-                       time_sampling: str = "uniform", sample_mask=None):
+                       time_sampling: str = "uniform", sample_mask=None, target: str = "velocity"):
     """Mean squared error of the predicted velocity against x1 − x0 (rectified flow).
 
     apply_fn(params, x_t, t, cond, cond_mask) -> velocity, e.g. `ImageHead(cfg).apply` with
     params = {"params": ...}. images (B, H, W, C) in [-1, 1] are x1; x0 ~ N(0, I) and t are drawn
     from `rng`; each row's condition is dropped with probability `cond_dropout`.
     `sample_mask` (B,): average over these rows only (rows of a batch without an image target).
+    `target="data"`: apply_fn predicts the clean image x1, scored against it.
     """
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
     data = images.astype(jnp.float32)
@@ -298,7 +347,8 @@ def flow_matching_loss(apply_fn, params, images, cond, cond_mask, rng, *, cond_d
     t = sample_time(t_rng, data.shape[0], time_sampling)
     cond_mask = drop_condition(drop_rng, cond_mask, cond_dropout)
     velocity = apply_fn(params, interpolate(noise, data, t), t, cond, cond_mask)
-    per_row = jnp.mean(jnp.square(velocity.astype(jnp.float32) - (data - noise)), axis=tuple(range(1, data.ndim)))
+    wanted = data if target == "data" else data - noise
+    per_row = jnp.mean(jnp.square(velocity.astype(jnp.float32) - wanted), axis=tuple(range(1, data.ndim)))
     if sample_mask is None:
         return jnp.mean(per_row)
     weights = sample_mask.astype(jnp.float32)

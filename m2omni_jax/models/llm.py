@@ -53,6 +53,10 @@ class LLMConfig:
     remat_policy: str = "full"  # see layers.REMAT_POLICIES
     attention_implementation: str = layers.DEFAULT_ATTENTION  # see layers.ATTENTION_IMPLEMENTATIONS
     scan_layers: bool = True
+    # Training loss only: > 0 applies the LM head and cross-entropy to this many sequence
+    # positions at a time (scanned, rematerialised), so the (B, L, vocab) logits never exist
+    # whole (training/train_step.py: chunked_cross_entropy_terms); 0: all at once.
+    lm_head_chunk: int = 0
     # Mixture of experts [MM1, as we read it]; 0 experts = dense. The last layer
     # of every `moe_every` is MoE (2: layers 1, 3, 5, ...). See models/moe.py.
     moe_num_experts: int = 0
@@ -74,6 +78,8 @@ class LLMConfig:
             raise ValueError(f"model.llm.rope_scaling={self.rope_scaling!r}; use one of {rope.ROPE_SCALINGS}")
         if self.mrope_layout not in rope.MROPE_LAYOUTS:
             raise ValueError(f"model.llm.mrope_layout={self.mrope_layout!r}; use one of {rope.MROPE_LAYOUTS}")
+        if self.lm_head_chunk < 0:
+            raise ValueError(f"model.llm.lm_head_chunk={self.lm_head_chunk} must be ≥ 0 (0: no chunking)")
         if self.moe_num_experts and not 0 < self.moe_top_k <= self.moe_num_experts:
             raise ValueError(f"model.llm.moe_top_k={self.moe_top_k} must be in [1, "
                              f"moe_num_experts={self.moe_num_experts}]")
@@ -278,7 +284,9 @@ class LLM(nn.Module):
     def __call__(self, tokens=None, positions=None, segment_ids=None, *, inputs_embeds=None,
                  decode: bool = False, return_hidden: bool = False):
         """tokens (B,L) or inputs_embeds (B,L,width); positions (3,B,L) M-RoPE ids
-        (or (B,L) for text-only 1-D positions); segment_ids (B,L), 0 = padding."""
+        (or (B,L) for text-only 1-D positions); segment_ids (B,L), 0 = padding.
+        Returns logits, or (logits, final hidden states) with return_hidden: logits a caller
+        leaves unused are never computed under jit (the chunked loss applies `head` itself)."""
         cfg = self.config
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
         batch, length = x.shape[:2]
@@ -292,12 +300,19 @@ class LLM(nn.Module):
                                  cfg.mrope_layout, cfg.rope_inverse_frequencies())
         x = self.decoder(x, angles, segment_ids, decode)
         hidden = self.final_norm(x)
+        logits = self.head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def head(self, hidden):
+        """Final hidden states (B, L, width) -> logits (B, L, vocab): the LM head (the token
+        embedding when tied). Applied on its own, chunk by chunk, by the chunked
+        cross-entropy (training/train_step.py), so the whole logits never exist at once."""
+        cfg = self.config
         if cfg.tie_embeddings:
             logits = jnp.einsum("ble,ve->blv", hidden, self.embedding.astype(hidden.dtype))
         else:
             logits = self.lm_head(hidden)
-        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return (logits, hidden) if return_hidden else logits
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def training_flops_per_token(config: LLMConfig, seq_len: int) -> float:

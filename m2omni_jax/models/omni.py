@@ -38,9 +38,23 @@ into exactly `num_audio_tokens` tokens (those past the audio are the LLM's
 its N tokens, clip after clip in row order. The audio tower exists only when
 `OmniConfig.audio` is set (`config.model.audio.enabled`).
 
+Image output (`OmniConfig.image_head`, `config.model.image_head.enabled`) [ours, after
+Ming-Lite-Uni; DESIGN.md §1]: a row holds S = `images_per_row` drawing slots, gen_image
+(B, S, H, W, 3) in [-1, 1] with gen_image_valid (B, S), and gen_image_cond (B, L) marks the
+tokens that condition each slot (s + 1; 0 elsewhere): the tokens inside its
+`<gen_image> … </gen_image>` span. Their last-layer hidden states, through a small projector
+(Linear–GELU–Linear), are slot s's condition vectors, in token order (at most
+`cond_tokens`), for the flow-matching DiT (`models/image_head.py`). On the query route the
+span holds N `<gen_imagePatch>` tokens and learnable query embeddings (`image_queries`, one
+per query, zero at init) are added to them, so they stay trainable with the LLM frozen. With
+the image keys, `__call__` also sows the mean flow-matching loss over the valid slots and
+their count ("intermediates": `image_flow_loss`, `image_count`), its noise and times from the
+"image_head" RNG stream (a fixed key when none is given: held-out losses are deterministic).
+
 Parameters live under `llm/`, `vision/`, `connector/`, `audio/` (and a plug-in's under
-`connector_extras/`), so a tower is frozen by an `opt.frozen` path regex such as
-`^vision/` or `^audio/`.
+`connector_extras/`; the image output's under `image_head/`, `image_projector/`,
+`image_queries`), so a tower is frozen by an `opt.frozen` path regex such as `^vision/`,
+`^audio/` or `^llm/`.
 """
 from __future__ import annotations
 
@@ -54,14 +68,18 @@ import jax.numpy as jnp
 
 from m2omni_jax.config_fields import as_dict, dataclass_from_config
 from m2omni_jax.models.audio import AudioConfig, AudioEncoder
+from m2omni_jax.models import image_head as image_head_lib
 from m2omni_jax.models.connectors import CONNECTOR_KINDS, grid_mask, make_connector
+from m2omni_jax.models.image_head import ImageHead, ImageOutputConfig
 from m2omni_jax.models.layers import fourier_features, kernel_init, zeros_init  # noqa: F401 (re-exported)
+from m2omni_jax.models.layers import to_dtype as layers_dtype
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.models.vision import VisionConfig, VisionEncoder, training_flops_per_pack
 
 VISION_KEYS = ("vision_patches", "vision_segment_ids", "vision_hw")
 AUDIO_KEYS = ("audio_features", "audio_lengths")
-MEDIA_KEYS = VISION_KEYS + AUDIO_KEYS  # the model's media inputs; a batch has the audio keys when audio is on
+IMAGE_OUT_KEYS = ("gen_image", "gen_image_valid", "gen_image_cond")  # with model.image_head.enabled
+MEDIA_KEYS = VISION_KEYS + AUDIO_KEYS + IMAGE_OUT_KEYS  # the model's extra inputs; a batch has those that are on
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 SEGMENT_GRID = ("activation_batch", None, None, None, "activation_embed")  # (B, S, Hmax, Wmax, D)
 
@@ -151,6 +169,7 @@ class OmniConfig:
     audio_output_scale: float = 1.0
     audio_placeholder_id: int = -1  # <audioPatch>
     end_of_audio_id: int = -1  # <end_of_audio>: its LLM embedding fills the tokens past a clip
+    image_head: ImageOutputConfig | None = None  # None: no image output
 
     def __post_init__(self):
         connector = self.connector
@@ -167,7 +186,7 @@ class OmniConfig:
         """From `config.model` (llm, vision, connector, audio sections), naming unknown fields."""
         llm = LLMConfig.from_config(model_cfg.llm)
         audio, audio_output_scale = audio_from_config(getattr(model_cfg, "audio", None), llm.width)
-        return cls(llm=llm,
+        return cls(llm=llm, image_head=image_output_from_config(getattr(model_cfg, "image_head", None)),
                    vision=dataclass_from_config(VisionConfig, model_cfg.vision, "model.vision"),
                    connector=dataclass_from_config(ConnectorConfig, model_cfg.connector, "model.connector"),
                    placeholder_ids=tuple(int(i) for i in placeholder_ids), audio=audio,
@@ -190,6 +209,14 @@ def audio_from_config(audio_cfg, llm_width: int) -> tuple[AudioConfig | None, fl
     return (audio if enabled else None), scale
 
 
+def image_output_from_config(cfg) -> ImageOutputConfig | None:
+    """`config.model.image_head` as an ImageOutputConfig when enabled, else None (checked either way)."""
+    if cfg is None:
+        return None
+    head = ImageOutputConfig.from_config(cfg)
+    return head if head.enabled else None
+
+
 MODEL_KINDS = ("llm", "omni")  # config.model.kind: text-only LLM, or LLM + vision (+ audio) towers
 
 
@@ -203,6 +230,12 @@ def model_kind(config) -> str:
 
 def is_omni(config) -> bool:
     return model_kind(config) == "omni"
+
+
+def image_output_enabled(config) -> bool:
+    """Whether a config's omni model draws (`model.image_head.enabled`)."""
+    head = getattr(config.model, "image_head", None)
+    return is_omni(config) and head is not None and bool(head.enabled)
 
 
 def audio_enabled(config) -> bool:
@@ -350,6 +383,14 @@ class OmniModel(nn.Module):
                 raise ValueError("OmniConfig.audio needs audio_placeholder_id and end_of_audio_id "
                                  "(the tokenizer's <audioPatch> and <end_of_audio>)")
             self.audio = AudioEncoder(cfg.audio)
+        head = cfg.image_head
+        if head is not None:
+            self.image_head = ImageHead(head)
+            self.image_projector = ImageProjector(head.cond_width, cfg.llm.dtype, cfg.llm.param_dtype)
+            if head.route == "query":
+                self.image_queries = self.param(
+                    "image_queries", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+                    (head.num_queries, cfg.llm.width), layers_dtype(cfg.llm.param_dtype))
 
     def embed(self, tokens, vision_patches=None, vision_segment_ids=None, vision_hw=None,
               audio_features=None, audio_lengths=None):
@@ -460,15 +501,113 @@ class OmniModel(nn.Module):
         return tokens, jnp.repeat(audio_lengths > 0, cfg.audio.num_audio_tokens, axis=1)
 
     def __call__(self, tokens, positions=None, segment_ids=None, vision_patches=None,
-                 vision_segment_ids=None, vision_hw=None, audio_features=None, audio_lengths=None, *,
+                 vision_segment_ids=None, vision_hw=None, audio_features=None, audio_lengths=None,
+                 gen_image=None, gen_image_valid=None, gen_image_cond=None, *,
                  decode: bool = False, return_hidden: bool = False):
         """tokens (B,L); positions (3,B,L) M-RoPE ids; segment_ids (B,L); vision_patches
         (B,N,patch_dim), vision_segment_ids (B,N) (one id per image/frame, 0 = padding),
         vision_hw (B,2,N); audio_features (B,C,F,560), audio_lengths (B,C) (0 = no clip).
-        Returns logits (B,L,vocab) (and the final hidden states)."""
+        gen_image (B,S,H,W,3), gen_image_valid (B,S), gen_image_cond (B,L): drawing slots and the
+        tokens that condition them (see the module docstring); with gen_image the flow-matching
+        loss is sown. Returns logits (B,L,vocab) (and the final hidden states)."""
         x = self.embed(tokens, vision_patches, vision_segment_ids, vision_hw, audio_features, audio_lengths)
-        return self.llm(positions=positions, segment_ids=segment_ids, inputs_embeds=x,
-                        decode=decode, return_hidden=return_hidden)
+        if gen_image_cond is not None and self.config.image_head is not None:
+            x = self.add_image_queries(x, gen_image_cond)
+        if gen_image is None:
+            return self.llm(positions=positions, segment_ids=segment_ids, inputs_embeds=x,
+                            decode=decode, return_hidden=return_hidden)
+        logits, hidden = self.llm(positions=positions, segment_ids=segment_ids, inputs_embeds=x,
+                                  decode=decode, return_hidden=True)
+        loss, count = self.image_flow_loss(hidden, gen_image_cond, gen_image, gen_image_valid)
+        self.sow("intermediates", "image_flow_loss", loss)
+        self.sow("intermediates", "image_count", count)
+        return (logits, hidden) if return_hidden else logits
+
+    # ------------------------------------------------------------------ image output
+
+    def add_image_queries(self, x, gen_image_cond):
+        """Query route: + query embedding j at the j-th condition token of each slot."""
+        head = self.config.image_head
+        if head.route != "query":
+            return x
+        rank = condition_ranks(gen_image_cond, head.images_per_row)
+        queries = jnp.take(self.image_queries.astype(x.dtype), jnp.clip(rank, 0, head.num_queries - 1), axis=0)
+        return x + jnp.where(((gen_image_cond > 0) & (rank < head.num_queries))[..., None], queries, 0)
+
+    def image_condition(self, hidden, gen_image_cond):
+        """(B,L,width) hidden states -> condition (B·S, N, cond_width) and mask (B·S, N): slot s
+        of row b at b·S + s, its tokens in order (N = `cond_tokens`; later ones dropped)."""
+        head = self.config.image_head
+        cond, mask = gather_condition(hidden, gen_image_cond, head.images_per_row, head.cond_tokens)
+        batch = hidden.shape[0] * head.images_per_row
+        cond = self.image_projector(cond.reshape(batch, head.cond_tokens, -1))
+        return cond, mask.reshape(batch, head.cond_tokens)
+
+    def image_velocity(self, x_t, t, cond, cond_mask):
+        """dx/dt at (x_t, t): the head's output, or from its clean-image prediction ("data")."""
+        out = self.image_head(x_t, t, cond, cond_mask)
+        if self.config.image_head.prediction == "velocity":
+            return out
+        return (out - x_t) / jnp.maximum(1.0 - t, 1e-3).reshape((-1,) + (1,) * (x_t.ndim - 1))
+
+    def image_flow_loss(self, hidden, gen_image_cond, gen_image, gen_image_valid):
+        """(mean flow-matching loss over the valid slots, their count), both float32: the
+        velocity's squared error, or with prediction "data" the clean image's."""
+        head = self.config.image_head
+        cond, cond_mask = self.image_condition(hidden, gen_image_cond)
+        images = gen_image.reshape((-1,) + gen_image.shape[2:])
+        valid = gen_image_valid.reshape(-1) > 0
+        rng = self.make_rng("image_head") if self.has_rng("image_head") else jax.random.key(0)
+        loss = image_head_lib.flow_matching_loss(
+            lambda _, x_t, t, c, m: self.image_head(x_t, t, c, m), None, images, cond, cond_mask, rng,
+            cond_dropout=head.cond_dropout, time_sampling=head.time_sampling, sample_mask=valid,
+            target=head.prediction)
+        return loss * head.loss_weight, jnp.sum(valid).astype(jnp.float32)
+
+    def draw(self, hidden, gen_image_cond, rng):
+        """Images (B·S, H, W, 3) in [-1, 1] (clipped) for the slots `gen_image_cond` marks in
+        `hidden` (B, L, width), sampled with the config's sampler, steps and guidance scale."""
+        head = self.config.image_head
+        cond, cond_mask = self.image_condition(hidden, gen_image_cond)
+        images = image_head_lib.sample(lambda _, x_t, t, c, m: self.image_velocity(x_t, t, c, m), None, cond, cond_mask,
+                                       rng, image_shape=head.image_shape, num_steps=head.sample_steps,
+                                       method=head.sampler, guidance_scale=head.guidance_scale)
+        return jnp.clip(images, -1.0, 1.0)
+
+
+class ImageProjector(nn.Module):
+    """The LLM's hidden states -> the image head's condition width: Linear–GELU–Linear."""
+    width: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda name, axes: nn.Dense(  # noqa: E731
+            self.width, kernel_init=kernel_init(axes), bias_init=zeros_init(axes[-1:]), name=name,
+            dtype=layers_dtype(self.dtype), param_dtype=layers_dtype(self.param_dtype))
+        return dense("fc2", ("mlp", "embed"))(nn.gelu(dense("fc1", ("embed", "mlp"))(x)))
+
+
+def condition_ranks(gen_image_cond, slots: int):
+    """(B, L) int32: each condition token's index among its slot's tokens (0, 1, ...); junk elsewhere."""
+    one_hot = jax.nn.one_hot(gen_image_cond - 1, slots, dtype=jnp.int32)  # (B, L, S); 0 (no slot): all zero
+    return jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=-1)
+
+
+def gather_condition(hidden, gen_image_cond, slots: int, tokens: int):
+    """hidden (B, L, D), gen_image_cond (B, L) (s + 1 at slot s's tokens) -> (B, S, N, D) slot s's
+    hidden states in token order, zeros past its tokens, and the (B, S, N) mask of real ones.
+    Tokens past N are dropped. Static shapes: a cumsum ranks, a scatter places."""
+    batch, length, width = hidden.shape
+    rank = condition_ranks(gen_image_cond, slots)
+    inside = (gen_image_cond > 0) & (rank < tokens)
+    cell = jnp.where(inside, (gen_image_cond - 1) * tokens + rank, slots * tokens)  # slots·tokens: dropped
+    place = lambda values, c: jnp.zeros((slots * tokens,) + values.shape[1:], values.dtype).at[c].set(  # noqa: E731
+        values, mode="drop")
+    cond = jax.vmap(place)(hidden, cell).reshape(batch, slots, tokens, width)
+    mask = jax.vmap(place)(inside, cell).reshape(batch, slots, tokens)
+    return nn.with_logical_constraint(cond, ("activation_batch", None, "activation_length", "activation_embed")), mask
 
 
 def vision_training_flops_per_pack(config: OmniConfig, pack_size: int,

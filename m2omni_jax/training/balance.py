@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from m2omni_jax.config_fields import ConfigError
 from m2omni_jax.modalities import MODALITIES, NUM_MODALITIES, modality_id
@@ -103,23 +103,21 @@ def save_calibration(path: str, converged_losses: Mapping[str, float],
     for the reader; loading ignores it.
     """
     _validate_calibration(dict(converged_losses), path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)  # epath: a gs:// path too
     data = {"converged_losses": {k: float(v) for k, v in converged_losses.items()}}
     if convergence is not None:
         data["convergence"] = convergence
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+    epath.Path(path).write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def load_calibration(path: str) -> dict[str, float]:
     """{modality: L*} from a calibration file (also the older flat form {modality: L*})."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(
             f"step-balance calibration file {path!r} not found; run the calibration (each "
             f"modality trained alone on a subset) and save its converged losses there")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(epath.Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"calibration file {path!r} is not valid JSON: {e}") from None
     if isinstance(data, dict) and "converged_losses" in data:

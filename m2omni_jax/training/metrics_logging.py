@@ -5,7 +5,8 @@ Every logged step is appended to `<workdir>/metrics.jsonl` as
 precision (Python's shortest round-tripping float repr), so a float32 loss
 read back from the file is bit-identical to the one computed. After a resume
 the file holds repeated steps; `read_metrics` keeps the last record per step.
-Only the main process writes files or prints.
+Only the main process writes files or prints. The workdir may be a URL (gs://bucket/run):
+files go through `etils.epath` (`workdir.py`), TensorBoard's event files too.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+from m2omni_jax import workdir as workdir_lib
 
 
 class MetricLogger:
@@ -42,10 +46,9 @@ class MetricLogger:
         self._pbar = self._writer = self._jsonl = None
         if not self.is_main:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter  # imported lazily: pulls in protobuf
-        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        self._jsonl = workdir_lib.open_for_append(workdir_lib.path(workdir, "metrics.jsonl"))
+        self._writer = summary_writer(os.fspath(workdir_lib.path(workdir, "tensorboard")))
         if sys.stdout.isatty() if use_tqdm is None else use_tqdm:
             from tqdm import tqdm
             self._pbar = tqdm(total=total_steps, initial=start_step, file=sys.stdout, dynamic_ncols=True)
@@ -122,11 +125,30 @@ class MetricLogger:
         self.close()
 
 
+def summary_writer(directory: str):
+    """A tensorboardX `SummaryWriter`; for a URL, its event files go through epath."""
+    from tensorboardX import SummaryWriter, record_writer  # imported lazily: pulls in protobuf
+
+    if workdir_lib.is_url(directory):
+        record_writer.register_writer_factory(directory.split(":")[0], _EpathEventFiles())
+    return SummaryWriter(directory, flush_secs=30)
+
+
+class _EpathEventFiles:
+    """tensorboardX's writer factory for URLs: epath instead of its boto / google-cloud clients."""
+
+    def open(self, path):
+        return workdir_lib.RewrittenFile(path, "w")
+
+    def directory_check(self, path):
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
 def read_metrics(path) -> dict[int, dict[str, Any]]:
-    """Reads a metrics.jsonl into {step: record}: a step's records (training metrics, an
-    evaluation) merged, the last value of each key winning."""
+    """Reads a metrics.jsonl (a local path or URL) into {step: record}: a step's records
+    (training metrics, an evaluation) merged, the last value of each key winning."""
     merged: dict[int, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("r") as f:
         for record in (json.loads(line) for line in f if line.strip()):
             merged.setdefault(record["step"], {}).update(
                 {k: math.nan if v is None else v for k, v in record.items()})

@@ -21,14 +21,15 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m2omni_jax.data.pipeline import BATCH_KEYS  # the text batch's keys, defined where batches are made
-from m2omni_jax.modalities import NUM_MODALITIES
+from m2omni_jax.modalities import MODALITY_ID, NUM_MODALITIES
 from m2omni_jax.models import moe, omni
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import balance_optax
 
 # Extra inputs of the omni model (models/omni.py), passed through when a batch has them.
 MEDIA_KEYS = omni.MEDIA_KEYS
-_BATCH_NDIM = {"positions": 3, "vision_patches": 3, "vision_hw": 3,  # every other key: (B, T)
+IMAGE_OUT = MODALITY_ID["image_out"]  # the image head's flow-matching loss, weighted as a modality
+_BATCH_NDIM = {"positions": 3, "vision_patches": 3, "vision_hw": 3, "gen_image": 5,  # every other key: (B, T)
                "audio_features": 4}
 
 
@@ -77,18 +78,70 @@ def model_inputs(batch) -> dict:
     return inputs
 
 
-def loss_fn(params, batch, loss_weights, *, model: nn.Module, z_loss_weight: float):
-    logits, intermediates = model.apply({"params": params}, **model_inputs(batch), mutable=["intermediates"])
-    ce, log_z = cross_entropy_terms(logits, batch["targets"])
+def chunked_cross_entropy_terms(hidden, targets, head: Callable, chunk: int):
+    """`cross_entropy_terms(head(hidden), targets)` without the whole (B, T, vocab) logits:
+    a scan over `chunk` positions at a time, each chunk's logits rematerialised in the
+    backward pass (T is padded to a multiple of `chunk`; the padding is dropped)."""
+    batch, length, width = hidden.shape
+    pad = -length % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    chunks = (length + pad) // chunk
+    xs = (jnp.moveaxis(hidden.reshape(batch, chunks, chunk, width), 1, 0),
+          jnp.moveaxis(targets.reshape(batch, chunks, chunk), 1, 0))
+    terms = jax.checkpoint(lambda h, t: cross_entropy_terms(head(h), t))
+    _, (ce, log_z) = jax.lax.scan(lambda carry, x: (carry, terms(*x)), None, xs)
+    whole = lambda a: jnp.moveaxis(a, 0, 1).reshape(batch, chunks * chunk)[:, :length]  # noqa: E731
+    return whole(ce), whole(log_z)
+
+
+def _lm_head(module, hidden):
+    """The LM head of an LLM or of an omni model's LLM (a `method` for `model.apply`)."""
+    return getattr(module, "llm", module).head(hidden)
+
+
+def token_losses(params, batch, model: nn.Module, rngs=None):
+    """(per-token cross-entropy, log-partition, intermediates). With the LLM's
+    `lm_head_chunk` > 0 the head runs chunk by chunk: the model's whole logits are then
+    unused, so jit never computes them."""
+    chunk = getattr(model.config, "llm", model.config).lm_head_chunk
+    (logits, hidden), intermediates = model.apply({"params": params}, **model_inputs(batch), return_hidden=True,
+                                                  mutable=["intermediates"], rngs=rngs or {})
+    if not chunk:
+        return (*cross_entropy_terms(logits, batch["targets"]), intermediates)
+    head = lambda h: model.apply({"params": params}, h, method=_lm_head)  # noqa: E731
+    return (*chunked_cross_entropy_terms(hidden, batch["targets"], head, chunk), intermediates)
+
+
+def loss_fn(params, batch, loss_weights, *, model: nn.Module, z_loss_weight: float, rng=None):
+    """rng: the image head's noise and times (a batch with gen_image; None: a fixed key)."""
+    rngs = {"image_head": rng} if rng is not None else {}
+    ce, log_z, intermediates = token_losses(params, batch, model, rngs)
     loss, metrics = weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight)
+    loss, metrics = add_image_loss(loss, metrics, intermediates, loss_weights)
     aux = jnp.asarray(moe.moe_aux_loss(intermediates), jnp.float32)  # 0 for dense models
     return loss + aux, dict(metrics, moe_aux_loss=aux)
+
+
+def add_image_loss(loss, metrics, intermediates, loss_weights):
+    """+ w["image_out"]·(the image head's flow-matching loss), reported as modality "image_out"
+    (its sum over the valid drawings and their count), when the model sowed one."""
+    sown = intermediates.get("intermediates", {})
+    if "image_flow_loss" not in sown:
+        return loss, metrics
+    flow, count = sown["image_flow_loss"][0], sown["image_count"][0]
+    i = IMAGE_OUT
+    metrics = dict(metrics, ce_sum=metrics["ce_sum"].at[i].add(flow * count),
+                   token_count=metrics["token_count"].at[i].add(count))
+    return loss + jnp.asarray(loss_weights, jnp.float32)[i] * flow, metrics
 
 
 def train_step(state: TrainState, batch, loss_weights, *, model, z_loss_weight: float = 0.0, frozen=None):
     """frozen: a tree of bools like the params (optimizers.frozen_mask); frozen leaves get no
     backward pass (their gradient is zero, and grad_norm counts the trainable leaves only)."""
-    loss = functools.partial(loss_fn, model=model, z_loss_weight=z_loss_weight)
+    # The image head's noise: a function of the run's key and the step, so a resumed run draws the same.
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    loss = functools.partial(loss_fn, model=model, z_loss_weight=z_loss_weight, rng=rng)
     if frozen is not None:
         loss = without_gradient_through(frozen, loss)
     loss_weights = loss_weights * balance_optax.loss_weights(state.opt_state)  # the dynamic balance's (or 1)

@@ -210,6 +210,29 @@ def heldout_records(seed: int, num: int) -> list[dict]:
     return [sw.TASK_BUILDERS["gen_image"](checker_rng(seed, _HELDOUT, i)) for i in range(num)]
 
 
+# The checker the held-out metrics read generated images with, per side: trained once on first use.
+CACHED_TRAINING = {32: dict(num_train=16_000, steps=2_500), 64: dict(num_train=8_000, steps=800)}
+DEFAULT_CACHE_DIR = "~/.cache/m2omni_jax/image_checker"
+
+
+def cached_checker(side: int, cache_dir: str = "", log: Callable[[str], None] = lambda _: None) -> ImageChecker:
+    """The checker at `side` (the image head's image_size: 32 or 64) from `cache_dir`
+    (default `DEFAULT_CACHE_DIR`), trained and saved there the first time (about two minutes)."""
+    if side not in CACHED_TRAINING:
+        raise ValueError(f"no checker recipe for side={side}; sides: {sorted(CACHED_TRAINING)}")
+    path = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), f"checker-side{side}-v{sw.DATA_VERSION}.msgpack")
+    if os.path.exists(path):
+        return load_checker(path)
+    checker, figures = train_checker(config=CheckerConfig(side=side), log=log, **CACHED_TRAINING[side])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_checker(checker, tmp)
+    with open(path.replace(".msgpack", ".json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    os.replace(tmp, path)
+    return checker
+
+
 def loss_fn(params, config: CheckerConfig, images, targets):
     """Softmax cross-entropy: colour-or-empty over all cells (occupied and empty cells weighted
     alike, as the empty ones are two thirds), shape and size over the occupied ones; and the

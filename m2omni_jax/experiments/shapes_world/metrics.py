@@ -10,6 +10,9 @@
   spoken_vqa_accuracy          image + spoken question: exact match per question type and overall
   audio_qa_accuracy            spoken question about a described scene, or text question about
                                a spoken caption (no image): exact match per question type and overall
+  gen_image_accuracy           drawings (the predictions are uint8 images) read by the attribute
+                               checker (image_checker.py), per requested object: position, color,
+                               shape, size, object (all four); empty_cells, all_correct per image
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from m2omni_jax import scoring
-from m2omni_jax.experiments.shapes_world import speech, world as sw
+from m2omni_jax.experiments.shapes_world import image_checker, speech, world as sw
 
 KIND = "shapes_world"
 VQA_TASKS = ("vqa_color", "vqa_shape", "vqa_count", "vqa_position", "ocr")
@@ -100,6 +103,13 @@ def score(predictions: Sequence[str], records: Sequence[dict]) -> dict:
     if videos:
         result["video_motion_accuracy"] = sw.video_motion_accuracy([p for p, _ in videos], [r for _, r in videos])
         counts["video_motion"] = len(videos)
+    drawings = by_task.get("gen_image", [])
+    if drawings:
+        side = int(np.shape(drawings[0][0])[0])
+        checker = image_checker.cached_checker(side if side in image_checker.CACHED_TRAINING else 32)
+        result["gen_image_accuracy"] = image_checker.gen_image_accuracy(
+            checker, [r for _, r in drawings], [np.asarray(p) for p, _ in drawings])
+        counts["gen_image"] = len(drawings)
     result["counts"] = counts
     return result
 
@@ -122,6 +132,9 @@ def format_table(result: dict) -> str:
                             ("video_motion_accuracy", "video_motion"), ("asr_wer", "asr")):
         if name in result:
             rows.append((name, f"{result[name]:.3f}", str(counts.get(count_key, ""))))
+    for name, value in result.get("gen_image_accuracy", {}).items():
+        if not name.startswith("num_"):
+            rows.append((f"gen_image_accuracy/{name}", f"{value:.3f}", str(counts.get("gen_image", ""))))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 

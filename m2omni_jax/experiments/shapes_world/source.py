@@ -93,6 +93,21 @@ def task_file(config, cfg, task: str, split: str) -> tuple[str, tuple[str, ...]]
     return writer.split_path(out_dir, split), sw.split_tasks(tasks, split)
 
 
+class WorldDrawing:
+    """A stored gen_image record (request -> `<image>`, the render in `images`) as the omni
+    record's drawing (`records.py`): the assistant writes `<gen_image>caption</gen_image>` and
+    draws the render (`gen_images`). Done on reading, so the stored records, and the tokenizer
+    trained on their chats, stay as they were."""
+
+    def __call__(self, record: dict) -> dict:
+        if records_lib.is_bad(record):
+            return record
+        caption = sw.caption_text(record["attributes"])
+        open_, close = records_lib.GEN_IMAGE_SPAN
+        return {**record, "images": [], "gen_images": list(record["images"]), "answer": caption,
+                "messages": [record["messages"][0], {"role": "assistant", "content": f"{open_}{caption}{close}"}]}
+
+
 class TaskRecords:
     """Opens one task's records of a split: every n-th record of its file (written on first use)."""
 
@@ -102,7 +117,8 @@ class TaskRecords:
     def __call__(self) -> grain.MapDataset:
         path, tasks = task_file(self.config, self.cfg, self.task, self.split)
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path]))
-        return ds[tasks.index(self.task)::len(tasks)].map(sources.SafeDecode(records_lib.decode_record))
+        ds = ds[tasks.index(self.task)::len(tasks)].map(sources.SafeDecode(records_lib.decode_record))
+        return ds.map(WorldDrawing()) if self.task == "gen_image" else ds
 
 
 # ----------------------------------------------------------------------------- sources

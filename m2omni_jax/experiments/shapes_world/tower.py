@@ -45,6 +45,8 @@ The tower is `config.model.vision` (so its parameters fit the omni model's
 `vision/` tree) and the region head is the omni model's "shapes_world_regions"
 connector plug-in (`regions.py`, params `connector_extras/region_head/...`);
 `config.tower_pretrain` (configs/experiments/shapes_world_vqa.py) sets the run.
+`tower_pretrain.optimizer="fixnorm"` trains with FixNorm-AdamW instead of AdamW
+(`tower_optimizer`; compared with TPE-tuned AdamW in benchmarks/fixnorm_vs_tpe.py).
 The checkpoint has the omni layout (`checkpoints/<step>/state` with
 `params/vision/...`), so the next run loads it with `config.init_from` (this
 workdir) and `config.init_from_include = ("^vision/", "^connector_extras/")`.
@@ -344,6 +346,36 @@ class TowerPretrainConfig:
     eval_batches: int = 1  # at the end: the head's shape/colour accuracy on fresh scenes (0: skip)
     log_every: int = 10
     checkpoint_every: int = 500
+    optimizer: str = "adamw"  # "adamw" | "fixnorm" (tower_optimizer: FixNorm-AdamW, no weight decay)
+    fixnorm_tau: float = 10.0  # fixnorm: the heads' classifier norm (the logit scale)
+
+
+OPTIMIZERS = ("adamw", "fixnorm")
+# FixNorm's labels for the tower and its heads. Scale-invariant: the merger's last kernel, the
+# only tower weight a normalisation reads right after: both heads start with a LayerNorm of the
+# merged tokens (the caption head's mean pool before it is linear). Its bias, left free (held
+# at its zero initial norm it could never move), makes it near- rather than exactly invariant,
+# as the omni connector's projection (optimizers.fixnorm_scale_invariant). No other tower
+# weight is: in the pre-norm blocks every kernel writes into the residual stream (with the
+# patch and position embeddings), which each LayerNorm normalises as a whole, and the towers
+# have no QK-norm. Classifier (norm held at fixnorm_tau): each head's output kernel.
+TOWER_SCALE_INVARIANT = (r"^vision/merger/fc2/kernel$",)
+TOWER_CLASSIFIERS = (rf"^{MODULE_NAME}/region_head/classifier/kernel$", r"^head/classifier/kernel$")
+
+
+def tower_optimizer(opt, tc: TowerPretrainConfig):
+    """config.opt for the tower run: AdamW (peak_lr, weight_decay) or FixNorm-AdamW with the
+    TOWER_* labels, τ = fixnorm_tau and no weight decay; no groups, nothing frozen."""
+    if tc.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.tower_pretrain.optimizer={tc.optimizer!r}: use one of {OPTIMIZERS}")
+    if tc.optimizer == "fixnorm" and not tc.fixnorm_tau > 0:
+        raise ValueError(f"config.tower_pretrain.fixnorm_tau={tc.fixnorm_tau!r} must be > 0")
+    fixnorm = {"fixnorm.scale_invariant": TOWER_SCALE_INVARIANT, "fixnorm.classifier": TOWER_CLASSIFIERS,
+               "fixnorm.tau": float(tc.fixnorm_tau), "fixnorm.per_channel": False,
+               "fixnorm.classifier_per_class": False} if tc.optimizer == "fixnorm" else {}
+    return replace(opt, name=tc.optimizer, peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps,
+                   weight_decay=tc.weight_decay if tc.optimizer == "adamw" else 0.0,
+                   param_groups=(), lr_multipliers={}, frozen=(), **fixnorm)
 
 
 def example_shapes(tc: TowerPretrainConfig, vocab_size: int) -> dict:
@@ -377,8 +409,7 @@ def pretrain(config, workdir: str) -> dict:
     vision = dataclass_from_config(VisionConfig, config.model.vision, "model.vision")
     vocab_size = int(config.model.llm.vocab_size)
     model = TowerClassifier(vision, vocab_size, tc.images_per_row, tc.pooling, tc.objective)
-    opt = replace(config.opt, name="adamw", peak_lr=tc.peak_lr, warmup_steps=tc.warmup_steps,
-                  weight_decay=tc.weight_decay, param_groups=(), lr_multipliers={}, frozen=())
+    opt = tower_optimizer(config.opt, tc)
     shapes = example_shapes(tc, vocab_size)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes, model_inputs))
     tx = optimizers.make_optimizer(opt, tc.steps, abstract_params)
