@@ -32,9 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax import cli
 from m2omni_jax.config_fields import dataclass_from_config, replace
@@ -196,25 +194,6 @@ def _opt(config, stage: StageConfig):
                    lr_multipliers={}, frozen=(), decay="cosine")
 
 
-def jit_step(loss, mesh, rules, shardings, batch_ndim: Mapping[str, int]):
-    """loss(params, batch, rng) -> (loss, metrics) as a skip-non-finite, sharded, donated step."""
-    @train_step.skip_nonfinite
-    def step(state, batch):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, rng)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), dict(metrics, loss=value, grad_norm=optax.global_norm(grads))
-    batch_shardings = {k: sharding.batch_sharding(mesh, n) for k, n in batch_ndim.items()}
-    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
-                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
-
-    def run(state, batch):
-        with sharding.activate(mesh, rules):
-            return jitted(state, batch)
-    return run
-
-
 def train_stage(config, workdir: str, stage: StageConfig, model, loss, arrays: Mapping[str, np.ndarray],
                 inputs, data, callbacks=()):
     """Runs one stage through the Loop on `data` (step_batches); -> (state, last metrics)."""
@@ -230,7 +209,7 @@ def train_stage(config, workdir: str, stage: StageConfig, model, loss, arrays: M
     options = loop_lib.LoopOptions(steps=stage.steps, log_every=stage.log_every,
                                    checkpoint_every=stage.checkpoint_every,
                                    max_nonfinite_steps=int(config.train.max_nonfinite_steps))
-    loop = loop_lib.Loop(jit_step(loss, mesh, rules, shardings, {k: v.ndim for k, v in arrays.items()}),
+    loop = loop_lib.Loop(train_step.jit_loss_step(loss, mesh, rules, shardings, {k: v.ndim for k, v in arrays.items()}),
                          data, options, workdir,
                          to_global=lambda local: pipeline.make_global_batch(local, mesh),
                          schedule=optimizers.make_schedule_from_config(opt, stage.steps), callbacks=callbacks)

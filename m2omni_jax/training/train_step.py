@@ -264,6 +264,27 @@ def batch_shardings(mesh: Mesh, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
     return {k: sharding.batch_sharding(mesh, _BATCH_NDIM.get(k, 2)) for k in keys}
 
 
+def jit_loss_step(loss: Callable, mesh, rules, shardings, batch_ndim: dict[str, int]) -> Callable:
+    """A training step for any `loss(params, batch, rng) -> (loss, metrics)` (the tower's, the
+    speech tokenizer's): jitted with explicit shardings, the state donated, non-finite steps
+    skipped; `rng` is the run's key folded with the step, so a resumed run draws the same."""
+    @skip_nonfinite
+    def step(state, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), dict(metrics, loss=value, grad_norm=optax.global_norm(grads))
+    in_batch = {k: sharding.batch_sharding(mesh, n) for k, n in batch_ndim.items()}
+    jitted = jax.jit(step, in_shardings=(shardings, in_batch), out_shardings=(shardings, NamedSharding(mesh, P())),
+                     donate_argnums=(0,))
+
+    def run(state, batch):
+        with sharding.activate(mesh, rules):
+            return jitted(state, batch)
+    return run
+
+
 def jit_train_step(model, mesh, rules, shardings, *, z_loss_weight: float = 0.0,
                    batch_keys=BATCH_KEYS, frozen=None) -> Callable:
     """The train step under jit with explicit in/out shardings; the state is donated."""

@@ -65,7 +65,6 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m2omni_jax import cli
 from m2omni_jax.config_fields import dataclass_from_config, replace
@@ -310,21 +309,8 @@ def region_loss(logits, labels) -> dict:
 
 
 def jit_step(model, mesh, rules, shardings):
-    @train_step.skip_nonfinite
-    def step(state, batch):
-        grads, metrics = jax.grad(functools.partial(loss_fn, model=model), has_aux=True)(state.params, batch)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), metrics
-    batch_shardings = {k: sharding.batch_sharding(mesh, n) for k, n in _BATCH_NDIM.items()}
-    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
-                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
-
-    def run(state, batch):
-        with sharding.activate(mesh, rules):
-            return jitted(state, batch)
-    return run
+    loss = lambda params, batch, rng: loss_fn(params, batch, model=model)  # noqa: E731 (no randomness)
+    return train_step.jit_loss_step(loss, mesh, rules, shardings, _BATCH_NDIM)
 
 
 # ----------------------------------------------------------------------------- loop
