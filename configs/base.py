@@ -77,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="float32", param_dtype="float32",  # compute / parameter dtypes
         remat_policy="none",  # as model.llm.remat_policy
         scan=True,  # nn.scan over the blocks
-        attention_implementation="einsum"))  # as model.llm.attention_implementation
+        attention_implementation="einsum",  # as model.llm.attention_implementation
+        dropout=0.0))  # SAN-M dropout while training (Paraformer's 0.1: the 9B / 72B)
     # The image output head (models/image_head.py: ImageOutputConfig), read when kind="omni" and
     # enabled: a flow-matching DiT conditioned on the LLM's hidden states of a `<gen_image>` span.
     config.model.image_head = ml_collections.ConfigDict(dict(

@@ -10,7 +10,6 @@ chip), 4,096-patch packs: 69.2 of 95.7 GiB per chip, a 28% margin (m2omni-aot;
 benchmarks/results/aot_m2omni_72b_v5p-512.json). Data and tokenizer as in configs/m2omni_9b.py.
 """
 from configs import base, m2omni_9b
-from m2omni_jax.training import optimizers
 
 
 def get_config():
@@ -32,7 +31,8 @@ def get_config():
     config.train.steps = 200_000
     config.train.log_every = 50
     config.opt.update(dict(warmup_steps=2000, decay="cosine", final_fraction=0.1, mu_dtype="bfloat16"))
-    # MM1's law for N = 7.06e10: peak_lr ≈ 1.54e-5, weight_decay = 0.1·peak_lr ("schedule_only").
-    config.opt.update(optimizers.mm1_opt_fields(config.model.llm))
+    # MM1's law, resolved at start from the LLM's size (N = 7.06e10: peak_lr ≈ 1.54e-5),
+    # weight_decay = 0.1·peak_lr in the "schedule_only" convention: run_config.resolve_lr_law.
+    config.opt.peak_lr = "mm1"
     config.checkpoint.update(dict(every=500, keep=3))
     return config

@@ -13,14 +13,13 @@ and point `tokenizer.path` at a SentencePiece model with the special tokens
 (m2omni_jax/data/tokenizer.py); the paper's stages are configs/stages/*.py:9b.
 """
 from configs import base
-from m2omni_jax.training import optimizers
 
 # The paper's towers [paper]: Qwen2-VL's 675M NaViT (models/vision.py: VisionConfig.qwen2vl_675m)
 # and Paraformer-large's SAN-M (models/audio.py: AudioConfig.paraformer, 256 tokens per clip).
 VISION = dict(width=1280, depth=32, num_heads=16, mlp_ratio=4.0, out_width=3584, dtype="bfloat16",
               param_dtype="float32", remat_policy="full", scan=True)
 AUDIO = dict(enabled=True, output_scale=1.0, width=512, depth=50, num_heads=4, mlp_dim=2048,
-             num_audio_tokens=256, dtype="bfloat16", param_dtype="float32", remat_policy="full")
+             num_audio_tokens=256, dtype="bfloat16", param_dtype="float32", remat_policy="full", dropout=0.1)
 # Up to 1,024 tokens per image (Qwen2-VL's range, capped); 4,096-patch packs (one such image,
 # or several smaller, per row): the ViT's attention over a pack is quadratic in its size, and
 # 16,384-patch packs need ~26 GiB per row on a v5p (m2omni-aot: 423 GiB/chip at 16 rows).
@@ -47,7 +46,8 @@ def get_config():
     config.train.steps = 200_000
     config.train.log_every = 50
     config.opt.update(dict(warmup_steps=2000, decay="cosine", final_fraction=0.1, mu_dtype="bfloat16"))
-    # MM1's law for N = 8.03e9: peak_lr ≈ 3.85e-5, weight_decay = 0.1·peak_lr ("schedule_only").
-    config.opt.update(optimizers.mm1_opt_fields(config.model.llm))
+    # MM1's law, resolved at start from the LLM's size (N = 8.03e9: peak_lr ≈ 3.85e-5),
+    # weight_decay = 0.1·peak_lr in the "schedule_only" convention: run_config.resolve_lr_law.
+    config.opt.peak_lr = "mm1"
     config.checkpoint.update(dict(every=1000, keep=3))
     return config

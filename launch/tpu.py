@@ -134,7 +134,17 @@ def command_line(name: str, args, data_dir: str | None) -> str:
     argv += [f"--config={args.config}", f"--workdir={args.workdir}"]
     if data_dir:
         argv.append(f"--config.data.dir={data_dir}")
-    return shlex.join(argv + args.overrides)
+    return shlex.join(argv + dcn_overrides(name, args) + args.overrides)
+
+
+def dcn_overrides(name: str, args) -> list[str]:
+    """Multislice: the slices form the mesh's DCN data axis (`config.mesh.dcn.data`) unless the
+    overrides lay the slices out themselves."""
+    if name != "m2omni-train" or getattr(args, "node_count", 1) <= 1:
+        return []
+    if any(o.startswith("--config.mesh.dcn") for o in args.overrides):
+        return []
+    return [f"--config.mesh.dcn.data={args.node_count}"]
 
 
 def prepare_script(args) -> list[str]:

@@ -144,3 +144,18 @@ def test_config_validation():
     assert set(params["params"]["projector"]) == {"fc1", "fc2"}
     tokens, _ = jax.eval_shape(AudioEncoder(config).apply, params, feats, lengths)
     assert tokens.shape == (1, 4, config.out_width)
+
+
+def test_dropout_only_with_a_dropout_rng_one_mask_per_key(model_and_params, encode):
+    _, params = model_and_params
+    expected, valid = encode(_features(24), LENGTHS)
+    model = AudioEncoder(AudioConfig.tiny(num_audio_tokens=8, out_width=32, dropout=0.3))
+    apply = jax.jit(lambda rngs: model.apply(params, _features(24), LENGTHS, rngs=rngs)[0])
+    np.testing.assert_allclose(apply({}), expected, atol=1e-6)  # evaluation: no RNG, no dropout
+    a, b = np.asarray(apply({"dropout": jax.random.key(1)})), np.asarray(apply({"dropout": jax.random.key(2)}))
+    valid = np.asarray(valid)
+    assert np.abs(a - np.asarray(expected))[valid].max() > 1e-2 and np.abs(a - b)[valid].max() > 1e-2
+    np.testing.assert_array_equal(a, apply({"dropout": jax.random.key(1)}))  # a key is one mask
+    with pytest.raises(ValueError, match=r"model.audio.dropout=1.0"):
+        AudioConfig(dropout=1.0)
+    assert AudioConfig.paraformer().dropout == 0.1  # Paraformer's

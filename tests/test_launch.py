@@ -78,6 +78,15 @@ def test_tpu_multislice_keep_and_prepare():
     assert "--node=0" in prepare
     assert any("m2omni-prepare-data" in c for c in remote_script(prepare))
     assert not any("delete" in line for line in lines)  # --keep
+    train = next(c for line in ssh for c in remote_script(line) if "m2omni-train" in c)
+    assert "--config.mesh.dcn.data=2" in train  # the slices are the DCN data axis
+    out = launch("tpu.py", "train", "--name=ms", "--zone=us-east5-a", "--accelerator-type=v5p-128",
+                 "--node-count=2", "--config=configs/m2omni_9b.py", "--workdir=gs://b/run", "--dry-run",
+                 "--config.mesh.dcn.fsdp=2").stdout
+    ssh = [shlex.split(line) for line in out.splitlines() if " ssh " in line]
+    train = next(c for line in ssh for c in remote_script(line) if "m2omni-train" in c)
+    assert "--config.mesh.dcn.fsdp=2" in train  # the user's layout wins
+    assert not any(a.startswith("--config.mesh.dcn.data") for a in train)
 
 
 def test_tpu_prepare_locally():

@@ -120,11 +120,15 @@ def test_mm1_lr_and_wd_known_sizes():
 def test_large_configs_take_peak_lr_and_weight_decay_from_the_mm1_law(name, num_params, eta):
     import importlib
     from m2omni_jax.models.llm import LLMConfig
+    from m2omni_jax.run_config import RunConfig
     config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.opt.peak_lr == "mm1"  # resolved at entry, not baked into the file
     assert LLMConfig.from_config(config.model.llm).num_params() == num_params  # Llama-3.1-8B / 3.3-70B
-    assert config.opt.peak_lr == opt_lib.mm1_lr_and_wd(num_params)[0] == pytest.approx(eta, rel=1e-4)
-    assert config.opt.weight_decay == pytest.approx(0.1 * config.opt.peak_lr, rel=1e-12)
-    assert config.opt.weight_decay_convention == "schedule_only"  # λ per step, not λ·lr
+    opt = RunConfig.of(config).opt
+    assert opt.lr_law == "mm1"
+    assert opt.peak_lr == opt_lib.mm1_lr_and_wd(num_params)[0] == pytest.approx(eta, rel=1e-4)
+    assert opt.weight_decay == pytest.approx(0.1 * opt.peak_lr, rel=1e-12)
+    assert opt.weight_decay_convention == "schedule_only"  # λ per step, not λ·lr
 
 
 # --------------------------------------------------------------------------- labels / groups

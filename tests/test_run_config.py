@@ -19,7 +19,11 @@ def test_every_config_types_with_its_values(name):
     config = importlib.import_module(name).get_config()
     typed = RunConfig.of(config)
     assert isinstance(typed.model.llm, LLMConfig)
-    assert typed.train.steps == config.train.steps and typed.opt.peak_lr == config.opt.peak_lr
+    assert typed.train.steps == config.train.steps
+    if config.opt.peak_lr == "mm1":  # the 9B / 72B: MM1's law, resolved from the LLM's size at entry
+        assert typed.opt.lr_law == "mm1" and 0 < typed.opt.peak_lr < 1e-4
+    else:
+        assert typed.opt.peak_lr == config.opt.peak_lr and typed.opt.lr_law == ""
     assert typed.model.llm.mrope_sections == tuple(config.model.llm.mrope_sections)
     assert list(typed.data.sources) == list(config.data.sources.keys())
     assert RunConfig.of(typed) is typed  # typing is done once

@@ -86,6 +86,25 @@ def test_chat_template_mask(tok):
     assert not any(mask)
 
 
+def test_chat_template_names_a_bad_role_and_a_late_system_turn(tok):
+    with pytest.raises(ValueError, match=r"messages\[1\]\.role='bot' must be one of"):
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}])
+    with pytest.raises(ValueError, match=r"messages\[1\]\.role='system': a system turn may only come first"):
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}])
+
+
+def test_eval_prompt_keeps_a_records_system_turn(tok):
+    from m2omni_jax.data import chat, media
+    record = {"messages": [{"role": "system", "content": "Answer briefly."},
+                           {"role": "user", "content": "What color is the star?"},
+                           {"role": "assistant", "content": "Red."}]}
+    prompt = chat.eval_prompt(record, tok, media.VisionOptions())
+    assert tok.decode(prompt["ids"]) == (
+        "<|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat color is the star?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
 def test_pickle(tok):
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode("a blue star <audio>") == tok.encode("a blue star <audio>")

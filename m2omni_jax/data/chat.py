@@ -252,8 +252,10 @@ def assemble_record(tokenizer, record: dict, opts: media_lib.VisionOptions,
 
 
 def eval_prompt(record: dict, tokenizer, opts: media_lib.VisionOptions, audio_opts: media_lib.AudioOptions | None = None) -> dict:
-    """The first user turn of a record, ready for generation (assistant header open)."""
-    messages = record["messages"][:1]
+    """A record's turns up to its first user turn (a system turn kept), ready for generation
+    (assistant header open)."""
+    roles = [m["role"] for m in record["messages"]]
+    messages = record["messages"][:roles.index("user") + 1 if "user" in roles else 1]
     return assemble_chat(tokenizer, messages, media_lib.record_media(record, opts, messages, audio_opts),
                          add_generation_prompt=True)
 

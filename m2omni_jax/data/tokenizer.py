@@ -104,6 +104,7 @@ class Tokenizer:
         `<bos><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>...`, ending
         with an open assistant header when `add_generation_prompt`.
         """
+        check_roles(messages)
         ids, mask = [self.bos_id], [0]
         eot = self._special["<|eot_id|>"]
         for m in messages:
@@ -122,6 +123,19 @@ class Tokenizer:
     def _header(self, role: str) -> list[int]:
         return ([self._special["<|start_header_id|>"]] + self.encode(role)
                 + [self._special["<|end_header_id|>"]] + self.encode("\n\n"))
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_roles(messages: Sequence[dict]) -> None:
+    """Roles the template knows, a system turn only first (Llama-3's template, as the paper's)."""
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role={role!r} must be one of {CHAT_ROLES}")
+        if role == "system" and i:
+            raise ValueError(f"messages[{i}].role='system': a system turn may only come first")
 
 
 training_text = records_lib.training_text  # a record as tokenizer-training text

@@ -53,9 +53,16 @@ class AudioConfig:
     remat_policy: str = "none"
     scan: bool = True
     attention_implementation: str = layers.DEFAULT_ATTENTION  # see layers.ATTENTION_IMPLEMENTATIONS
+    # Paraformer's SAN-M dropout (0.1 there): on the positional input, the FSMN memory, the
+    # feed-forward's hidden units and each block's residual branches; active only in training
+    # (when the apply has a "dropout" RNG). Not on the attention probabilities [ours: our
+    # attention kernels take no dropout].
+    dropout: float = 0.0
 
     def __post_init__(self):
         layers.check_attention_implementation(self.attention_implementation, "model.audio.attention_implementation")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.audio.dropout={self.dropout} must be in [0, 1)")
         if self.width % self.num_heads:
             raise ValueError(f"audio width {self.width} must be a multiple of num_heads {self.num_heads}")
         if self.depth < 1:
@@ -82,7 +89,7 @@ class AudioConfig:
     def paraformer(cls, **overrides) -> "AudioConfig":
         """M2-omni's encoder: Paraformer-large SAN-M, 256 tokens into a 4096-wide LLM."""
         defaults = dict(width=512, depth=50, num_heads=4, mlp_dim=2048, out_width=4096,
-                        num_audio_tokens=256, remat_policy="full")
+                        num_audio_tokens=256, remat_policy="full", dropout=0.1)
         return cls(**{**defaults, **overrides})
 
     @classmethod
@@ -127,6 +134,11 @@ class FSMNMemory(nn.Module):
         return (memory + values) * mask
 
 
+def dropout(module: nn.Module, rate: float, x):
+    """Dropout at `rate` while training: when the apply has a "dropout" RNG (the train step's)."""
+    return nn.Dropout(rate, deterministic=not module.has_rng("dropout"))(x)
+
+
 def masked_attention(q, k, v, frame_mask, implementation: str = layers.DEFAULT_ATTENTION):
     """Softmax attention in fp32 over the valid keys; q, k, v (B, T, heads, head_dim)."""
     return layers.dot_product_attention(q, k, v, frame_mask[:, None, None, :], implementation=implementation)
@@ -147,6 +159,7 @@ class SANMAttention(nn.Module):
         attended = nn.with_logical_constraint(attended, ACTIVATION_HEADS)
         memory = FSMNMemory(cfg.fsmn_kernel, cfg.fsmn_shift, name="fsmn", dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype)(v, frame_mask)
+        memory = dropout(self, cfg.dropout, memory)  # FunASR's forward_fsmn
         # Both constraints matter: without them XLA's SPMD partitioner (jax 0.10.2,
         # CPU) mixes up batch shards when adding the heads-merged memory.
         out = nn.with_logical_constraint(MergeHeads(cfg.width, use_bias=True, name="out", **dtypes)(attended),
@@ -164,7 +177,7 @@ class FeedForward(nn.Module):
         dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
         h = nn.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), name="fc1", **dtypes)(x)
-        h = nn.relu(nn.with_logical_constraint(h, ACTIVATION_MLP))
+        h = dropout(self, cfg.dropout, nn.relu(nn.with_logical_constraint(h, ACTIVATION_MLP)))
         return nn.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")),
                         bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(h)
 
@@ -182,10 +195,10 @@ class SANMBlock(nn.Module):
         cfg = self.config
         norm = dict(epsilon=cfg.layer_norm_epsilon, dtype=to_dtype(cfg.dtype),
                     param_dtype=to_dtype(cfg.param_dtype))
-        attended = SANMAttention(cfg, name="attention")(
-            LayerNorm(**norm, name="attention_norm")(x), frame_mask)
+        attended = dropout(self, cfg.dropout, SANMAttention(cfg, name="attention")(
+            LayerNorm(**norm, name="attention_norm")(x), frame_mask))
         x = x + attended if x.shape[-1] == cfg.width else attended
-        x = x + FeedForward(cfg, name="mlp")(LayerNorm(**norm, name="mlp_norm")(x))
+        x = x + dropout(self, cfg.dropout, FeedForward(cfg, name="mlp")(LayerNorm(**norm, name="mlp_norm")(x)))
         return nn.with_logical_constraint(x, ACTIVATION), None
 
 
@@ -197,7 +210,7 @@ def sanm_blocks(cfg: AudioConfig, x, frame_mask):
     if cfg.depth == 1:
         return x
     if cfg.scan:
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,), length=cfg.depth - 1,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = stack(cfg, name="blocks")(x, frame_mask)
@@ -226,7 +239,7 @@ class AudioEncoder(nn.Module):
 
         x = features.astype(jnp.float32) * cfg.width ** 0.5
         x = (x + sinusoidal_positions(features.shape[1], cfg.input_dim)).astype(dtype)
-        x = nn.with_logical_constraint(x, ACTIVATION)
+        x = nn.with_logical_constraint(dropout(self, cfg.dropout, x), ACTIVATION)
         x = sanm_blocks(cfg, x, frame_mask)
         x = LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, param_dtype=to_dtype(cfg.param_dtype),
                       name="final_norm")(x)

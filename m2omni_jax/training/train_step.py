@@ -114,8 +114,9 @@ def token_losses(params, batch, model: nn.Module, rngs=None):
 
 
 def loss_fn(params, batch, loss_weights, *, model: nn.Module, z_loss_weight: float, rng=None):
-    """rng: the image head's noise and times (a batch with gen_image; None: a fixed key)."""
-    rngs = {"image_head": rng} if rng is not None else {}
+    """rng: the image head's noise and times (a batch with gen_image; None: a fixed key) and
+    the dropout masks (None: no dropout, as in evaluation)."""
+    rngs = {} if rng is None else {"image_head": rng, "dropout": jax.random.fold_in(rng, 1)}
     ce, log_z, intermediates = token_losses(params, batch, model, rngs)
     loss, metrics = weighted_loss(ce, log_z, batch, loss_weights, z_loss_weight)
     loss, metrics = add_image_loss(loss, metrics, intermediates, loss_weights)
