@@ -130,6 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
         # How a sample's trained tokens weigh in the loss: "token" | "square" | "sample"
         # (data/pipeline.py LOSS_AVERAGING; "square": InternVL 2.5).
         loss_averaging="token",
+        pack_pairs=(),  # modalities whose consecutive samples join into one sequence (PT1: ("image",))
     ))
     # Where records come from (data/sources/): name -> {kind, ...its fields}. Kinds: "tfds",
     # "jsonl", "array_record" (data/sources/*.py) and the built-in "text_corpus" / "shapes_world"

@@ -106,6 +106,7 @@ class DataConfig:
     read_threads: int
     shards: int
     loss_averaging: str
+    pack_pairs: tuple  # modality names: their consecutive samples join into one sequence
     sources: Mapping[str, Section]  # name -> {kind, ...}: each source kind checks its own fields
     vision: VisionDataConfig
     audio: AudioDataConfig

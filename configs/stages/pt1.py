@@ -13,5 +13,7 @@ def get_config(size="tiny"):
     common.mixture(config, image=0.7, audio=0.3)  # image–text, OCR, audio–text (ASR)
     config.data.sources.shapes_world.tasks = ("caption", "ocr")
     config.data.sources.shapes_world.speech.tasks = ("asr",)
+    # [paper] several image–text pairs in one sequence, attending to each other (benchmarks/pair_packing.py).
+    config.data.pack_pairs = ("image",)
     config.opt.frozen = common.FREEZE_LLM
     return config

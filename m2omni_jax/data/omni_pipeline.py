@@ -7,6 +7,8 @@
     → grain FirstFitPackIterDataset(tokens: seq_len, patches: patches_per_row
                                      [, vision segments: model.connector.max_segments_per_row]
                                      [, clips: data.audio.clips_per_row])
+    [→ pair packing (`data.pack_pairs`): a row's samples of those modalities joined into one
+       sequence, attending to each other (`pipeline.JoinRowPairs`)]
     → per-row finalise → batch → [mp_prefetch] → running stats (`pipeline.StatsIterator`)
 
 The mixture: `config.data.mixture` names a preset of modality weights (MIXTURE_PRESETS)
@@ -243,6 +245,9 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct=lengths, num_packing_bins=int(data.packing_bins) or max(16, batch_size),
         seed=seed, shuffle_bins=True, meta_features=pipeline.COUNT_KEYS)
+    pack_pairs = pipeline.pack_pair_modalities(data)
+    if pack_pairs:  # after first-fit packing: rows as full as with separate segments
+        it = it.map(pipeline.JoinRowPairs(pack_pairs))
     it = it.map(finalize_row).batch(batch_size, drop_remainder=True)
     num_workers = int(data.num_workers)
     if num_workers > 0:

@@ -12,7 +12,8 @@ Batch (numpy, per-process local batch B, length T = seq_len):
   targets     int32 (B,T)    token after tokens[t] in the same sample (0 at a sample's last token)
   loss_mask   float32 (B,T)  > 0 where targets[t] is trained: 1, or n^-p with
                              `data.loss_averaging` (a sample of n trained tokens)
-  segment_ids int32 (B,T)    1,2,3… per packed sample in the row, 0 = padding
+  segment_ids int32 (B,T)    1,2,3… per packed sample in the row, 0 = padding (omni rows with
+                             `data.pack_pairs`: per sequence of joined samples, `JoinRowPairs`)
   positions   int32 (B,3,T)  M-RoPE (t,h,w) ids; for text all rows = position within the sample
   modality    int32 (B,T)    `modalities.modality_id` of each token (padding: 0, loss_mask 0)
 
@@ -154,6 +155,73 @@ class SkipBadDataset(grain.IterDataset):
 
     def __iter__(self):
         return _SkipBadIterator(self._parent.__iter__())
+
+
+def pack_pair_modalities(data_cfg) -> frozenset[int]:
+    """The modality ids of `data.pack_pairs`: a row's samples of one of them become one sequence."""
+    names = tuple(data_cfg.pack_pairs)
+    unknown = [n for n in names if n not in records_lib.RECORD_MODALITIES]
+    if unknown:
+        raise ValueError(f"config.data.pack_pairs={names!r} names unknown modalities {unknown}; "
+                         f"known: {records_lib.RECORD_MODALITIES}")
+    return frozenset(modality_id(n) for n in names)
+
+
+class JoinRowPairs:
+    """Pair packing on a first-fit packed row (grain's `k`, `k_segment_ids`, `k_positions` per
+    packed key): the row's samples of each of `modalities` (ids) become one sequence, one
+    segment, so they attend to each other. The joined samples move next to each other, in their
+    order, to where the first of them was (every packed key alike: the patches, clips and
+    drawings follow their tokens); each sample's `positions` continue from the max before it
+    + 1; a joined sample's last target becomes the next one's first token (its loss mask stays
+    0: every sample's trained tokens and weights are as they were). `tokens_segment_ids` then
+    numbers the sequences; the other keys' segment ids keep numbering the samples. A row with
+    nothing to join is returned as it is."""
+
+    def __init__(self, modalities: frozenset[int]):
+        self.modalities = frozenset(modalities)
+
+    def __call__(self, row: dict) -> dict:
+        samples = row["tokens_segment_ids"]
+        groups = self._groups(samples, row["modality"])
+        if all(len(group) == 1 for group in groups):
+            return row
+        order = [s for group in groups for s in group]
+        out = dict(row)
+        for key in [k for k in row if f"{k}_segment_ids" in row]:
+            ids = row[f"{key}_segment_ids"]
+            index = np.concatenate([np.flatnonzero(ids == s) for s in order] + [np.flatnonzero(ids == 0)])
+            for name in (key, f"{key}_segment_ids", f"{key}_positions"):
+                out[name] = row[name][index]
+        samples = out["tokens_segment_ids"]
+        sequences = np.zeros_like(samples)
+        positions, targets = out["positions"].copy(), out["targets"].copy()
+        for number, group in enumerate(groups, 1):
+            offset = 0
+            for j, s in enumerate(group):
+                idx = np.flatnonzero(samples == s)
+                sequences[idx] = number
+                positions[idx] += offset
+                offset = int(positions[idx].max()) + 1
+                if j + 1 < len(group):
+                    targets[idx[-1]] = out["tokens"][idx[-1] + 1]
+        out.update(tokens_segment_ids=sequences, positions=positions, targets=targets)
+        return out
+
+    def _groups(self, samples: np.ndarray, modality: np.ndarray) -> list[list[int]]:
+        """The row's sequences in order of their first sample: the samples of a joined modality
+        together, every other sample alone."""
+        groups, joined = [], {}
+        for s in np.unique(samples[samples > 0]):
+            m = int(modality[np.argmax(samples == s)])
+            if m not in self.modalities:
+                groups.append([int(s)])
+            elif m in joined:
+                joined[m].append(int(s))
+            else:
+                joined[m] = [int(s)]
+                groups.append(joined[m])
+        return groups
 
 
 class StatsIterator(grain.DatasetIterator):
