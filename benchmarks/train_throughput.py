@@ -26,6 +26,7 @@ config_flags.DEFINE_config_file("config", "configs/bench_32m.py", "Config file."
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_string("json", "", "Write the results here as JSON (default: print only).")
 FLAGS = flags.FLAGS
+SCHEDULE_STEPS = 1000  # the LR schedule's length (warm-up from lr 0 is config.opt.warmup_steps)
 
 
 def synthetic_batch(batch_size, seq_len, vocab, seed=0):
@@ -38,19 +39,24 @@ def synthetic_batch(batch_size, seq_len, vocab, seed=0):
             "positions": positions.copy(), "modality": np.zeros((batch_size, seq_len), np.int32)}
 
 
-def benchmark(config, steps: int) -> dict:
+def build(config):
+    """(LLMConfig, batch shape, train state, jitted step, device batch, loss weights) of
+    `config`'s LLM, built as `m2omni-train` builds them (seed 0)."""
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     llm_config = LLMConfig.from_config(config.model.llm)
     model = LLM(llm_config)
     shape = (config.train.batch_size, config.data.seq_len)
     params = nn.unbox(train_step.abstract_boxed_params(model, {"tokens": shape}))
-    tx = optimizers.make_optimizer(config.opt, 1000, params)
+    tx = optimizers.make_optimizer(config.opt, SCHEDULE_STEPS, params)
     state, _, shardings = train_step.create_train_state(model, tx, mesh, rules, {"tokens": shape}, 0)
     step = train_step.jit_train_step(model, mesh, rules, shardings)
     batch = jax.device_put(synthetic_batch(*shape, llm_config.vocab_size), train_step.batch_shardings(mesh))
-    weights = jnp.ones(NUM_MODALITIES)
+    return llm_config, shape, state, step, batch, jnp.ones(NUM_MODALITIES)
 
+
+def benchmark(config, steps: int) -> dict:
+    llm_config, shape, state, step, batch, weights = build(config)
     compile_start = time.perf_counter()
     for _ in range(2):
         state, metrics = step(state, batch, weights)

@@ -149,3 +149,17 @@ def test_the_configured_implementation_reaches_the_vit_and_the_attention_pool():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="model.vision.attention_implementation='flash'"):
         VisionConfig(attention_implementation="flash")
+
+
+def test_causal_query_blocks_change_nothing():
+    """causal_blocks > 1 skips the keys after each query block: same outputs and gradients."""
+    segments = packed([[5, 7, 4], [9, 3], [16]])  # 19 positions: 20 after one more padding
+    segments = jnp.pad(segments, ((0, 0), (0, 1)))
+    positions = jnp.broadcast_to(jnp.arange(segments.shape[1]), segments.shape)
+    q, k, v, cotangent = qkv(*segments.shape, heads=6, kv_heads=2, head_dim=16, seed=5)
+    mask = attention_mask(segments, segments, positions, positions)
+    whole = value_and_grads(lambda q, k, v: layers.dot_product_attention(q, k, v, mask), q, k, v, cotangent)
+    blocked = value_and_grads(lambda q, k, v: layers.dot_product_attention(q, k, v, mask, causal_blocks=4),
+                              q, k, v, cotangent)
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,9 @@ from m2omni_jax.config_fields import dataclass_from_config
 from m2omni_jax.models import layers, moe, rope
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+# Training/prefill attention is causal: queries go in this many blocks, each skipping the keys
+# after it (layers.dot_product_attention, "einsum"): 5/8 of the L×L logits are computed.
+CAUSAL_QUERY_BLOCKS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +159,8 @@ class Attention(nn.Module):
             mask = attention_mask(segment_ids, k_segments, q_index, k_index)
         else:
             mask = attention_mask(segment_ids, segment_ids, positions, positions)
-        out = layers.dot_product_attention(q, k, v, mask, implementation=cfg.attention_implementation)
+        out = layers.dot_product_attention(q, k, v, mask, implementation=cfg.attention_implementation,
+                                           causal_blocks=1 if self.decode else CAUSAL_QUERY_BLOCKS)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         return layers.MergeHeads(cfg.width, name="out", **_dtypes(cfg))(out)
 
@@ -193,7 +197,7 @@ class SwiGLU(nn.Module):
             feats, use_bias=False, name=name, **_dtypes(cfg), kernel_init=layers.kernel_init(axes))
         gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x)
         up = dense("up", cfg.mlp_dim, ("embed", "mlp"))(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up,
+        hidden = nn.with_logical_constraint(layers.swiglu(gate, up),
                                             ("activation_batch", "activation_length", "activation_mlp"))
         return dense("down", cfg.width, ("mlp", "embed"))(hidden)
 
