@@ -94,8 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
         position_embedding="sincos",  # "sincos" | "learned"
         cond_dropout=0.1,  # rows trained unconditionally (classifier-free guidance)
         time_sampling="uniform",  # "uniform" | "logit_normal"
+        time_mean=0.0, time_std=1.0,  # logit-normal: sigmoid(N(time_mean, time_std²))
+        data_shift=0.0, data_scale=1.0,  # the head models (image − data_shift) / data_scale
         sample_steps=20, sampler="euler", guidance_scale=1.0,  # sampling: steps, "euler" | "heun", CFG scale
-        prediction="velocity",  # the DiT's output: "velocity" x1 − x0 | "data": the clean image
+        prediction="velocity",  # the DiT's output: "velocity" x1 − x0 | "data": the clean image | "preconditioned"
         dtype="float32", param_dtype="float32", remat_policy="none", scan=True,
         attention_implementation="einsum"))
 
@@ -114,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
         path="",  # a SentencePiece .model of your own; empty: trained once on the sources' text
         vocab_size=1024,  # requested pieces (the model's embedding is model.llm.vocab_size)
         cache_dir="",  # empty: ~/.cache/m2omni_jax/tokenizer
+        audio_codes=0,  # > 0: that many <audio_k> speech-code tokens after the text ids (data/audio_tokens.py)
     ))
 
     # Data (data/): sources -> records -> media + chat -> mixture -> packed rows.
@@ -219,6 +222,8 @@ def get_config() -> ml_collections.ConfigDict:
         prompt_len=0,  # left-padded prompt length; 0: the longest held-out prompt (one compile)
         every=0,  # > 0: m2omni-train also evaluates every this many steps (and at the end), as eval/*
         periodic_num_samples=0,  # held-out records of those evaluations; 0: num_samples
+        num_tts_samples=50,  # held-out TTS sentences (parts of modality "speech_gen") spoken and scored
+        tts_wavs=4,  # of them written to <workdir>/tts_wavs
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(

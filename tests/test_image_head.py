@@ -135,6 +135,41 @@ def test_loss_is_zero_for_the_exact_velocity_and_known_for_zero(time_sampling):
     assert abs(zero - (float(jnp.mean(images ** 2)) + 1)) < 0.03
 
 
+def test_preconditioning_hand_worked_and_least_squares():
+    c_skip, c_out = ih.preconditioning(jnp.array([0.0, 0.5, 1.0]), 1)
+    np.testing.assert_allclose(c_skip, [-1.0, 0.0, 1.0], atol=1e-6)  # t = 0: v = −x0 + x1 = −x_t + x1
+    np.testing.assert_allclose(c_out, [1.0, np.sqrt(2.0), 1.0], rtol=1e-6)
+    # Unit-variance data: c_skip·x_t is the least-squares fit of v from x_t, c_out² the residual.
+    rng = np.random.default_rng(0)
+    data, noise, t = rng.choice([-1.0, 1.0], 200_000), rng.normal(size=200_000), 0.3
+    x_t, v = (1 - t) * noise + t * data, data - noise
+    fit = np.dot(x_t, v) / np.dot(x_t, x_t)
+    (c_skip,), (c_out,) = (np.asarray(c) for c in ih.preconditioning(jnp.array([t]), 1))
+    assert abs(fit - c_skip) < 0.01 and abs(np.var(v - fit * x_t) - c_out ** 2) < 0.02
+
+
+def test_preconditioned_target_and_velocity_invert_each_other():
+    images, _, cond, cond_mask = inputs(64)
+    residual = lambda p, x, t, c, m: (oracle(images)(p, x, t, c, m)  # noqa: E731
+                                      - ih.preconditioning(t, 4)[0] * x) / ih.preconditioning(t, 4)[1]
+    loss = ih.flow_matching_loss(residual, None, images, cond, cond_mask, jax.random.key(3), target="preconditioned")
+    assert float(loss) < 1e-8
+    x, t = jnp.asarray(images), jnp.linspace(0.1, 0.9, 64)
+    np.testing.assert_allclose(ih.output_velocity(residual(None, x, t, None, None), x, t, "preconditioned"),
+                               oracle(images)(None, x, t, None, None), rtol=1e-4, atol=1e-4)
+    # data prediction: the clean image itself gives the exact velocity.
+    np.testing.assert_allclose(ih.output_velocity(jnp.asarray(images), x, t, "data"),
+                               oracle(images)(None, x, t, None, None), rtol=1e-4, atol=1e-4)
+
+
+def test_data_normalization_round_trip():
+    cfg = ih.ImageHeadConfig.tiny(data_shift=0.9, data_scale=0.3)
+    np.testing.assert_allclose(cfg.normalize(np.array([1.2, 0.9])), [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(cfg.denormalize(cfg.normalize(np.array([-1.0, 0.5]))), [-1.0, 0.5], atol=1e-6)
+    with pytest.raises(ValueError, match="data_scale=0"):
+        ih.ImageHeadConfig.tiny(data_scale=0.0)
+
+
 def test_sample_mask_averages_over_chosen_rows():
     images, _, cond, cond_mask = inputs(4)
     wrong_row_1 = lambda p, x, t, c, m: oracle(images)(p, x, t, c, m).at[1].add(1.0)  # noqa: E731
@@ -148,6 +183,9 @@ def test_time_sampling_distributions():
     logit_normal = ih.sample_time(jax.random.key(0), 20000, "logit_normal")
     assert abs(float(uniform.mean()) - 0.5) < 0.01 and abs(float(uniform.var()) - 1 / 12) < 0.005
     np.testing.assert_allclose(np.std(np.log(logit_normal / (1 - logit_normal))), 1.0, atol=0.02)
+    shifted = ih.sample_time(jax.random.key(0), 20000, "logit_normal", mean=-0.5, std=0.5)
+    logits = np.log(shifted / (1 - shifted))
+    np.testing.assert_allclose([logits.mean(), logits.std()], [-0.5, 0.5], atol=0.02)
     middle = lambda t: float(jnp.mean((t > 0.1) & (t < 0.9)))  # noqa: E731
     assert middle(logit_normal) > middle(uniform)
 

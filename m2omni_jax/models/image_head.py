@@ -55,7 +55,14 @@ class ImageHeadConfig:
     cond_width: int = 64  # the condition vectors' width: the LLM's width when it conditions
     position_embedding: str = "sincos"  # or "learned"
     cond_dropout: float = 0.1  # probability of training a row unconditionally (for CFG)
-    time_sampling: str = "uniform"  # training t ~ U(0, 1), or "logit_normal": sigmoid(N(0, 1)) (SD3)
+    time_sampling: str = "uniform"  # training t ~ U(0, 1), or "logit_normal": sigmoid(N(time_mean, time_std²)) (SD3)
+    time_mean: float = 0.0  # logit-normal location: < 0 trains noisier times (where the layout is decided)
+    time_std: float = 1.0  # logit-normal scale
+    # The head models (x − data_shift) / data_scale of images x in [-1, 1] (as latent models are
+    # scaled to unit variance): a mostly flat image has little variance, so against N(0, I) noise
+    # its content only shows late in the path; scaled up, it is decided earlier.
+    data_shift: float = 0.0
+    data_scale: float = 1.0
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -74,6 +81,8 @@ class ImageHeadConfig:
                              f"use one of {POSITION_EMBEDDINGS}")
         if self.time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"{field}.time_sampling={self.time_sampling!r}; use one of {TIME_SAMPLINGS}")
+        if self.data_scale <= 0 or self.time_std <= 0:
+            raise ValueError(f"{field}.data_scale={self.data_scale} and time_std={self.time_std} must be positive")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"{field}.cond_dropout={self.cond_dropout} is not a probability")
         layers.remat_policy(self.remat_policy)
@@ -91,6 +100,14 @@ class ImageHeadConfig:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, self.channels)
+
+    def normalize(self, images):
+        """Images in [-1, 1] -> what the head models (its data space)."""
+        return (images - self.data_shift) / self.data_scale
+
+    def denormalize(self, x):
+        """The head's data space -> images (in [-1, 1] when well drawn)."""
+        return x * self.data_scale + self.data_shift
 
     @property
     def grid(self) -> int:
@@ -114,7 +131,7 @@ class ImageHeadConfig:
 
 
 ROUTES = ("query", "caption")
-PREDICTIONS = ("velocity", "data")
+PREDICTIONS = ("velocity", "data", "preconditioned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +152,9 @@ class ImageOutputConfig(ImageHeadConfig):
     # What the DiT outputs: the velocity x1 − x0 (rectified flow), or "data": the clean image x1,
     # trained by its squared error, the velocity (x1 − x_t)/(1 − t) when sampling. Data
     # prediction need not reproduce the noise pixel by pixel: an under-trained velocity model
-    # leaves speckles of it in its samples.
+    # leaves speckles of it in its samples. "preconditioned" (EDM's, for rectified flow): the
+    # velocity is c_skip(t)·x_t + c_out(t)·output, the linear part (the noise's copy) analytic and
+    # the output a unit-variance residual, for data of unit variance (data_shift / data_scale).
     prediction: str = "velocity"
 
     def __post_init__(self):
@@ -310,12 +329,12 @@ class ImageHead(nn.Module):
 
 # --------------------------------------------------------------------------- training
 
-def sample_time(rng, batch: int, method: str = "uniform"):
-    """(batch,) training times: U(0, 1), or "logit_normal": sigmoid(N(0, 1)), denser mid-way (SD3)."""
+def sample_time(rng, batch: int, method: str = "uniform", mean: float = 0.0, std: float = 1.0):
+    """(batch,) training times: U(0, 1), or "logit_normal": sigmoid(N(mean, std²)), denser mid-way (SD3)."""
     if method == "uniform":
         return jax.random.uniform(rng, (batch,))
     if method == "logit_normal":
-        return jax.nn.sigmoid(jax.random.normal(rng, (batch,)))
+        return jax.nn.sigmoid(mean + std * jax.random.normal(rng, (batch,)))
     raise ValueError(f"time sampling {method!r}; use one of {TIME_SAMPLINGS}")
 
 
@@ -331,23 +350,53 @@ def interpolate(noise, data, t):
     return (1 - t) * noise + t * data
 
 
+def preconditioning(t, x_ndim: int):
+    """(c_skip, c_out) at times t (B,), shaped to broadcast over (B, ...) of x_ndim dims.
+
+    For x1 of zero mean and unit variance and x0 ~ N(0, I): the linear least-squares estimate of
+    the velocity v = x1 − x0 from x_t is c_skip·x_t with c_skip = (2t − 1) / ((1 − t)² + t²), and
+    what it leaves has standard deviation c_out = 1 / √((1 − t)² + t²) (Karras et al. 2022, §5,
+    on this path)."""
+    t = t.astype(jnp.float32).reshape((-1,) + (1,) * (x_ndim - 1))
+    norm = jnp.square(1 - t) + jnp.square(t)
+    return (2 * t - 1) / norm, jax.lax.rsqrt(norm)
+
+
+def output_velocity(out, x_t, t, prediction: str = "velocity"):
+    """dx/dt at (x_t, t) (t (B,)) from the head's output under `prediction` (PREDICTIONS)."""
+    if prediction == "velocity":
+        return out
+    if prediction == "preconditioned":
+        c_skip, c_out = preconditioning(t, x_t.ndim)
+        return c_skip * x_t + c_out * out
+    if prediction == "data":
+        return (out - x_t) / jnp.maximum(1.0 - t, 1e-3).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    raise ValueError(f"prediction {prediction!r}; use one of {PREDICTIONS}")
+
+
 def flow_matching_loss(apply_fn, params, images, cond, cond_mask, rng, *, cond_dropout: float = 0.0,
-                       time_sampling: str = "uniform", sample_mask=None, target: str = "velocity"):
+                       time_sampling: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
+                       sample_mask=None, target: str = "velocity"):
     """Mean squared error of the predicted velocity against x1 − x0 (rectified flow).
 
     apply_fn(params, x_t, t, cond, cond_mask) -> velocity, e.g. `ImageHead(cfg).apply` with
     params = {"params": ...}. images (B, H, W, C) in [-1, 1] are x1; x0 ~ N(0, I) and t are drawn
     from `rng`; each row's condition is dropped with probability `cond_dropout`.
     `sample_mask` (B,): average over these rows only (rows of a batch without an image target).
-    `target="data"`: apply_fn predicts the clean image x1, scored against it.
+    `target="data"`: apply_fn predicts the clean image x1, scored against it;
+    "preconditioned": the residual (v − c_skip·x_t) / c_out (see `preconditioning`).
     """
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
     data = images.astype(jnp.float32)
     noise = jax.random.normal(noise_rng, data.shape, jnp.float32)
-    t = sample_time(t_rng, data.shape[0], time_sampling)
+    t = sample_time(t_rng, data.shape[0], time_sampling, time_mean, time_std)
     cond_mask = drop_condition(drop_rng, cond_mask, cond_dropout)
-    velocity = apply_fn(params, interpolate(noise, data, t), t, cond, cond_mask)
+    x_t = interpolate(noise, data, t)
+    velocity = apply_fn(params, x_t, t, cond, cond_mask)
     wanted = data if target == "data" else data - noise
+    if target == "preconditioned":
+        c_skip, c_out = preconditioning(t, data.ndim)
+        wanted = (wanted - c_skip * x_t) / c_out
     per_row = jnp.mean(jnp.square(velocity.astype(jnp.float32) - wanted), axis=tuple(range(1, data.ndim)))
     if sample_mask is None:
         return jnp.mean(per_row)

@@ -544,24 +544,22 @@ class OmniModel(nn.Module):
         return cond, mask.reshape(batch, head.cond_tokens)
 
     def image_velocity(self, x_t, t, cond, cond_mask):
-        """dx/dt at (x_t, t): the head's output, or from its clean-image prediction ("data")."""
+        """dx/dt at (x_t, t) from the head's output (its `prediction`)."""
         out = self.image_head(x_t, t, cond, cond_mask)
-        if self.config.image_head.prediction == "velocity":
-            return out
-        return (out - x_t) / jnp.maximum(1.0 - t, 1e-3).reshape((-1,) + (1,) * (x_t.ndim - 1))
+        return image_head_lib.output_velocity(out, x_t, t, self.config.image_head.prediction)
 
     def image_flow_loss(self, hidden, gen_image_cond, gen_image, gen_image_valid):
         """(mean flow-matching loss over the valid slots, their count), both float32: the
         velocity's squared error, or with prediction "data" the clean image's."""
         head = self.config.image_head
         cond, cond_mask = self.image_condition(hidden, gen_image_cond)
-        images = gen_image.reshape((-1,) + gen_image.shape[2:])
+        images = head.normalize(gen_image.reshape((-1,) + gen_image.shape[2:]))
         valid = gen_image_valid.reshape(-1) > 0
         rng = self.make_rng("image_head") if self.has_rng("image_head") else jax.random.key(0)
         loss = image_head_lib.flow_matching_loss(
             lambda _, x_t, t, c, m: self.image_head(x_t, t, c, m), None, images, cond, cond_mask, rng,
-            cond_dropout=head.cond_dropout, time_sampling=head.time_sampling, sample_mask=valid,
-            target=head.prediction)
+            cond_dropout=head.cond_dropout, time_sampling=head.time_sampling, time_mean=head.time_mean,
+            time_std=head.time_std, sample_mask=valid, target=head.prediction)
         return loss * head.loss_weight, jnp.sum(valid).astype(jnp.float32)
 
     def draw(self, hidden, gen_image_cond, rng):
@@ -572,7 +570,7 @@ class OmniModel(nn.Module):
         images = image_head_lib.sample(lambda _, x_t, t, c, m: self.image_velocity(x_t, t, c, m), None, cond, cond_mask,
                                        rng, image_shape=head.image_shape, num_steps=head.sample_steps,
                                        method=head.sampler, guidance_scale=head.guidance_scale)
-        return jnp.clip(images, -1.0, 1.0)
+        return jnp.clip(head.denormalize(images), -1.0, 1.0)
 
 
 class ImageProjector(nn.Module):

@@ -24,23 +24,28 @@ from m2omni_jax.parallel import sharding
 from m2omni_jax.training.balance_optax import clip_weighted_sum, step_balance_state  # noqa: F401 (re-exported)
 from m2omni_jax.training.train_step import TrainState, skip_nonfinite
 
-LossFn = Callable  # (params, batch, loss_weights) -> (loss, metrics)
+LossFn = Callable  # (params, batch, loss_weights, *, rng) -> (loss, metrics)
 
 
 def balanced_train_step(state: TrainState, micro_batches, *, loss_fn: LossFn):
     """One cycle over M single-modality micro-batches: `state.tx` is a step_balance
     transformation with M weights; its updates are zero until the last micro-batch."""
     unit_weights = jnp.ones(NUM_MODALITIES, jnp.float32)
-    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b, unit_weights), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, unit_weights, rng=r), has_aux=True)
+    # The image head's noise and times, as train_step's: a function of the run's key, the step
+    # and the micro-batch, so a resumed run draws the same.
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def micro_step(carry, batch):
+    def micro_step(carry, xs):
         params, opt_state = carry
-        (loss, metrics), grads = grad_fn(params, batch)
+        batch, index = xs
+        (loss, metrics), grads = grad_fn(params, batch, jax.random.fold_in(rng, index))
         updates, opt_state = state.tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), (loss, metrics)
 
+    num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
     (params, opt_state), (losses, metrics) = jax.lax.scan(micro_step, (state.params, state.opt_state),
-                                                          micro_batches)
+                                                          (micro_batches, jnp.arange(num_micro)))
     balance = step_balance_state(opt_state)
     summed = jax.tree.map(lambda x: x.sum(0), {k: metrics[k] for k in ("ce_sum", "token_count")})
     # grad_norm: the weighted average's, before clipping (what opt.grad_clip compares with).

@@ -178,9 +178,9 @@ def all_finite(tree) -> jax.Array:
 def without_gradient_through(frozen, loss):
     """`loss` with frozen leaves behind stop_gradient, so XLA drops their backward pass
     (a frozen vision tower's, for one)."""
-    def wrapped(params, *args):
+    def wrapped(params, *args, **kwargs):
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-        return loss(params, *args)
+        return loss(params, *args, **kwargs)
     return wrapped
 
 
