@@ -2,14 +2,21 @@
 # The held-out VQA run (configs/experiments/shapes_world_vqa.py) on a CPU: tower pre-training, then the
 # omni model from that tower, then held-out evaluation; prints each part's wall time.
 #
-#   bash launch/tiny_vqa.sh /tmp/m2omni_vqa [extra --config.* overrides for every part]
+#   bash launch/tiny_vqa.sh /tmp/m2omni_vqa [--config=CONFIG.py] [extra --config.* overrides for every part]
 #
+# --config (default configs/experiments/shapes_world_vqa.py) runs another VQA config, e.g.
+# configs/experiments/shapes_world_vqa_paper.py (the paper's architecture).
 # The data sets of the config (and overrides) are written first (once; not part of the timed run).
 set -euo pipefail
-root=${1:?usage: $0 ROOT [--config.x=... ...]}
+root=${1:?usage: $0 ROOT [--config=CONFIG.py] [--config.x=... ...]}
 shift
-mkdir -p "$root"
 config=configs/experiments/shapes_world_vqa.py
+if [[ "${1:-}" == --config=* ]]; then
+  config=${1#--config=}
+  shift
+fi
+mkdir -p "$root"
+echo "config: $config"
 seconds() { date +%s; }
 echo "=== data (written once, cached) ==="
 m2omni-prepare-data --config="$config" --workdir="$root/main" "$@"
