@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "jiwer",  # ASR word error rate
     "librosa",  # Griffin-Lim phase recovery of the default vocoder (models/vocoder.py)
     "tokenizers",  # a Hugging Face checkpoint's tokenizer.json (interop/hf_tokenizer.py)
+    "matplotlib",  # the PNG loss / balance-weight plots m2omni-train writes (training/metrics_logging.py)
     "threadpoolctl",  # one BLAS thread for the input pipeline's numpy work (data/pipeline.py)
     "importlib_resources",  # tfds 4.9.x imports it when preparing a builder (tensorflow/datasets#11212)
 ]
@@ -62,6 +63,7 @@ setuptools.setup(
         "m2omni-import=m2omni_jax.import_hf:run",
         "m2omni-pretrain-tower=m2omni_jax.experiments.shapes_world.tower:run",
         "m2omni-train-speech-tokenizer=m2omni_jax.train_speech_tokenizer:run",
+        "m2omni-train-vocoder=m2omni_jax.train_vocoder:run",
         "m2omni-aot=m2omni_jax.aot:run",
     ]},
 )

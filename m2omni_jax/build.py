@@ -4,15 +4,14 @@ the data iterator, restoring parameters.
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
 
+from m2omni_jax import workdir as workdir_lib
 from m2omni_jax.config_fields import ConfigError, replace
-from m2omni_jax.data import chat, media, omni_pipeline, pipeline
+from m2omni_jax.data import audio_tokens, chat, media, omni_pipeline, pipeline
 from m2omni_jax.modalities import modality_id
 from m2omni_jax.models import omni as omni_lib
 from m2omni_jax.models.llm import LLM, LLMConfig, training_flops_per_token
@@ -72,9 +71,11 @@ def _check_model_and_data(config, num_devices: int, process_count: int) -> None:
         raise ValueError(f"config.train.batch_size={batch} must divide evenly among {process_count} processes")
     for name in config.train.loss_weights:
         modality_id(name)  # raises naming the unknown modality
-    if config.tokenizer.vocab_size > config.model.llm.vocab_size:
-        raise ValueError(f"config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds "
-                         f"config.model.llm.vocab_size={config.model.llm.vocab_size}")
+    if config.tokenizer.vocab_size + config.tokenizer.audio_codes > config.model.llm.vocab_size:
+        needed = f"config.tokenizer.vocab_size={config.tokenizer.vocab_size}"
+        if config.tokenizer.audio_codes:
+            needed += f" + config.tokenizer.audio_codes={config.tokenizer.audio_codes}"
+        raise ValueError(f"{needed} exceeds config.model.llm.vocab_size={config.model.llm.vocab_size}")
     LLMConfig.from_config(config.model.llm)
     if is_omni(config):
         OmniConfig.from_config(config.model, placeholder_ids=())
@@ -83,6 +84,10 @@ def _check_model_and_data(config, num_devices: int, process_count: int) -> None:
         omni_pipeline.modality_weights(config.data)
         omni_pipeline.check_audio_mixture(config)
         omni_pipeline.check_drawing_mixture(config)
+        speech = omni_pipeline.modality_weights(config.data).get(audio_tokens.TTS_MODALITY, 0.0)
+        if speech > 0 and not config.tokenizer.audio_codes:
+            raise ValueError(f"the data mixture gives modality {audio_tokens.TTS_MODALITY!r} weight {speech}, but "
+                             "config.tokenizer.audio_codes=0: the LLM has no <audio_k> tokens to speak with")
 
 
 def build_model(config, tokenizer) -> nn.Module:
@@ -160,10 +165,13 @@ def single_modality_config(config: RunConfig, modality: str, *, split: str = "tr
 
 def init_from_previous_stage(config, workdir, state, abstract_state, state_shardings):
     """This run's fresh state with the parameters of config.init_from's latest checkpoint."""
-    path = config.init_from if os.path.isabs(config.init_from) else os.path.join(workdir, config.init_from)
+    path = workdir_lib.resolve(config.init_from, workdir)  # relative: to this workdir; a gs:// URL as is
     abstract = abstract_state_with(abstract_state, state_shardings).params
-    loaded, missing = checkpointing.load_params(os.path.normpath(path), abstract,
+    loaded, missing = checkpointing.load_params(path, abstract,
                                                 include=tuple(config.init_from_include))
+    # A checkpoint from before the <audio_k> tokens: its embedding / LM head grown, old rows kept.
+    loaded, missing = audio_tokens.grow_vocab_on_load(path, abstract, loaded, missing,
+                                                      include=tuple(config.init_from_include))
     if missing:
         logging.warning("init_from %s: %d tensors not in the checkpoint keep their fresh init (%s...)",
                         path, len(missing), missing[:3])

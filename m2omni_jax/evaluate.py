@@ -21,6 +21,11 @@ the N `<gen_imagePatch>` queries; the span's hidden states condition the image h
 `score(images, records)`: the shapes world's is `gen_image_accuracy`, colour / shape /
 position / size per requested object, read by its attribute checker); `m2omni-eval` writes
 `workdir/gen_image_grid.png` (each drawing beside the reference).
+
+With `<audio_k>` tokens (`tokenizer.audio_codes`) and held-out TTS records (modality
+"speech_gen"), the first `eval.num_tts_samples` sentences are spoken (`make_speaker`) and
+scored (`score_speech`): WER of the speech tokenizer's own ASR on the generated speech, MCD
+against the reference recording; eval.json's "tts", `eval.tts_wavs` pairs in `workdir/tts_wavs/`.
 """
 from __future__ import annotations
 
@@ -34,10 +39,11 @@ import numpy as np
 from PIL import Image
 
 from m2omni_jax import build, cli, scoring, workdir as workdir_lib
-from m2omni_jax.data import chat, media, records as records_lib, tokenizer as tokenizer_lib
+from m2omni_jax.data import audio_tokens, chat, media, records as records_lib, tokenizer as tokenizer_lib
 from m2omni_jax.data import sources as data_sources
 from m2omni_jax.data import omni_pipeline
-from m2omni_jax.inference import decoding, generator
+from m2omni_jax.inference import decoding, generator, speech_output
+from m2omni_jax.models import vocoder
 from m2omni_jax.models.omni import audio_enabled, image_output_enabled
 from m2omni_jax.parallel import sharding
 from m2omni_jax.training import checkpointing, train_step
@@ -124,7 +130,7 @@ def heldout_records(config) -> list[HeldOut]:
         spoken = by_modality.get("audio", []) if audio_enabled(config) else []
         for names, num, shown in ((visual, config.eval.num_samples, NUM_EXAMPLES_SAVED),
                                   (spoken, config.eval.num_speech_samples, NUM_SPEECH_EXAMPLES_SAVED)):
-            if names:
+            if names and int(num) > 0:
                 records = data_sources.eval_records(config, int(num), names=names)
                 out.append(HeldOut(source.cfg.kind, records, shown))
     return out
@@ -179,6 +185,65 @@ def _through(ids: Sequence[int], token: int) -> int:
     """The length of `ids` up to and including the first `token` (all of them without one)."""
     ids = list(ids)
     return ids.index(token) + 1 if token in ids else len(ids)
+
+
+def tts_records(config, tokenizer) -> list[dict]:
+    """The first `eval.num_tts_samples` held-out TTS records (parts of modality "speech_gen"),
+    round-robin over those parts; none without `<audio_k>` tokens."""
+    if getattr(tokenizer, "audio", None) is None or int(config.eval.num_tts_samples) <= 0:
+        return []
+    parts = [p for p in omni_pipeline.split_parts(config, "eval").values() if p.modality == audio_tokens.TTS_MODALITY]
+    good = (r for r in data_sources.round_robin([p.records() for p in parts]) if not records_lib.is_bad(r))
+    return list(itertools.islice(good, int(config.eval.num_tts_samples)))
+
+
+def make_speaker(config, model, tokenizer, records: Sequence[dict], mesh, rules):
+    """speak(params) -> (replies, waveforms): each TTS prompt answered greedily up to its
+    `</gen_audio>` (at most `eval.max_new_tokens`), its `<audio_k>` codes spoken by the run's
+    speech decoder and Griffin-Lim (`speech_output.SpeechOutputHead`, one shot: the streamed
+    chunks join to the same within its tolerance)."""
+    close, eot = tokenizer.special_id(audio_tokens.GEN_AUDIO_SPAN[1]), tokenizer.special_id("<|eot_id|>")
+    prompts = [dict(r, messages=r["messages"][:1]) for r in records]
+    answer = make_answerer(config, model, tokenizer, prompts, mesh, rules, stop_ids=(close, eot), keep_ids=True)
+    head = speech_output.load_speech_head(config, tokenizer.audio, max_tokens=int(config.eval.max_new_tokens))
+
+    def speak(params):
+        replies = [decoding.cut_at_stop(ids, (close, eot, tokenizer.eos_id)) for ids in answer(params)]
+        return [tokenizer.decode(ids) for ids in replies], [head(ids) for ids in replies]
+    return speak
+
+
+def score_speech(config, records: Sequence[dict], replies: Sequence[str], waves) -> dict:
+    """TTS intelligibility and fidelity: the speech tokenizer's own ASR (its CTC head) on the
+    generated speech, word / character error rates against the text asked for; mel-cepstral
+    distortion against each record's reference recording (`reference_audio`: eSpeak's, for the
+    built-in speech) over the replies that hold speech."""
+    import jiwer
+
+    from m2omni_jax.models.speech_tokenizer import normalize_text
+
+    run = config.section("speech_tokenizer")
+    asr = audio_tokens.SpeechCodes.of_run(run["workdir"], run["tokenizer"]["model"])
+    normalize = lambda text: normalize_text(text, asr.model.config.alphabet)  # noqa: E731
+    texts, heard = [normalize(r["answer"]) for r in records], [normalize(h) for h in asr.transcribe(waves)]
+    references = [records_lib.decode_pcm16(r["reference_audio"]) for r in records]
+    spoken = [i for i, w in enumerate(waves) if len(w) > vocoder.MEL.n_fft]
+    mcd = [vocoder.mel_cepstral_distortion(references[i], waves[i]) for i in spoken]
+    return {"wer": float(jiwer.wer(texts, heard)), "cer": float(jiwer.cer(texts, heard)),
+            "mcd_db": float(np.mean(mcd)) if mcd else float("nan"), "spoken_fraction": len(spoken) / max(len(waves), 1),
+            "reference_wer": float(jiwer.wer(texts, [normalize(h) for h in asr.transcribe(references)])),
+            "num_sentences": len(records),
+            "examples": [{"text": t, "heard": h, "codes": len(r.split("<audio_")) - 1}
+                         for t, h, r in list(zip(texts, heard, replies))[:NUM_EXAMPLES_SAVED]]}
+
+
+def write_speech(workdir: str, records: Sequence[dict], waves, count: int) -> None:
+    """`workdir/tts_wavs/NN_generated.wav` and `NN_reference.wav` for the first `count` sentences."""
+    folder = os.fspath(workdir_lib.path(workdir, "tts_wavs"))
+    for i, (record, wave) in enumerate(list(zip(records, waves))[:count]):
+        vocoder.write_wav(os.path.join(folder, f"{i:02d}_generated.wav"), wave)
+        vocoder.write_wav(os.path.join(folder, f"{i:02d}_reference.wav"),
+                          records_lib.decode_pcm16(record["reference_audio"]))
 
 
 def score_drawings(sources: Sequence[HeldOut], images) -> dict:
@@ -325,10 +390,19 @@ def evaluate(config, workdir: str) -> dict:
         write_drawings(workdir, drawings, model.config.image_head.image_size)
         result["examples"] += [{"id": r.get("id"), "task": r.get("task"), "question": r["messages"][0]["content"],
                                 "reply": reply} for r, reply in list(zip(drawings["records"], drawings["replies"]))[:8]]
+    spoken = tts_records(config, tokenizer)
+    if spoken:
+        replies, waves = make_speaker(config, model, tokenizer, spoken, mesh, rules)(params)
+        result["tts"] = score_speech(config, spoken, replies, waves)
+        write_speech(workdir, spoken, waves, int(config.eval.tts_wavs))
     answers = "".join(json.dumps(line) + "\n" for line in result.pop("answers"))
     workdir_lib.path(workdir, "eval_answers.jsonl").write_text(answers)  # epath: a gs:// workdir too
     workdir_lib.path(workdir, "eval.json").write_text(json.dumps(result, indent=1))
     print(f"eval at step {step} ({workdir_lib.path(workdir, 'eval.json')}):\n{format_table(result, evaluate_fn.kinds)}")
+    if spoken:
+        tts = result["tts"]
+        print(f"TTS ({tts['num_sentences']} held-out sentences): own-ASR WER {tts['wer']:.1%} (eSpeak reference "
+              f"{tts['reference_wer']:.1%}), MCD {tts['mcd_db']:.2f} dB; WAVs in {workdir_lib.path(workdir, 'tts_wavs')}")
     return result
 
 

@@ -10,12 +10,14 @@ audio tower, the run's `workdir/cmvn.json`). Each --image / --audio file fills o
 `<image>` / `<audio>` placeholder of the prompt, in order; a prompt without placeholders
 gets them in front. Sampling defaults are the paper's (temperature 0.7, top-k 100, top-p 0.8,
 repetition penalty 1.05); --greedy takes the argmax. Images and speech the model's output
-heads make are written to --out_dir (PNG / WAV; default `workdir/outputs`), their paths printed. A missing or unreadable file, an
+heads make are written to --out_dir (PNG / WAV; default `workdir/outputs`), their paths printed;
+speech streamed in chunks (a `<gen_audio>` span, `inference/speech_output.py`) is one WAV per span. A missing or unreadable file, an
 unsupported format or a prompt longer than the model's context (config.data.seq_len) is a
 one-line error (exit 2).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import sys
@@ -126,16 +128,25 @@ def generate_reply(generator: Generator, record: dict, sampling: SamplingParams,
     makes is saved under `out_dir` (when given) and its path written in the text's place."""
     try:
         if not max_new_tokens:  # as many as fit, up to the default
-            room = generator.max_len - len(generator.prompt(record)["ids"]) + 1
-            max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+            length = len(generator.prompt(record)["ids"])
+            if length > generator.max_len:
+                raise ValueError(f"the prompt is {length} tokens (chat template and media placeholders included), "
+                                 f"more than the model's context, config.data.seq_len={generator.max_len}: shorten it")
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, generator.max_len - length + 1)
         stream = generator.generate_stream(record, sampling, max_new_tokens=max_new_tokens, seed=seed)
     except (ValueError, OSError) as e:
         raise faults.ConfigError(str(e)) from e
     out = out or sys.stdout
-    text = []
+    text, pieces = [], []  # pieces: a streaming head's outputs of the span still open
     for segment in stream:
         piece = segment.text
+        if isinstance(segment, HeadSegment) and not segment.final:
+            pieces.append(segment.output)
+            continue
         if isinstance(segment, HeadSegment):
+            if pieces:  # a streamed utterance: one WAV of its chunks joined
+                segment = dataclasses.replace(segment, output=np.concatenate(pieces + [segment.output]))
+                pieces = []
             saved = save_head_output(segment, out_dir) if out_dir else type(segment.output).__name__
             piece = f"\n[{segment.kind}: {saved}]\n"
         text.append(piece)

@@ -71,6 +71,11 @@ class TokenizerConfig:
     path: str
     vocab_size: int
     cache_dir: str
+    audio_codes: int = 0  # <audio_k> tokens appended to the text vocabulary
+
+    def __post_init__(self):
+        if not isinstance(self.audio_codes, int) or self.audio_codes < 0:
+            raise ValueError(f"config.tokenizer.audio_codes={self.audio_codes!r} must be an integer >= 0")
 
 
 @frozen
@@ -168,6 +173,8 @@ class EvalConfig:
     prompt_len: int
     every: int
     periodic_num_samples: int
+    num_tts_samples: int = 50  # held-out TTS sentences (modality "speech_gen") spoken and scored
+    tts_wavs: int = 4  # of them written to <workdir>/tts_wavs
 
 
 @frozen

@@ -34,5 +34,6 @@ def get_config():
                        chunk_tokens=8, lookahead_tokens=3)),
         # CFG 2 (the decoder drops its condition 20% of the time in training): own-ASR WER on 30 held-out
         # clips 39% vs 58% with CFG off, after 1,500 decoder steps; 25 Euler steps gained nothing.
-        eval_wavs=4, euler_steps=10, guidance_scale=2.0, griffin_lim_iters=32))
+        eval_wavs=4, euler_steps=10, guidance_scale=2.0, griffin_lim_iters=32,
+        vocoder="griffin_lim", vocoder_workdir=""))  # or "hifigan" and an m2omni-train-vocoder workdir
     return config

@@ -19,7 +19,7 @@ A record is a dict:
                span of its turns, in order (the paper's format: the description is what the LLM
                writes on the caption route; the query route puts N `<gen_imagePatch>` in its place)
   modality     "text" | "image" | "video" | "interleaved" | "audio" | "image_gen" (drawing
-               requests): the modality tag of the sample's tokens (losses per modality, the
+               requests) | "speech_gen" (spoken answers, data/audio_tokens.py): the modality tag of the sample's tokens (losses per modality, the
                mixture's modality weights)
   task, id, answer, attributes, ...  optional metadata, passed through untouched (held-out
                scoring reads them; training does not)
@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 BAD_RECORD = "bad_record"  # key of the marker a failed record becomes
-RECORD_MODALITIES = ("text", "image", "video", "interleaved", "audio", "image_gen")
+RECORD_MODALITIES = ("text", "image", "video", "interleaved", "audio", "image_gen", "speech_gen")
 GEN_IMAGE_SPAN = ("<gen_image>", "</gen_image>")  # an assistant's drawing: description between
 DEFAULT_SAMPLE_RATE = 16_000
 _PNG_COMPRESS_LEVEL = 6

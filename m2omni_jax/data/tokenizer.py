@@ -231,6 +231,7 @@ def get_tokenizer(config) -> Tokenizer:
     The built-in model is trained on the texts the configured sources give
     (`sources.tokenizer_texts`: e.g. a corpus's first documents and a data set's chats,
     in config order) into `config.tokenizer.cache_dir`, under a name that hashes them.
+    With `config.tokenizer.audio_codes` > 0 either is wrapped with that many `<audio_k>` tokens.
     """
     tok_cfg = getattr(config, "tokenizer", None)
     path = _get(tok_cfg, "path", "")
@@ -238,7 +239,7 @@ def get_tokenizer(config) -> Tokenizer:
         path = os.path.expanduser(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"config.tokenizer.path = {path!r} does not exist")
-        return read_tokenizer(path)
+        return with_audio_codes(read_tokenizer(path), tok_cfg)
     vocab_size = int(_get(tok_cfg, "vocab_size", DEFAULT_VOCAB_SIZE))
     key, texts = sources.tokenizer_texts(config)
     cache_dir = os.path.expanduser(_get(tok_cfg, "cache_dir", "") or DEFAULT_CACHE_DIR)
@@ -246,4 +247,14 @@ def get_tokenizer(config) -> Tokenizer:
     prefix = os.path.join(cache_dir, f"bpe{vocab_size}-{digest}")
     if not os.path.exists(prefix + ".model"):
         train_tokenizer(texts, prefix, vocab_size)
-    return Tokenizer(prefix + ".model")
+    return with_audio_codes(Tokenizer(prefix + ".model"), tok_cfg)
+
+
+def with_audio_codes(tokenizer, tok_cfg):
+    """`tokenizer` wrapped with `tokenizer.audio_codes` `<audio_k>` tokens (`AudioTokenizer`) when > 0."""
+    num_codes = int(_get(tok_cfg, "audio_codes", 0))
+    if num_codes <= 0:
+        return tokenizer
+    from m2omni_jax.data.audio_tokens import AudioTokenizer  # jax-free users of this module skip its imports
+
+    return AudioTokenizer(tokenizer, num_codes)

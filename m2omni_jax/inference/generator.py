@@ -20,6 +20,12 @@ span is drawn by the model itself (`ImageOutputHead`): the prompt, the reply so 
 span go through the model once more (`ImageDrawer`), the hidden states over the span condition
 the flow-matching head, and the `HeadSegment`'s output is a uint8 (H, W, 3) image. On the
 query route the span holds the `<gen_imagePatch>` queries the model was trained to write.
+
+With `<audio_k>` tokens (`config.tokenizer.audio_codes`) and a trained speech decoder
+(`config.speech_tokenizer.workdir`), a `<gen_audio>` span is spoken as it is written
+(`speech_output.SpeechOutputHead`): audio `HeadSegment`s (`final=False`) arrive while the LLM
+is still generating, the last (`final=True`) at `</gen_audio>`; their waveforms joined are the
+utterance (16 kHz).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2omni_jax.data import chat, media
-from m2omni_jax.inference import decoding, sampling as sampling_lib
+from m2omni_jax.inference import decoding, sampling as sampling_lib, speech_output
 from m2omni_jax.inference.sampling import SamplingParams
 from m2omni_jax.inference.streaming import OutputHead, Segment, SegmentStream, TextSegment, registered_output_heads
 from m2omni_jax.models import omni
@@ -79,6 +85,8 @@ class Generator:
         self.heads = registered_output_heads() if heads is None else dict(heads)
         if heads is None and omni.image_output_enabled(config):
             self.heads["image"] = ImageOutputHead(self)
+        if heads is None and "audio" not in self.heads and speech_output.configured(config, tokenizer):
+            self.heads["audio"] = speech_output.load_speech_head(config, tokenizer.audio, max_tokens=self.max_len)
         self._decoders = {}  # greedy? -> decoding.make_decoder's steps
 
     def generate(self, conversations: Sequence[dict | str], sampling: SamplingParams = SamplingParams(), *,

@@ -8,7 +8,10 @@ codes inside `<gen_audio>` into a waveform. A span with no head flows on as text
 included, so a text-only model's stream is only text. A head with `takes_context = True`
 (the omni model's own image head, `generator.ImageOutputHead`: it conditions on the LLM's
 hidden states over the span) is also given `context`: the row's prompt ids and every token
-before the span.
+before the span. A streaming head (one with `open()`, e.g. `speech_output.SpeechOutputHead`)
+gets the span's tokens one by one through the session `open()` returns (`push(id)` -> outputs,
+`close()` -> the last outputs): each output is a `HeadSegment` with `final=False` as it comes,
+the close's last one `final=True` (a span cut short by the token budget is closed at `finish`).
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ class HeadSegment:
     """What an output head made of one `<gen_{kind}>` span."""
     kind: str  # "image" | "audio"
     output: Any  # the head's result: an image array, a waveform, ...
-    token_ids: tuple[int, ...]  # the span's tokens between its markers
+    token_ids: tuple[int, ...]  # the span's tokens between its markers (a streamed piece: those since the last)
     text: str  # those tokens as text (the caption of an image span)
+    final: bool = True  # False: a piece of a span still open (a streaming head's); its pieces joined are the output
 
 
 Segment = TextSegment | HeadSegment
@@ -65,6 +69,8 @@ class SegmentStream:
         self._text_ids: list[int] = []  # the text run since the last span
         self._shown = ""  # what of its text was streamed
         self._span: tuple[str, list[int]] | None = None  # an open span: its kind and tokens
+        self._session = None  # a streaming head's open span
+        self._unsent: list[int] = []  # the open streaming span's tokens not in a segment yet
 
     def push(self, token_id: int) -> list[Segment]:
         """The segments that `token_id` completes (often none, or one piece of text)."""
@@ -74,7 +80,9 @@ class SegmentStream:
             kind, ids = self._span
             if token_id != self._closes[kind]:
                 ids.append(token_id)
-                return []
+                return self._stream_piece(kind, token_id)
+            if self._session is not None:
+                return self._close_session(kind)
             self._span = None
             text = self._tokenizer.decode(ids)
             head = self._heads[kind]
@@ -85,19 +93,44 @@ class SegmentStream:
             return [HeadSegment(kind, output, tuple(ids), text)]
         if token_id in self._opens:
             segments = self._flush()
-            self._span = (self._opens[token_id], [])
+            kind = self._opens[token_id]
+            self._span = (kind, [])
+            opener = getattr(self._heads[kind], "open", None)
+            self._session = opener() if opener is not None else None
             return segments
         self._text_ids.append(token_id)
         return self._new_text(final=False)
 
     def finish(self) -> list[Segment]:
-        """The text still held back; an unclosed span flows on as text."""
+        """The text still held back; an unclosed span flows on as text (a streaming head's is
+        closed instead: what it made of the tokens so far)."""
+        if self._session is not None:
+            return self._close_session(self._span[0])
         if self._span is not None:
             kind, ids = self._span
             self._span = None
             self._text_ids = [self._tokenizer.special_id(f"<gen_{kind}>")] + ids
             self._shown = ""
         return self._flush()
+
+    def _stream_piece(self, kind: str, token_id: int) -> list[Segment]:
+        if self._session is None:
+            return []
+        self._unsent.append(token_id)
+        return self._pieces(kind, self._session.push(token_id), final=False)
+
+    def _close_session(self, kind: str) -> list[Segment]:
+        outputs, self._session, self._span = self._session.close(), None, None
+        return self._pieces(kind, outputs, final=True)
+
+    def _pieces(self, kind: str, outputs, final: bool) -> list[Segment]:
+        """Each output a segment holding the tokens since the last (the first one gets them)."""
+        segments = []
+        for i, output in enumerate(outputs):
+            ids, self._unsent = tuple(self._unsent), []
+            last = final and i == len(outputs) - 1
+            segments.append(HeadSegment(kind, output, ids, self._tokenizer.decode(ids) if ids else "", last))
+        return segments
 
     def _flush(self) -> list[Segment]:
         segments = self._new_text(final=True)

@@ -12,6 +12,11 @@ inverted with `context_frames` frames of the previous mel before it, and the las
 `fade_samples` of every chunk are held back and cross-faded (raised cosine) with the next
 chunk's version of them, so chunk edges (where Griffin–Lim lacks context and each chunk's
 phase is its own) are overlap-added rather than cut.
+
+Selection (`select`): a config section's `vocoder` is "griffin_lim" (the default, no training)
+or "hifigan", the neural vocoder of `models/hifigan.py` trained by m2omni-train-vocoder,
+loaded from `vocoder_workdir`. Either one is `__call__(log_mel) -> waveform` ((frames-1)·hop
+samples) and `stream()` -> an object with `push(log_mel)` / `flush()`.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import functools
 import librosa
 import numpy as np
 
-from m2omni_jax.config_fields import dataclass_from_config
+from m2omni_jax.config_fields import ConfigError, dataclass_from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +155,43 @@ class StreamingGriffinLim:
         self.frames_done += len(self.pending)
         self.history, self.pending = mel[-self.context:], self.pending[:0]
         return out.astype(np.float32)
+
+
+# -------------------------------------------------------------------------- selection
+
+VOCODERS = ("griffin_lim", "hifigan")
+
+
+class GriffinLimVocoder:
+    """`griffin_lim` and `StreamingGriffinLim` behind the interface every selected vocoder has."""
+
+    def __init__(self, config: MelConfig = MEL):
+        self.config = config
+
+    def __call__(self, log_mel: np.ndarray, *, length: int | None = None) -> np.ndarray:
+        return griffin_lim(log_mel, self.config, length=length)
+
+    def stream(self) -> StreamingGriffinLim:
+        return StreamingGriffinLim(self.config, num_iters=self.config.griffin_lim_iters)
+
+
+def select(section, path: str = "config.speech_tokenizer"):
+    """The vocoder `section` (a mapping, e.g. config.speech_tokenizer) names: its `vocoder`,
+    "griffin_lim" (default; `griffin_lim_iters`) or "hifigan" (the generator of the
+    m2omni-train-vocoder run at `vocoder_workdir`); `path` names the section in errors."""
+    name = section.get("vocoder", "griffin_lim") or "griffin_lim"
+    if name not in VOCODERS:
+        raise ConfigError(f"{path}.vocoder={name!r} is not one of {VOCODERS}")
+    if name == "griffin_lim":
+        iters = int(section.get("griffin_lim_iters", MEL.griffin_lim_iters))
+        return GriffinLimVocoder(dataclasses.replace(MEL, griffin_lim_iters=iters))
+    workdir = section.get("vocoder_workdir", "")
+    if not workdir:
+        raise ConfigError(f"{path}.vocoder_workdir is not set: {path}.vocoder='hifigan' loads the generator of "
+                          "that m2omni-train-vocoder run")
+    from m2omni_jax.models import hifigan
+
+    return hifigan.load(workdir)
 
 
 # ------------------------------------------------------------------------- evaluation
