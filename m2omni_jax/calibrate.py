@@ -24,6 +24,7 @@ from typing import Callable
 from absl import flags, logging
 
 from m2omni_jax import build, cli, train
+from m2omni_jax import workdir as workdir_lib
 from m2omni_jax.training import balance
 from m2omni_jax.training.metrics_logging import read_metrics
 from m2omni_jax.run_config import RunConfig
@@ -64,20 +65,20 @@ def train_to_plateau(run_round: Callable[[int], dict], round_steps: int, max_ste
 
 def convergence(workdir: str, tail: int) -> dict[str, float]:
     """balance.tail_convergence of the run's logged training losses."""
-    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    records = read_metrics(workdir_lib.path(workdir, "metrics.jsonl"))
     steps = [s for s in sorted(records) if "loss" in records[s]]
     return balance.tail_convergence(steps, [records[s]["loss"] for s in steps], tail)
 
 
 def calibrate_modality(base, modality: str, root: str) -> tuple[dict, int]:
     """`modality` alone in `<root>/<modality>`, trained to a plateau: (convergence, steps)."""
-    run_dir = os.path.join(root, modality)
+    run_dir = os.fspath(workdir_lib.path(root, modality))  # epath: a gs:// root too
 
     def run_round(steps: int) -> dict:
         logging.info("calibration: %s alone up to step %d in %s", modality, steps, run_dir)
         config = single_modality_config(base, modality, steps)
-        if config.init_from and not os.path.isabs(config.init_from):
-            config = replace(config, init_from=os.path.normpath(os.path.join(root, config.init_from)))
+        if config.init_from:  # relative to the calibration root
+            config = replace(config, init_from=workdir_lib.resolve(config.init_from, root))
         train.train_and_evaluate(config, run_dir)  # resumes from the previous round's checkpoint
         return convergence(run_dir, FLAGS.tail)
 
@@ -91,7 +92,7 @@ def calibrate(base, root: str) -> dict[str, float]:
     for modality in base.balance.modalities:
         stats[modality], trained[modality] = calibrate_modality(base, modality, root)
     losses = {m: s["converged_loss"] for m, s in stats.items()}
-    path = os.path.join(root, "converged_losses.json")
+    path = os.fspath(workdir_lib.path(root, "converged_losses.json"))
     balance.save_calibration(path, losses, {
         "tail_logged_steps": FLAGS.tail, "max_tail_change": FLAGS.max_tail_change, "steps": trained,
         "slope_per_step": {m: s["slope_per_step"] for m, s in stats.items()},

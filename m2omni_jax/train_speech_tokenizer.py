@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from m2omni_jax import cli
+from m2omni_jax import cli, workdir as workdir_lib
 from m2omni_jax.config_fields import dataclass_from_config, replace
 from m2omni_jax.data import audio as audio_frontend, audio_tokens, pipeline, records as records_lib, sources
 from m2omni_jax.models import speech_decoder as sd, vocoder
@@ -75,6 +75,10 @@ class SpeechTokenizerRun:
     euler_steps: int = 10
     guidance_scale: float = 1.0
     griffin_lim_iters: int = 32
+    # What m2omni-generate / m2omni-eval speak through (models/vocoder.py `select`): "griffin_lim",
+    # or "hifigan" with the m2omni-train-vocoder run at vocoder_workdir.
+    vocoder: str = "griffin_lim"
+    vocoder_workdir: str = ""
 
     @classmethod
     def of(cls, config) -> "SpeechTokenizerRun":
@@ -261,8 +265,7 @@ class TokenizerEval(loop_lib.Callback):
                       tokens_per_second=self.model.config.tokens_per_second,
                       codebook_size=self.model.config.codebook_size, num_clips=len(hyps), step=int(state.step),
                       examples=[{"reference": r, "hypothesis": h} for r, h in list(zip(self.feats.texts, hyps))[:5]])
-        with open(os.path.join(self.workdir, "tokenizer_eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        workdir_lib.path(self.workdir, "tokenizer_eval.json").write_text(json.dumps(result, indent=2))
         logging.info("tokenizer ASR on %d held-out clips: CER %.3f, WER %.3f", len(hyps), result["cer"], result["wer"])
         return {"tokenizer_cer": result["cer"], "tokenizer_wer": result["wer"]}
 
@@ -321,12 +324,11 @@ def evaluate_resynthesis(tokenizer, tok_params, decoder, dec_params, feats: Clip
     result = {"resynthesis": result, "griffin_lim_of_reference": ceiling,
               "reference_wer": asr_error_rates(feats.texts, asr(waves_ref), tokenizer.config.alphabet)["wer"],
               "num_clips": len(generated)}
-    wav_dir = os.path.join(workdir, "wavs")
     for i in range(min(run.eval_wavs, len(generated))):
-        vocoder.write_wav(os.path.join(wav_dir, f"{i:02d}_resynthesized.wav"), generated[i])
-        vocoder.write_wav(os.path.join(wav_dir, f"{i:02d}_reference.wav"), waves_ref[i])
-    with open(os.path.join(workdir, "speech_eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        for name, wave in (("resynthesized", generated[i]), ("reference", waves_ref[i])):
+            with workdir_lib.local_file(workdir_lib.path(workdir, "wavs", f"{i:02d}_{name}.wav")) as local:
+                vocoder.write_wav(local, wave)
+    workdir_lib.path(workdir, "speech_eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -345,11 +347,11 @@ def train(config, workdir: str) -> dict:
     config = RunConfig.of(config)
     run = SpeechTokenizerRun.of(config)
     tok_cfg = SpeechTokenizerConfig.from_config(run.tokenizer.model)
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.prepare(workdir)  # a local path or a gs:// URL: every file below goes through epath
     train_clips = speech_clips(config, "train", run.num_train_clips, run.transcript_key)
     eval_clips = speech_clips(config, "eval", run.num_eval_clips, run.transcript_key)
-    cmvn_path = os.path.join(workdir, "cmvn.json")
-    if not os.path.exists(cmvn_path):
+    cmvn_path = workdir_lib.path(workdir, "cmvn.json")
+    if not cmvn_path.exists():
         audio_frontend.save_cmvn(cmvn_path, audio_frontend.compute_cmvn_stats(
             [audio_frontend.fbank(w) for w, _ in train_clips[:run.cmvn_clips]]))
     cmvn = audio_frontend.load_cmvn(cmvn_path)
@@ -358,7 +360,7 @@ def train(config, workdir: str) -> dict:
     logging.info("%d training clips, %d held-out clips", len(train_clips), len(eval_clips))
 
     tokenizer = SpeechTokenizer(tok_cfg)
-    tok_dir = os.path.join(workdir, "tokenizer")
+    tok_dir = os.fspath(workdir_lib.path(workdir, "tokenizer"))
     arrays = tokenizer_arrays(train_feats)
     data = step_batches(arrays, run.tokenizer.batch_size, int(config.seed), train_feats.fbank_lengths,
                         {"fbank": 1}, multiple=BUCKET_SECONDS * 100)
@@ -378,7 +380,7 @@ def train(config, workdir: str) -> dict:
                         {"tokens": 1, "token_mask": 1, "mel": ratio},
                         multiple=int(BUCKET_SECONDS * tok_cfg.tokens_per_second))
     dec_state, dec_metrics = train_stage(
-        config, os.path.join(workdir, "decoder"), run.decoder, decoder,
+        config, os.fspath(workdir_lib.path(workdir, "decoder")), run.decoder, decoder,
         lambda p, b, rng: sd.flow_matching_loss(decoder, {"params": p}, b, rng), arrays, decoder_inputs, data)
     result["decoder"] = dec_metrics
     result["eval"] = evaluate_resynthesis(tokenizer, tok_params, decoder, {"params": jax.device_get(dec_state.params)},
@@ -392,9 +394,9 @@ def load_tokenizer(workdir: str, config) -> audio_tokens.SpeechCodes:
     """The trained tokenizer of `workdir` (its latest checkpoint and cmvn.json) as a
     waveform -> codes function."""
     run = SpeechTokenizerRun.of(config)
-    return audio_tokens.SpeechCodes.restore(os.path.join(workdir, "tokenizer", "checkpoints"),
+    return audio_tokens.SpeechCodes.restore(os.fspath(workdir_lib.path(workdir, "tokenizer", "checkpoints")),
                                             SpeechTokenizerConfig.from_config(run.tokenizer.model),
-                                            os.path.join(workdir, "cmvn.json"))
+                                            os.fspath(workdir_lib.path(workdir, "cmvn.json")))
 
 
 def run():

@@ -4,15 +4,20 @@ holding "pid host"; the kernel drops it when the process dies, so a stale lock f
 run is simply taken over). Cloud URLs (gs://, s3://) are test-written but not locked.
 
 Paths: a workdir is a local path or a URL (gs://bucket/run); files in it go through
-`etils.epath` (as Orbax does), never `open` / `os.path`, so both work: `path(workdir, "x.json")`.
+`etils.epath` (as Orbax does), never `open` / `os.path`, so both work: `path(workdir, "x.json")`;
+`resolve` puts a relative path (init_from) under a workdir URL, `local_file` serves writers that
+take local paths only (WAVs).
 Object stores cannot append: `RewrittenFile` keeps what was written and rewrites the whole
 object on `flush` (metrics.jsonl and TensorBoard event files on a bucket).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import posixpath
 import socket
+import tempfile
 import uuid
 
 import jax
@@ -36,6 +41,33 @@ def local_or_url(path: str) -> str:
 def path(workdir, *parts: str) -> epath.Path:
     """`workdir/parts...` as an `epath.Path` (local or URL)."""
     return epath.Path(workdir).joinpath(*parts)
+
+
+def resolve(path_or_url: str, base: str) -> str:
+    """`path_or_url` unchanged when it is a URL or absolute, else relative to `base` (a local
+    path or a URL); `..` folded either way (`os.path.normpath` would fold gs:// into gs:/)."""
+    if is_url(path_or_url):
+        return path_or_url
+    if os.path.isabs(path_or_url) or not is_url(base):
+        return os.path.normpath(os.path.join(base, path_or_url))
+    scheme, rest = os.fspath(base).split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path_or_url))}"
+
+
+@contextlib.contextmanager
+def local_file(file):
+    """A local path to hand a writer that takes paths only (`wave`, soundfile): `file` itself
+    when local (its folder created), else a temporary file copied to the URL on success."""
+    if not is_url(file):
+        os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+        yield os.fspath(file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, epath.Path(file).name)
+        yield local
+        target = epath.Path(file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(epath.Path(local).read_bytes())
 
 
 class RewrittenFile:

@@ -106,6 +106,7 @@ def test_periodic_held_out_eval_is_logged_beside_the_losses(tmp_path):
         assert "loss" in metrics[step] and 0.0 <= metrics[step]["eval/vqa_accuracy/overall"] <= 1.0
         assert metrics[step]["eval/num_records"] == 8  # eval.periodic_num_samples, not num_samples
     assert not any(k.startswith("eval/") for k in metrics[3])
+    assert sorted(p.name for p in (workdir / "plots").iterdir()) == ["losses.png"]  # main.py: after training
 
 
 def test_unknown_config_key_is_one_clear_error(tmp_path):

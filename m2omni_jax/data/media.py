@@ -243,7 +243,7 @@ def with_cmvn(config, workdir: str, *, compute: bool = True):
     `compute`) from the clips of the first `data.audio.cmvn_samples` training records of
     the configured sources' audio parts (round-robin over the parts), once; a resumed run
     and m2omni-eval read the same file back."""
-    path = config.data.audio.cmvn_file or os.path.join(workdir, CMVN_FILE)
+    path = config.data.audio.cmvn_file or os.fspath(epath.Path(workdir) / CMVN_FILE)  # local or gs://
     if not epath.Path(path).exists():
         if not compute:
             raise FileNotFoundError(f"no CMVN statistics at {path} (config.data.audio.cmvn_file="

@@ -1,4 +1,5 @@
-"""Training metrics: console (tqdm bar or plain lines), TensorBoard, JSON lines.
+"""Training metrics: console (tqdm bar or plain lines), TensorBoard, JSON lines, and PNG
+plots of the per-modality losses and balance weights at the end of a run (`write_plots`).
 
 Every logged step is appended to `<workdir>/metrics.jsonl` as
 `{"step": N, "elapsed_s": ..., <metric>: <value>, ...}` with values at full
@@ -10,6 +11,7 @@ files go through `etils.epath` (`workdir.py`), TensorBoard's event files too.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -153,6 +155,66 @@ def read_metrics(path) -> dict[int, dict[str, Any]]:
             merged.setdefault(record["step"], {}).update(
                 {k: math.nan if v is None else v for k, v in record.items()})
     return merged
+
+
+PLOTS_DIR = "plots"
+# file -> (title, the metric prefix of its curves, the metric prefix of held-out markers in the same colours)
+PLOTS = {"losses.png": ("training loss per modality", "loss/", "val_loss/"),
+         "balance_weights.png": ("dynamic balance weight per modality", "balance/weight/", None)}
+
+
+def write_plots(workdir) -> list[epath.Path]:
+    """PNGs of a run's `metrics.jsonl` in `<workdir>/plots/` (a local path or URL):
+    `losses.png` (loss/<modality> and the total loss by step; the dynamic balance's
+    val_loss/<modality> as markers) and `balance_weights.png` (balance/weight/<modality>,
+    when logged). Any workdir with a metrics.jsonl; returns the files written."""
+    metrics = read_metrics(workdir_lib.path(workdir, "metrics.jsonl"))
+    out = workdir_lib.path(workdir, PLOTS_DIR)
+    written = []
+    for name, (title, prefix, markers) in PLOTS.items():
+        png = _plot(metrics, title, prefix, markers, total="loss" if prefix == "loss/" else None)
+        if png is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(png)
+            written.append(out / name)
+    return written
+
+
+def _series(metrics: Mapping[int, Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps = [s for s in sorted(metrics) if key in metrics[s] and math.isfinite(metrics[s][key])]
+    return steps, [metrics[s][key] for s in steps]
+
+
+def _plot(metrics, title: str, prefix: str, markers: str | None, total: str | None) -> bytes | None:
+    """One figure's PNG bytes: a line per `<prefix><name>` metric; None when there is none."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, the notebook's backend untouched
+    from matplotlib.ticker import MaxNLocator
+
+    names = sorted({k[len(prefix):] for record in metrics.values() for k in record if k.startswith(prefix)})
+    if not names:
+        return None
+    figure = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    values, marked = [], False
+    for i, name in enumerate(names):
+        steps, ys = _series(metrics, prefix + name)
+        axes.plot(steps, ys, color=f"C{i}", label=name, marker="." if len(steps) < 30 else None)
+        held_steps, held = _series(metrics, markers + name) if markers else ([], [])
+        axes.plot(held_steps, held, color=f"C{i}", linestyle="none", marker="o", fillstyle="none")
+        values, marked = values + ys + held, marked or bool(held)
+    if total:
+        steps, ys = _series(metrics, total)
+        axes.plot(steps, ys, color="black", linestyle="--", linewidth=1, label=total)
+        values += ys
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        axes.set_yscale("log")
+    axes.set(title=title + (f" (o: {markers}<modality>)" if marked else ""), xlabel="step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
