@@ -5,9 +5,10 @@ token-to-mel decoder on its codes, trained on the built-in speech (eSpeak NG) of
 
 Held-out (the eval split's first 100 clips; 57 of their sentences also occur in training, spoken
 in other voices, rates and pitches):
-tokenizer ASR CER 1.2% / WER 5.5% after 1,500 steps (16 min); codes -> decoder (3,000 steps,
-30 min) -> Griffin-Lim, own-ASR WER 26.2%, MCD 7.0 dB (Griffin-Lim of the reference mel: WER
-18.0%, MCD 1.4 dB). 2 CPU cores shared with other jobs (load 5-10): times ~2-3x an idle machine's.
+tokenizer ASR CER 1.1% / WER 4.4% after 1,500 steps (11 min); codes -> decoder (3,000 steps,
+19 min) -> Griffin-Lim, own-ASR WER 25.6%, CER 7.8%, MCD 6.9 dB (Griffin-Lim of the reference
+mel: WER 17.5%, MCD 1.4 dB). Whole command 34 min 46 s on 2 CPU cores (session 20, partly shared
+with a test run).
 """
 import ml_collections
 
