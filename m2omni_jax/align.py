@@ -19,7 +19,6 @@ eval mode) is reported.
 from __future__ import annotations
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from m2omni_jax import build, cli
+from m2omni_jax import build, cli, workdir as workdir_lib
 from m2omni_jax.data import media, tokenizer as tokenizer_lib
 from m2omni_jax.experiments.shapes_world import preference
 from m2omni_jax.parallel import sharding
@@ -51,8 +50,7 @@ def vision_options(config) -> media.VisionOptions | None:
 def resolve_init_from(config, workdir: str) -> str:
     if not config.init_from:
         raise ValueError("alignment needs config.init_from: the instruction-tuned stage's workdir")
-    path = config.init_from
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(workdir, path))
+    return workdir_lib.resolve(config.init_from, workdir)  # a gs:// workdir keeps its scheme
 
 
 def load_llm_params(directory: str, abstract_params):

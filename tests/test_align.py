@@ -131,3 +131,15 @@ def test_text_only_alignment_trains_lora_from_previous_stage_and_resumes(tmp_pat
     assert state_dir.latest_step() == 6
     state_dir.close()
     assert base_params["embedding"].shape == (1024, 64)
+
+
+def test_init_from_resolves_against_local_and_bucket_workdirs():
+    config = alignment.get_config("tiny")
+    config.init_from = "../it3"
+    assert align.resolve_init_from(config, "/runs/m2omni/alignment") == "/runs/m2omni/it3"
+    assert align.resolve_init_from(config, "gs://bucket/m2omni/alignment") == "gs://bucket/m2omni/it3"
+    config.init_from = "gs://other/it3"
+    assert align.resolve_init_from(config, "/runs/alignment") == "gs://other/it3"
+    config.init_from = ""
+    with pytest.raises(ValueError, match="init_from"):
+        align.resolve_init_from(config, "/runs/alignment")

@@ -154,7 +154,7 @@ def make_batch(seed=0):
             "vision_patches": np.zeros((BATCH, PATCHES, 1176), np.float32),
             "vision_segment_ids": np.zeros((BATCH, PATCHES), np.int32),
             "vision_hw": np.zeros((BATCH, 2, PATCHES), np.int32),
-            "gen_image": rng.uniform(-1, 1, (BATCH, 2, 8, 8, 3)).astype(np.float32) * valid[..., None, None, None],
+            "gen_image": (rng.uniform(-1, 1, (BATCH, 2, 8, 8, 3)) * valid[..., None, None, None]).astype(np.float32),
             "gen_image_valid": valid, "gen_image_cond": cond}
 
 

@@ -27,6 +27,7 @@ from m2omni_jax.interop.hf_tokenizer import HFTokenizer  # noqa: E402
 from m2omni_jax.models.llm import LLM, LLMConfig  # noqa: E402
 from m2omni_jax.models.vision import VisionEncoder  # noqa: E402
 from m2omni_jax.training import checkpointing  # noqa: E402
+from test_workdir import bucket  # noqa: F401,E402  (the in-memory gs:// fixture)
 
 TOL = 1e-4  # max |logit diff|, fp32
 VOCAB = 96
@@ -236,6 +237,15 @@ def test_tokenizer_adapter(tmp_path):
     tok.save(str(saved))
     assert HFTokenizer(str(saved)).encode(text) == ids  # special ids kept, roles read back
     assert transformers.AutoTokenizer.from_pretrained(str(saved)).eos_token_id == tok.eos_id
+
+
+def test_tokenizer_is_written_to_and_read_from_a_bucket(tmp_path, bucket):  # noqa: F811
+    _tokenizer_folder(tmp_path, 300)
+    tok = HFTokenizer(str(tmp_path))
+    tok.save("gs://bucket/import")  # m2omni-import --out=gs://...
+    assert json.loads(bucket["/bucket/import/tokenizer_config.json"].getvalue())["eos_token"] == "</s>"
+    again = HFTokenizer("gs://bucket/import/tokenizer.json")
+    assert again.encode("<image>the cat") == tok.encode("<image>the cat") and again.pad_id == tok.pad_id
 
 
 def test_import_command_end_to_end(tmp_path):

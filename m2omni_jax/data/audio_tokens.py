@@ -266,9 +266,12 @@ class SpeechCodes:
         cmvn.json; `model_fields`: its `speech_tokenizer.tokenizer.model`)."""
         from m2omni_jax.models.speech_tokenizer import SpeechTokenizerConfig
 
-        workdir = os.path.expanduser(workdir)
-        return cls.restore(os.path.join(workdir, "tokenizer", "checkpoints"),
-                           SpeechTokenizerConfig.from_config(model_fields), os.path.join(workdir, "cmvn.json"))
+        from m2omni_jax import workdir as workdir_lib
+
+        workdir = workdir_lib.local_or_url(workdir)  # local or a bucket
+        return cls.restore(os.fspath(workdir_lib.path(workdir, "tokenizer", "checkpoints")),
+                           SpeechTokenizerConfig.from_config(model_fields),
+                           os.fspath(workdir_lib.path(workdir, "cmvn.json")))
 
     def __call__(self, waveform: np.ndarray, sample_rate: int = audio_frontend.SAMPLE_RATE) -> np.ndarray:
         """One clip -> its codes (tokens,) int32, `config.tokens_per_second` of them a second."""

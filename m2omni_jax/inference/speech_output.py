@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2omni_jax import workdir as workdir_lib
 from m2omni_jax.data.audio_tokens import AudioTokens
 from m2omni_jax.models import speech_decoder as sd, vocoder
 
@@ -114,7 +115,7 @@ def restore_decoder(workdir: str, decoder_config: sd.SpeechDecoderConfig) -> dic
                                      np.ones((1,), bool))["params"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    path = os.path.join(os.path.expanduser(workdir), "decoder", "checkpoints")
+    path = os.fspath(workdir_lib.path(workdir_lib.local_or_url(workdir), "decoder", "checkpoints"))
     params, missing = checkpointing.load_params(path, abstract)
     if missing:
         raise ValueError(f"{path}: the speech decoder parameters {missing[:5]} are not in the checkpoint")

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
-from m2omni_jax import faults
+from m2omni_jax import faults, workdir as workdir_lib
 from m2omni_jax.config_fields import ConfigError
 from m2omni_jax.interop import hf, hf_tokenizer
 from m2omni_jax.models.llm import LLM, LLMConfig
@@ -37,8 +38,9 @@ def import_folder(folder: str, out: str, *, layout: str = "auto", param_dtype: s
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"--layout={layout!r}; use one of {LAYOUTS}")
-    root = os.path.join(out, "checkpoints")
-    if os.path.isdir(root) and any(n.isdigit() for n in os.listdir(root)):
+    out = workdir_lib.local_or_url(out)  # the checkpoint folder: local or a bucket (the HF folder: local)
+    root = epath.Path(out) / "checkpoints"
+    if root.is_dir() and any(p.name.isdigit() for p in root.iterdir()):
         raise faults.RunError(f"{root} holds checkpoints already; import into a new directory")
     imported = hf.load_hf(folder, scan_layers=scan_layers, param_dtype=param_dtype)
     llm_params = imported.params if imported.vision is None else imported.params["llm"]
@@ -56,21 +58,20 @@ def import_folder(folder: str, out: str, *, layout: str = "auto", param_dtype: s
     if imported.vision is not None and kind == "omni":
         params["vision"] = imported.params["vision"]
 
-    os.makedirs(out, exist_ok=True)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     model = {"kind": kind, "llm": _fields(llm)}
     if imported.vision is not None and kind == "omni":
         model["vision"] = _fields(imported.vision)
-    written = {"model": model, "init_from": os.path.abspath(out),
+    written = {"model": model, "init_from": out,
                "source": {"hf": os.path.abspath(folder), "architecture": imported.architecture}}
     if tokenizer is not None:
         tokenizer.save(out)
-        written["tokenizer"] = {"path": os.path.join(os.path.abspath(out), hf_tokenizer.TOKENIZER_FILE),
+        written["tokenizer"] = {"path": os.fspath(epath.Path(out) / hf_tokenizer.TOKENIZER_FILE),
                                 "vocab_size": tokenizer.vocab_size}
         written["source"]["token_ids"] = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
-    with checkpointing.Checkpointer(root, save_every=1, keep=1, async_save=False) as ckpt:
+    with checkpointing.Checkpointer(os.fspath(root), save_every=1, keep=1, async_save=False) as ckpt:
         ckpt.save(0, {"params": jax.tree.map(jnp.asarray, params)}, force=True)
-    with open(os.path.join(out, MODEL_CONFIG), "w") as f:
-        json.dump(written, f, indent=2)
+    (epath.Path(out) / MODEL_CONFIG).write_text(json.dumps(written, indent=2))
     return written
 
 
@@ -81,11 +82,10 @@ def _fields(config) -> dict:
 def read_llm_config(path: str) -> LLMConfig:
     """The LLMConfig of a JSON file: `import_folder`'s model_config.json ({"model": {"llm": ...}})
     or the model.llm fields alone."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist (the LLM config as JSON: model_config.json of "
                                 "m2omni-import, or a dict of model.llm fields)")
-    with open(path) as f:
-        data = json.load(f)
+    data = json.loads(epath.Path(path).read_text())
     fields = data.get("model", {}).get("llm", data)
     return LLMConfig.from_config({**fields, "mrope_sections": tuple(fields.get("mrope_sections", (16, 24, 24)))})
 
@@ -113,11 +113,10 @@ def export_checkpoint(workdir: str, out: str, *, llm_config: str | None = None, 
     """Writes the LLM of `workdir`'s latest checkpoint as an HF folder `out`; the LLM config
     is read from `llm_config` (default `<workdir>/model_config.json`). A tokenizer.json in
     the workdir (m2omni-import writes one) is written along."""
-    cfg = read_llm_config(llm_config or os.path.join(workdir, MODEL_CONFIG))
+    cfg = read_llm_config(llm_config or os.fspath(epath.Path(workdir) / MODEL_CONFIG))
     params = jax.tree.map(np.asarray, load_llm_params(workdir, cfg))
     ids = {}
-    tokenizer_file = os.path.join(workdir, hf_tokenizer.TOKENIZER_FILE)
-    if os.path.exists(tokenizer_file):
+    if (epath.Path(workdir) / hf_tokenizer.TOKENIZER_FILE).exists():
         tokenizer = hf_tokenizer.HFTokenizer(workdir)
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     files = hf.export_hf(params, cfg, out, dtype=dtype, **ids)

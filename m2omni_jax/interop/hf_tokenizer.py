@@ -14,10 +14,10 @@ checkpoint's own template is.
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import tokenizers
+from etils import epath
 
 from m2omni_jax.data import tokenizer as tokenizer_lib
 from m2omni_jax.data.tokenizer import SPECIAL_TOKENS
@@ -36,17 +36,17 @@ class HFTokenizer(tokenizer_lib.Tokenizer):
         """path: a folder holding tokenizer.json (and tokenizer_config.json), or the file.
         tokenizer_json / roles: the serialised tokenizer and {bos, eos, pad: token} (unpickling)."""
         self.path = path
-        file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+        file = epath.Path(path) / TOKENIZER_FILE if epath.Path(path).is_dir() else epath.Path(path)
         if tokenizer_json is None:
-            if not os.path.exists(file):
+            if not file.exists():
                 raise FileNotFoundError(f"no {TOKENIZER_FILE} at {path}")
-            self._tok = tokenizers.Tokenizer.from_file(file)
+            self._tok = tokenizers.Tokenizer.from_str(file.read_text())
         else:
             self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
         self._tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                                       for t in SPECIAL_TOKENS])
         self._special = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
-        self._roles = dict(roles) if roles is not None else _roles(os.path.dirname(file), self._tok)
+        self._roles = dict(roles) if roles is not None else _roles(file.parent, self._tok)
         self._ids = {role: self._tok.token_to_id(token) for role, token in self._roles.items()}
 
     def __getstate__(self):
@@ -58,12 +58,12 @@ class HFTokenizer(tokenizer_lib.Tokenizer):
     def save(self, folder: str) -> list[str]:
         """Writes tokenizer.json (our special tokens added) and a tokenizer_config.json naming
         bos / eos / pad, which this class and `transformers.AutoTokenizer` both read."""
-        os.makedirs(folder, exist_ok=True)
-        self._tok.save(os.path.join(folder, TOKENIZER_FILE))
+        folder = epath.Path(folder)  # local or a bucket
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TOKENIZER_FILE).write_text(self._tok.to_str(pretty=True))
         config = {f"{role}_token": token for role, token in self._roles.items()}
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        with open(os.path.join(folder, TOKENIZER_CONFIG), "w") as f:
-            json.dump(config, f, indent=2)
+        (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
         return [TOKENIZER_FILE, TOKENIZER_CONFIG]
 
     @property
@@ -92,13 +92,10 @@ class HFTokenizer(tokenizer_lib.Tokenizer):
         return self._tok.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
 
 
-def _roles(folder: str, tok: tokenizers.Tokenizer) -> dict[str, str]:
+def _roles(folder: epath.Path, tok: tokenizers.Tokenizer) -> dict[str, str]:
     """{bos, eos, pad: token text}: tokenizer_config.json's, else a usual name the vocabulary has."""
-    named = {}
-    config = os.path.join(folder, TOKENIZER_CONFIG)
-    if os.path.exists(config):
-        with open(config) as f:
-            named = json.load(f)
+    config = folder / TOKENIZER_CONFIG
+    named = json.loads(config.read_text()) if config.exists() else {}
     roles = {}
     for role in ("bos", "eos", "pad"):
         token = named.get(f"{role}_token")
