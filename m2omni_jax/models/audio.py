@@ -175,10 +175,10 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         cfg = self.config
         dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-        h = nn.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")),
+        h = layers.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), name="fc1", **dtypes)(x)
         h = dropout(self, cfg.dropout, nn.relu(nn.with_logical_constraint(h, ACTIVATION_MLP)))
-        return nn.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")),
+        return layers.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")),
                         bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(h)
 
 

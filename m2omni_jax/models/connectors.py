@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2omni_jax.models import layers
 from m2omni_jax.models.layers import LayerNorm, kernel_init, to_dtype, zeros_init
 from m2omni_jax.models.layers import DEFAULT_ATTENTION, MergeHeads, SplitHeads, dot_product_attention
 
@@ -112,10 +113,10 @@ class LinearConnector(nn.Module):
         if self.num_tokens is not None and x.shape[1] != self.num_tokens:
             raise ValueError(f"linear connector configured for {self.num_tokens} tokens got {x.shape[1]}")
         if self.mlp:
-            x = nn.Dense(self.out_width, kernel_init=kernel_init(("embed", "mlp")),
+            x = layers.Dense(self.out_width, kernel_init=kernel_init(("embed", "mlp")),
                          bias_init=zeros_init(("mlp",)), name="fc1", **_dtypes(self))(x)
             x = nn.gelu(x, approximate=False)
-        x = nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
+        x = layers.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
                      bias_init=zeros_init(("embed",)), name="fc2" if self.mlp else "proj",
                      **_dtypes(self))(x)
         return l2_normalize(x)
@@ -134,7 +135,7 @@ class AvgPoolConnector(nn.Module):
         _require_grid(grid, "avg_pool")
         side = grid_side(self.num_tokens)
         pooled = _flatten_grid(adaptive_avg_pool_2d(grid, side, side, extent))
-        return nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
+        return layers.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
                         bias_init=zeros_init(("embed",)), name="proj", **_dtypes(self))(pooled)
 
 
@@ -219,9 +220,9 @@ class SqueezeExcite(nn.Module):
         else:
             valid = mask[..., None].astype(h.dtype)
             mean = (h * valid).sum(axis=(1, 2)) / jnp.maximum(valid.sum(axis=(1, 2)), 1)
-        z = nn.relu(nn.Dense(self.squeezed, kernel_init=kernel_init(("mlp", None)), bias_init=zeros_init((None,)),
+        z = nn.relu(layers.Dense(self.squeezed, kernel_init=kernel_init(("mlp", None)), bias_init=zeros_init((None,)),
                              name="reduce", **_dtypes(self))(mean))
-        gate = nn.Dense(h.shape[-1], kernel_init=kernel_init((None, "mlp")), bias_init=zeros_init(("mlp",)),
+        gate = layers.Dense(h.shape[-1], kernel_init=kernel_init((None, "mlp")), bias_init=zeros_init(("mlp",)),
                         name="expand", **_dtypes(self))(z)
         return jax.nn.sigmoid(gate)[:, None, None, :]
 
@@ -260,9 +261,9 @@ class CAbstractor(nn.Module):
         for i in range(self.depth):
             x = RegBottleneck(hidden, dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage2_block{i}")(x)
         x = _flatten_grid(x)
-        x = nn.Dense(self.out_width, kernel_init=kernel_init(("embed", "mlp")),
+        x = layers.Dense(self.out_width, kernel_init=kernel_init(("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), name="readout1", **_dtypes(self))(x)
-        return nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
+        return layers.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
                         bias_init=zeros_init(("embed",)), name="readout2", **_dtypes(self))(nn.silu(x))
 
 

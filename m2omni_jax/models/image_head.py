@@ -218,7 +218,7 @@ def timestep_features(t, dim: int = TIME_FEATURES, max_period: float = 10000.0):
 
 def _dense(cfg: ImageHeadConfig, features: int, axes: tuple, name: str, zero: bool = False) -> nn.Dense:
     init = zeros_init(axes) if zero else kernel_init(axes)
-    return nn.Dense(features, kernel_init=init, bias_init=zeros_init(axes[-1:]), name=name,
+    return layers.Dense(features, kernel_init=init, bias_init=zeros_init(axes[-1:]), name=name,
                     dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
 
 

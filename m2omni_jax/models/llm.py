@@ -193,7 +193,7 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda name, feats, axes: nn.Dense(  # noqa: E731
+        dense = lambda name, feats, axes: layers.Dense(  # noqa: E731
             feats, use_bias=False, name=name, **_dtypes(cfg), kernel_init=layers.kernel_init(axes))
         gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x)
         up = dense("up", cfg.mlp_dim, ("embed", "mlp"))(x)
@@ -278,7 +278,7 @@ class LLM(nn.Module):
         self.decoder = DecoderStack(cfg)
         self.final_norm = layers.RMSNorm(cfg.norm_eps, **_dtypes(cfg))
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, **_dtypes(cfg),
+            self.lm_head = layers.Dense(cfg.vocab_size, use_bias=False, **_dtypes(cfg),
                                     kernel_init=layers.kernel_init(("embed", "vocab")))
 
     def embed_tokens(self, tokens):
@@ -313,7 +313,8 @@ class LLM(nn.Module):
         cross-entropy (training/train_step.py), so the whole logits never exist at once."""
         cfg = self.config
         if cfg.tie_embeddings:
-            logits = jnp.einsum("ble,ve->blv", hidden, self.embedding.astype(hidden.dtype))
+            embedding = self.embedding.astype(hidden.dtype)  # (vocab, width): contract its width
+            logits = layers.token_dot_general(hidden, embedding, (((hidden.ndim - 1,), (1,)), ((), ())))
         else:
             logits = self.lm_head(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))

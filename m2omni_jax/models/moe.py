@@ -142,7 +142,7 @@ class MoEFeedForward(nn.Module):
     def __call__(self, x, segment_ids):
         cfg = self.config
         token_mask = segment_ids > 0
-        logits = nn.Dense(cfg.moe_num_experts, use_bias=False, dtype=jnp.float32,
+        logits = layers.Dense(cfg.moe_num_experts, use_bias=False, dtype=jnp.float32,
                           param_dtype=layers.to_dtype(cfg.param_dtype), name="router",
                           kernel_init=layers.kernel_init(("embed", None), scale=0.1))(x.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)

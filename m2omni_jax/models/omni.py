@@ -71,6 +71,7 @@ from m2omni_jax.models.audio import AudioConfig, AudioEncoder
 from m2omni_jax.models import image_head as image_head_lib
 from m2omni_jax.models.connectors import CONNECTOR_KINDS, grid_mask, make_connector
 from m2omni_jax.models.image_head import ImageHead, ImageOutputConfig
+from m2omni_jax.models import layers
 from m2omni_jax.models.layers import fourier_features, kernel_init, zeros_init  # noqa: F401 (re-exported)
 from m2omni_jax.models.layers import to_dtype as layers_dtype
 from m2omni_jax.models.llm import LLM, LLMConfig
@@ -376,7 +377,7 @@ class OmniModel(nn.Module):
             raise ValueError(f"model.connector.extras={c.extras!r}, but the OmniModel has no connector_extras "
                              "module (build.build_model makes it: omni.make_connector_extras)")
         if c.position_frequencies:
-            self.position_embedding = nn.Dense(cfg.llm.width, kernel_init=zeros_init((None, "embed")),
+            self.position_embedding = layers.Dense(cfg.llm.width, kernel_init=zeros_init((None, "embed")),
                                                bias_init=zeros_init(("embed",)))
         if cfg.audio is not None:
             if min(cfg.audio_placeholder_id, cfg.end_of_audio_id) < 0:
@@ -581,7 +582,7 @@ class ImageProjector(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda name, axes: nn.Dense(  # noqa: E731
+        dense = lambda name, axes: layers.Dense(  # noqa: E731
             self.width, kernel_init=kernel_init(axes), bias_init=zeros_init(axes[-1:]), name=name,
             dtype=layers_dtype(self.dtype), param_dtype=layers_dtype(self.param_dtype))
         return dense("fc2", ("mlp", "embed"))(nn.gelu(dense("fc1", ("embed", "mlp"))(x)))

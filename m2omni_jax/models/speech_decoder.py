@@ -143,7 +143,7 @@ def modulation(cfg: SpeechDecoderConfig, style, count: int, name: str):
     """`count` (B, 1, width) shifts/scales from style (B, mlp_dim), zero at init; zeros if style is None."""
     if style is None:
         return [0.0] * count
-    out = nn.Dense(count * cfg.width, kernel_init=zeros_init(("mlp", "embed")), bias_init=zeros_init(("embed",)),
+    out = layers.Dense(count * cfg.width, kernel_init=zeros_init(("mlp", "embed")), bias_init=zeros_init(("embed",)),
                    name=name, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))(nn.silu(style))
     return jnp.split(out[:, None, :], count, axis=-1)
 
@@ -172,10 +172,10 @@ class Block(nn.Module):
         attended = layers.dot_product_attention(q, keys, values, mask[:, None],
                                                 implementation=cfg.attention_implementation)
         x = x + MergeHeads(cfg.width, name="out", **dtypes)(nn.with_logical_constraint(attended, ACTIVATION_HEADS))
-        h = nn.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)),
+        h = layers.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)),
                      name="fc1", **dtypes)(LayerNorm(name="mlp_norm", **dtypes)(x) * (1 + scale2) + shift2)
         h = nn.gelu(nn.with_logical_constraint(h, ACTIVATION_MLP))
-        x = x + nn.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")), bias_init=zeros_init(("embed",)),
+        x = x + layers.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")), bias_init=zeros_init(("embed",)),
                          name="fc2", **dtypes)(h)
         return nn.with_logical_constraint(x, ACTIVATION), (k, v)
 
@@ -217,13 +217,13 @@ class TokenEncoder(nn.Module):
         h = nn.Conv(cfg.mlp_dim, (cfg.lookahead_tokens + 1,), padding="VALID", name="lookahead",
                     kernel_init=kernel_init(("conv", "embed", "mlp"), in_axis=(0, 1), out_axis=2),
                     bias_init=zeros_init(("mlp",)), **dtypes)(x)
-        x = x[:, :h.shape[1]] + nn.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")),
+        x = x[:, :h.shape[1]] + layers.Dense(cfg.width, kernel_init=kernel_init(("mlp", "embed")),
                                          bias_init=zeros_init(("embed",)), name="lookahead_out",
                                          **dtypes)(nn.gelu(h))
         x, kv = Stack(cfg, cfg.encoder_depth, name="stack")(nn.with_logical_constraint(x, ACTIVATION),
                                                             positions, mask, past)
         x = LayerNorm(name="final_norm", **dtypes)(x)
-        mu = nn.Dense(cfg.num_mels, kernel_init=kernel_init(("embed", "patch")), bias_init=zeros_init(("patch",)),
+        mu = layers.Dense(cfg.num_mels, kernel_init=kernel_init(("embed", "patch")), bias_init=zeros_init(("patch",)),
                       name="to_mel", **dtypes)(x)
         return mu, kv
 
@@ -243,7 +243,7 @@ class VelocityEstimator(nn.Module):
     def __call__(self, x, mu, cond, t, positions, mask, past):
         cfg = self.config
         dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-        dense = lambda n, axes, name: nn.Dense(n, kernel_init=kernel_init(axes), bias_init=zeros_init(axes[1:]),  # noqa: E731
+        dense = lambda n, axes, name: layers.Dense(n, kernel_init=kernel_init(axes), bias_init=zeros_init(axes[1:]),  # noqa: E731
                                                name=name, **dtypes)
         h = dense(cfg.width, ("patch", "embed"), "input")(jnp.concatenate([x, mu, cond], axis=-1))
         style = timestep_embedding(jnp.broadcast_to(t, x.shape[:1]).astype(jnp.float32), cfg.width)

@@ -159,7 +159,7 @@ class Encoder(nn.Module):
         x = sanm_blocks(sanm, nn.with_logical_constraint(x.astype(to_dtype(cfg.dtype)), ACTIVATION), token_mask)
         x = LayerNorm(sanm.layer_norm_epsilon, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
                       name="final_norm")(x)
-        return nn.Dense(len(cfg.levels), kernel_init=kernel_init(("embed", "norm")), bias_init=zeros_init(("norm",)),
+        return layers.Dense(len(cfg.levels), kernel_init=kernel_init(("embed", "norm")), bias_init=zeros_init(("norm",)),
                         dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype), name="to_fsq")(x)
 
 
@@ -172,13 +172,13 @@ class CTCHead(nn.Module):
         cfg = self.config
         sanm = cfg.sanm(cfg.decoder_depth)
         dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-        x = nn.Dense(cfg.width, kernel_init=kernel_init(("norm", "embed")), bias_init=zeros_init(("embed",)),
+        x = layers.Dense(cfg.width, kernel_init=kernel_init(("norm", "embed")), bias_init=zeros_init(("embed",)),
                      name="from_fsq", **dtypes)(values)
         x = x + sinusoidal_positions(x.shape[1], cfg.width).astype(x.dtype)
         x = sanm_blocks(sanm, nn.with_logical_constraint(x, ACTIVATION), token_mask)
         x = LayerNorm(sanm.layer_norm_epsilon, name="final_norm", **dtypes)(x)
         up = cfg.ctc_frames_per_token
-        logits = nn.Dense(up * cfg.num_labels, kernel_init=kernel_init(("embed", "vocab")),
+        logits = layers.Dense(up * cfg.num_labels, kernel_init=kernel_init(("embed", "vocab")),
                           bias_init=zeros_init(("vocab",)), name="ctc", **dtypes)(x)
         return logits.reshape(x.shape[0], x.shape[1] * up, cfg.num_labels).astype(jnp.float32)
 

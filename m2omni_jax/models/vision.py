@@ -172,11 +172,11 @@ class VisionMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         dtypes = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-        h = nn.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")),
+        h = layers.Dense(cfg.mlp_dim, kernel_init=kernel_init(("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), name="fc1", **dtypes)(x)
         h = quick_gelu(nn.with_logical_constraint(h, ACTIVATION_MLP))
         fc2_init = zeros_init(("mlp", "embed")) if cfg.zero_init_residual else kernel_init(("mlp", "embed"))
-        return nn.Dense(cfg.width, kernel_init=fc2_init, bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(h)
+        return layers.Dense(cfg.width, kernel_init=fc2_init, bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(h)
 
 
 class VisionBlock(nn.Module):
@@ -212,10 +212,10 @@ class PatchMerger(nn.Module):
             raise ValueError(f"pack length {length} must be a multiple of {group} to merge")
         x = LayerNorm(self.epsilon, name="norm", **dtypes)(x)
         x = x.reshape(batch, length // group, group * width)
-        x = nn.Dense(group * width, kernel_init=kernel_init(("embed", "mlp")),
+        x = layers.Dense(group * width, kernel_init=kernel_init(("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), name="fc1", **dtypes)(x)
         x = nn.gelu(nn.with_logical_constraint(x, ACTIVATION_MLP), approximate=False)
-        x = nn.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
+        x = layers.Dense(self.out_width, kernel_init=kernel_init(("mlp", "embed")),
                      bias_init=zeros_init(("embed",)), name="fc2", **dtypes)(x)
         return nn.with_logical_constraint(x, ACTIVATION)
 
@@ -241,12 +241,12 @@ class VisionEncoder(nn.Module):
         dtype = to_dtype(cfg.dtype)
         x = patches.astype(dtype)
         # A Linear over the flattened (C, T, P, P) patch equals the Conv3d with stride = kernel.
-        x = nn.Dense(cfg.width, use_bias=False, kernel_init=kernel_init(("patch", "embed")),
+        x = layers.Dense(cfg.width, use_bias=False, kernel_init=kernel_init(("patch", "embed")),
                      dtype=dtype, param_dtype=to_dtype(cfg.param_dtype), name="patch_embed")(x)
         if cfg.fractional_position_frequencies:
             fractions = fourier_features(patch_grid_fractions(hw_positions, segment_ids),
                                          cfg.fractional_position_frequencies)
-            x = x + nn.Dense(cfg.width, use_bias=False, kernel_init=kernel_init((None, "embed")), dtype=dtype,
+            x = x + layers.Dense(cfg.width, use_bias=False, kernel_init=kernel_init((None, "embed")), dtype=dtype,
                              param_dtype=to_dtype(cfg.param_dtype), name="position_embed")(fractions.astype(dtype))
         x = nn.with_logical_constraint(x, ACTIVATION)
         angles = vision_2d_rope_angles(jnp.moveaxis(hw_positions, 1, 0), cfg.head_dim, cfg.rope_theta)
