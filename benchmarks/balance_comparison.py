@@ -18,22 +18,19 @@ import json
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import m2omni_jax.experiments  # noqa: F401  (the built-in data set's sources)
 from m2omni_jax import train
 from m2omni_jax.training.metrics_logging import read_metrics
 
-config_flags.DEFINE_config_file("config", "configs/stages/pt3.py:tiny", "Config (a multi-modality mixture).",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "Parent directory of the three runs.")
+# --config (a multi-modality mixture, e.g. configs/stages/pt3.py:tiny) and --workdir (the parent
+# directory of the three runs) are m2omni_jax.cli's, which `train` imports.
 flags.DEFINE_integer("steps", 300, "Optimizer steps per run.")
 flags.DEFINE_string("calibration_file", "", "Converged losses for step balance (empty: equal weights).")
 flags.DEFINE_integer("dynamic_interval", 10, "Steps between dynamic-balance validation passes.")
 flags.DEFINE_integer("heldout_batches", 4, "Held-out batches per modality scored at the end of each run.")
 flags.DEFINE_bool("equal_tokens", True, "Step balance's micro-batches hold batch_size / M sequences each, "
                   "so every arm trains on the same number of tokens per step (else M times more).")
-flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 STRATEGIES = {"a_equal": "none", "b_step_balance": "step", "c_dynamic": "dynamic"}

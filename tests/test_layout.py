@@ -1,6 +1,7 @@
 """The package's layout (DESIGN §4): the core implements the papers and knows no benchmark,
 imports form no cycle, and every console script answers --help."""
 import ast
+import glob
 import os
 import pathlib
 import re
@@ -161,6 +162,27 @@ def test_every_console_script_answers_help():
             out, err = proc.communicate()
         if proc.returncode != 0 or CONFIG_FLAG.get(name, "--config") not in out:
             failed.append(f"{name}: exit {proc.returncode}\n{(out + err)[-1500:]}")
+    assert not failed, "\n\n".join(failed)
+
+
+def test_every_benchmark_script_answers_help():
+    """Each script under benchmarks/ parses its flags (a flag defined twice, say --config by the
+    script and by m2omni_jax.cli, fails here rather than in a long run)."""
+    scripts = sorted(glob.glob(os.path.join(REPO, "benchmarks", "**", "*.py"), recursive=True))
+    scripts = [s for s in scripts if not os.path.basename(s).startswith("_")]
+    assert len(scripts) >= 10
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for s in scripts}
+    failed = []
+    for script, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if "Traceback" in out + err or "--" not in out + err:
+            failed.append(f"{os.path.relpath(script, REPO)}: exit {proc.returncode}\n{(out + err)[-1500:]}")
     assert not failed, "\n\n".join(failed)
 
 
