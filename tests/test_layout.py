@@ -153,6 +153,12 @@ def test_every_console_script_answers_help():
                                f"{function}()"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, module, function in scripts}
+    failed = help_failures(procs, lambda name, code, out, err: code == 0 and CONFIG_FLAG.get(name, "--config") in out)
+    assert not failed, "\n\n".join(failed)
+
+
+def help_failures(procs: dict, answered) -> list[str]:
+    """Waits for each `--help` process; "name: exit code + output tail" of those `answered` rejects."""
     failed = []
     for name, proc in procs.items():
         try:
@@ -160,9 +166,9 @@ def test_every_console_script_answers_help():
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        if proc.returncode != 0 or CONFIG_FLAG.get(name, "--config") not in out:
+        if not answered(name, proc.returncode, out, err):
             failed.append(f"{name}: exit {proc.returncode}\n{(out + err)[-1500:]}")
-    assert not failed, "\n\n".join(failed)
+    return failed
 
 
 def test_every_benchmark_script_answers_help():
@@ -172,17 +178,10 @@ def test_every_benchmark_script_answers_help():
     scripts = [s for s in scripts if not os.path.basename(s).startswith("_")]
     assert len(scripts) >= 10
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for s in scripts}
-    failed = []
-    for script, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        if "Traceback" in out + err or "--" not in out + err:
-            failed.append(f"{os.path.relpath(script, REPO)}: exit {proc.returncode}\n{(out + err)[-1500:]}")
+    procs = {os.path.relpath(s, REPO): subprocess.Popen([sys.executable, s, "--help"], cwd=REPO, env=env,
+                                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in scripts}
+    failed = help_failures(procs, lambda name, code, out, err: "Traceback" not in out + err and "--" in out + err)
     assert not failed, "\n\n".join(failed)
 
 
