@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from m2omni_jax.data import audio as audio_frontend, records as records_lib, sources
+from m2omni_jax.data import audio as audio_frontend, mirror, records as records_lib, sources
 
 AUDIO_TOKEN = "<audio_{}>"
 _AUDIO_TOKEN_RE = re.compile(r"<audio_(\d+)>")
@@ -344,10 +344,11 @@ class TTSSource(sources.Source):
         key = json.dumps({k: v for k, v in self.cfg.to_dict().items() if k not in ("weight", "dir")},
                          sort_keys=True, default=str)
         digest = hashlib.sha1(f"{key}|{self.config.data.seed}".encode()).hexdigest()[:12]
-        return os.path.expanduser(self.cfg.get("dir", "") or os.path.join(self.config.data.dir, "tts", digest))
+        return self.cfg.get("dir", "") or os.path.join(self.config.data.dir, "tts", digest)
 
     def path(self, split: str) -> str:
-        return os.path.join(self._dir(), f"tts-{split}.array_record")
+        """The split's file in the local directory (data.mirror's copy when `dir` is a bucket)."""
+        return os.path.join(mirror.local_path(self._dir()), f"tts-{split}.array_record")
 
     def parts(self, split: str) -> dict[str, sources.Part]:
         return {self.name: sources.Part(self.name, TTS_MODALITY, TTSRecords(self, split),
@@ -382,6 +383,10 @@ class TTSSource(sources.Source):
 
     def write(self, split: str, progress: bool = False) -> str:
         """Encodes the split's clips (once) to `path(split)`."""
+        with mirror.mirrored(self._dir()):
+            return self._write(split, progress)
+
+    def _write(self, split: str, progress: bool) -> str:
         from array_record.python.array_record_module import ArrayRecordWriter
         from tqdm import tqdm
 

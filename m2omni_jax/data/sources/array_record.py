@@ -14,21 +14,34 @@ from typing import Sequence
 
 import grain
 from absl import logging
+from etils import epath
 
-from m2omni_jax import faults
+from m2omni_jax import faults, workdir
+from m2omni_jax.data import mirror
 from m2omni_jax.data import records as records_lib
 from m2omni_jax.data.sources.base import Part, SafeDecode, Source, register_source
 
 
 def expand_files(patterns: str, field: str) -> list[str]:
-    """Comma-separated paths or glob patterns -> sorted existing files (an empty match is an error)."""
+    """Comma-separated paths or glob patterns -> sorted existing local files (an empty match is
+    an error). Files on a bucket (gs://...) are copied once to the local mirror (`data.mirror`):
+    ArrayRecord reads local files only."""
     files = []
     for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        matched = _glob(pattern)
         if not matched:
             raise FileNotFoundError(f"{field}={pattern!r} matches no file")
-        files += matched
+        files += [mirror.fetch_file(f) for f in matched]
     return files
+
+
+def _glob(pattern: str) -> list[str]:
+    if not workdir.is_url(pattern):
+        return sorted(glob.glob(os.path.expanduser(pattern)))
+    folder, name = pattern.rsplit("/", 1)
+    if any(c in folder for c in "*?["):
+        raise ValueError(f"{pattern!r}: on a bucket only the file name may hold a wildcard")
+    return sorted(os.fspath(p) for p in epath.Path(folder).glob(name))
 
 
 class ArrayRecordFiles:

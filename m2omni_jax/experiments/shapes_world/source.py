@@ -15,6 +15,7 @@ import os
 import grain
 import ml_collections
 
+from m2omni_jax.data import mirror
 from m2omni_jax.data import records as records_lib
 from m2omni_jax.data import sources
 from m2omni_jax.experiments.shapes_world import speech, text_corpus
@@ -57,14 +58,14 @@ def text_corpus_config() -> ml_collections.ConfigDict:
 def shapes_world_dir(config, cfg) -> str:
     """cfg.dir, or a directory of its own per variant under data.dir."""
     key = writer.dataset_key(int(config.data.seed), int(cfg.num_train), int(cfg.num_eval), tuple(cfg.tasks))
-    return os.path.expanduser(cfg.dir or os.path.join(config.data.dir, "shapes_world", key))
+    return cfg.dir or os.path.join(config.data.dir, "shapes_world", key)
 
 
 def write_builtin_shapes_world(config, cfg, progress: bool = False) -> tuple[str, tuple[str, ...]]:
-    """Writes (once) the shapes-world splits; returns (dir, the tasks in file order)."""
-    out_dir = shapes_world_dir(config, cfg)
-    manifest = writer.write_shapes_world(out_dir, seed=int(config.data.seed), num_train=int(cfg.num_train),
-                                         num_eval=int(cfg.num_eval), tasks=tuple(cfg.tasks), progress=progress)
+    """Writes (once) the shapes-world splits; returns (the local dir, the tasks in file order)."""
+    with mirror.mirrored(shapes_world_dir(config, cfg)) as out_dir:
+        manifest = writer.write_shapes_world(out_dir, seed=int(config.data.seed), num_train=int(cfg.num_train),
+                                             num_eval=int(cfg.num_eval), tasks=tuple(cfg.tasks), progress=progress)
     return out_dir, tuple(manifest["tasks"])
 
 
@@ -72,15 +73,15 @@ def speech_dir(config, cfg) -> str:
     """cfg.speech.dir, or a directory of its own per variant under data.dir."""
     key = writer.dataset_key(int(config.data.seed), int(cfg.speech.num_train), int(cfg.speech.num_eval),
                              tuple(cfg.speech.tasks))
-    return os.path.expanduser(cfg.speech.dir or os.path.join(config.data.dir, "shapes_speech", key))
+    return cfg.speech.dir or os.path.join(config.data.dir, "shapes_speech", key)
 
 
 def write_builtin_speech(config, cfg, progress: bool = True) -> tuple[str, tuple[str, ...]]:
     """Writes (once, with a progress bar) the speech splits; returns (dir, the tasks in file order)."""
-    out_dir = speech_dir(config, cfg)
-    manifest = speech.write_speech_world(out_dir, seed=int(config.data.seed), num_train=int(cfg.speech.num_train),
-                                         num_eval=int(cfg.speech.num_eval), tasks=tuple(cfg.speech.tasks),
-                                         progress=progress)
+    with mirror.mirrored(speech_dir(config, cfg)) as out_dir:
+        manifest = speech.write_speech_world(out_dir, seed=int(config.data.seed),
+                                             num_train=int(cfg.speech.num_train), num_eval=int(cfg.speech.num_eval),
+                                             tasks=tuple(cfg.speech.tasks), progress=progress)
     return out_dir, tuple(manifest["tasks"])
 
 
@@ -167,12 +168,14 @@ class ShapesWorldSource(sources.Source):
 
 def text_corpus_files(config, cfg, split: str = "train") -> list[str]:
     """Writes (once) and returns the built-in corpus files of `split` ("train" or "eval")."""
-    root = os.path.expanduser(cfg.get("dir", "") or config.data.dir)
+    root = cfg.get("dir", "") or config.data.dir
     seed, num_docs = int(config.data.seed), int(cfg.num_docs)
     if split == "eval":
-        return text_corpus.write_text_corpus(os.path.join(root, "text_eval"), max(num_docs // 20, 200),
-                                             seed + HELDOUT_SEED_OFFSET, 1)
-    return text_corpus.write_text_corpus(os.path.join(root, "text"), num_docs, seed, int(cfg.get("num_shards", 4)))
+        folder, args = "text_eval", (max(num_docs // 20, 200), seed + HELDOUT_SEED_OFFSET, 1)
+    else:
+        folder, args = "text", (num_docs, seed, int(cfg.get("num_shards", 4)))
+    with mirror.mirrored(os.path.join(root, folder)) as out_dir:
+        return text_corpus.write_text_corpus(out_dir, *args)
 
 
 class CorpusRecords:
