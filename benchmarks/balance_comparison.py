@@ -1,7 +1,8 @@
 """Equal weights vs step balance vs dynamic adaptive balance on the tiny omni mixture.
 
     python benchmarks/balance_comparison.py --config=configs/stages/pt3.py:tiny \
-        --workdir=/tmp/balance_comparison --steps=300
+        --workdir=/tmp/balance_comparison --steps=200 --config.train.batch_size=20 \
+        --calibration_file=CALIBRATION_RUN/converged_losses.json  # from m2omni-calibrate
 
 Trains the same model on the same mixture for the same number of steps with
 (a) one mixed stream and equal loss weights, (b) step balance (one micro-batch
@@ -17,10 +18,10 @@ every arm sees the same tokens per step), and
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import m2omni_jax.experiments  # noqa: F401  (the built-in data set's sources)
-from m2omni_jax import train
+from m2omni_jax import cli, train
 from m2omni_jax.training.metrics_logging import read_metrics
 
 # --config (a multi-modality mixture, e.g. configs/stages/pt3.py:tiny) and --workdir (the parent
@@ -51,8 +52,10 @@ def run_config(base, strategy: str, steps: int):
     if strategy == "step" and FLAGS.equal_tokens:
         num_modalities = len(config.balance.modalities)
         if config.train.batch_size % num_modalities:
-            raise ValueError(f"--equal_tokens: config.train.batch_size={config.train.batch_size} is not a "
-                             f"multiple of the {num_modalities} balanced modalities")
+            multiple = -(-config.train.batch_size // num_modalities) * num_modalities
+            raise app.UsageError(f"--equal_tokens: config.train.batch_size={config.train.batch_size} is not a "
+                                 f"multiple of the {num_modalities} balanced modalities; pass "
+                                 f"--config.train.batch_size={multiple} or --noequal_tokens")
         config.train.batch_size //= num_modalities
     config.balance.dynamic.interval_steps = FLAGS.dynamic_interval
     return config
@@ -86,10 +89,12 @@ def main(argv):
     del argv
     root = os.path.abspath(FLAGS.workdir)
     modalities = tuple(FLAGS.config.balance.modalities)
+    logging.get_absl_handler().addFilter(cli.OwnInfoOnly())  # quiet, as m2omni-train
+    configs = {name: run_config(FLAGS.config, strategy, FLAGS.steps) for name, strategy in STRATEGIES.items()}
     results, curves = {}, {}
-    for name, strategy in STRATEGIES.items():
+    for name, config in configs.items():  # every arm's config checked before the first trains
         workdir = os.path.join(root, name)
-        results[name] = train.train_and_evaluate(run_config(FLAGS.config, strategy, FLAGS.steps), workdir)
+        results[name] = train.train_and_evaluate(config, workdir)
         records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
         curves[name] = {m: [(s, r[f"loss/{m}"]) for s, r in sorted(records.items()) if f"loss/{m}" in r]
                         for m in modalities}
