@@ -135,6 +135,29 @@ def test_loss_is_zero_for_the_exact_velocity_and_known_for_zero(time_sampling):
     assert abs(zero - (float(jnp.mean(images ** 2)) + 1)) < 0.03
 
 
+def test_noise_draws_score_each_row_at_independent_times_and_keep_the_mask():
+    images, _, cond, cond_mask = inputs(2)
+    seen = []
+
+    def record_times(p, x, t, c, m):
+        seen.append(t)
+        return jnp.zeros_like(x)
+
+    rng, valid = jax.random.key(5), jnp.array([True, False])
+    kwargs = dict(params=None, cond=cond, cond_mask=cond_mask, rng=rng)
+    drawn = ih.flow_matching_loss(record_times, images=images, sample_mask=valid, noise_draws=3, **kwargs)
+    assert seen[0].shape == (6,) and len(set(np.asarray(seen[0]).tolist())) == 6  # 3 times per row, all different
+    # The same as scoring the rows repeated in place (row 0 three times, then row 1), the mask with them.
+    repeated = ih.flow_matching_loss(record_times, images=jnp.repeat(images, 3, 0), sample_mask=jnp.repeat(valid, 3),
+                                     **dict(kwargs, cond=jnp.repeat(cond, 3, 0), cond_mask=jnp.repeat(cond_mask, 3, 0)))
+    assert float(drawn) == float(repeated)
+    # Only row 0 counts: a huge image in the masked row 1 changes nothing.
+    masked = ih.flow_matching_loss(record_times, images=jnp.asarray(images).at[1].set(1e3), sample_mask=valid, noise_draws=3, **kwargs)
+    assert float(masked) == float(drawn)
+    with pytest.raises(ValueError, match="noise_draws=0"):
+        ih.ImageHeadConfig(noise_draws=0)
+
+
 def test_preconditioning_hand_worked_and_least_squares():
     c_skip, c_out = ih.preconditioning(jnp.array([0.0, 0.5, 1.0]), 1)
     np.testing.assert_allclose(c_skip, [-1.0, 0.0, 1.0], atol=1e-6)  # t = 0: v = −x0 + x1 = −x_t + x1

@@ -58,6 +58,10 @@ class ImageHeadConfig:
     time_sampling: str = "uniform"  # training t ~ U(0, 1), or "logit_normal": sigmoid(N(time_mean, time_std²)) (SD3)
     time_mean: float = 0.0  # logit-normal location: < 0 trains noisier times (where the layout is decided)
     time_std: float = 1.0  # logit-normal scale
+    # Each training image is scored at this many independent (noise, t) draws: the head's work
+    # per image × noise_draws, the condition (the LLM) computed once (MAR's "diffusion batch
+    # multiplier", Li et al. 2024); a cheap way to give the small decoder more signal per step.
+    noise_draws: int = 1
     # The head models (x − data_shift) / data_scale of images x in [-1, 1] (as latent models are
     # scaled to unit variance): a mostly flat image has little variance, so against N(0, I) noise
     # its content only shows late in the path; scaled up, it is decided earlier.
@@ -81,6 +85,8 @@ class ImageHeadConfig:
                              f"use one of {POSITION_EMBEDDINGS}")
         if self.time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"{field}.time_sampling={self.time_sampling!r}; use one of {TIME_SAMPLINGS}")
+        if self.noise_draws < 1:
+            raise ValueError(f"{field}.noise_draws={self.noise_draws} must be at least 1")
         if self.data_scale <= 0 or self.time_std <= 0:
             raise ValueError(f"{field}.data_scale={self.data_scale} and time_std={self.time_std} must be positive")
         if not 0.0 <= self.cond_dropout <= 1.0:
@@ -376,7 +382,7 @@ def output_velocity(out, x_t, t, prediction: str = "velocity"):
 
 def flow_matching_loss(apply_fn, params, images, cond, cond_mask, rng, *, cond_dropout: float = 0.0,
                        time_sampling: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
-                       sample_mask=None, target: str = "velocity"):
+                       sample_mask=None, target: str = "velocity", noise_draws: int = 1):
     """Mean squared error of the predicted velocity against x1 − x0 (rectified flow).
 
     apply_fn(params, x_t, t, cond, cond_mask) -> velocity, e.g. `ImageHead(cfg).apply` with
@@ -385,7 +391,11 @@ def flow_matching_loss(apply_fn, params, images, cond, cond_mask, rng, *, cond_d
     `sample_mask` (B,): average over these rows only (rows of a batch without an image target).
     `target="data"`: apply_fn predicts the clean image x1, scored against it;
     "preconditioned": the residual (v − c_skip·x_t) / c_out (see `preconditioning`).
+    `noise_draws` k: each row scored at k independent (noise, t, dropout) draws, the mean over all.
     """
+    if noise_draws > 1:
+        images, cond, cond_mask = (jnp.repeat(a, noise_draws, axis=0) for a in (images, cond, cond_mask))
+        sample_mask = None if sample_mask is None else jnp.repeat(sample_mask, noise_draws, axis=0)
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
     data = images.astype(jnp.float32)
     noise = jax.random.normal(noise_rng, data.shape, jnp.float32)

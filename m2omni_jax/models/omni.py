@@ -560,7 +560,7 @@ class OmniModel(nn.Module):
         loss = image_head_lib.flow_matching_loss(
             lambda _, x_t, t, c, m: self.image_head(x_t, t, c, m), None, images, cond, cond_mask, rng,
             cond_dropout=head.cond_dropout, time_sampling=head.time_sampling, time_mean=head.time_mean,
-            time_std=head.time_std, sample_mask=valid, target=head.prediction)
+            time_std=head.time_std, sample_mask=valid, target=head.prediction, noise_draws=head.noise_draws)
         return loss * head.loss_weight, jnp.sum(valid).astype(jnp.float32)
 
     def draw(self, hidden, gen_image_cond, rng):
