@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     "matplotlib",  # the PNG loss / balance-weight plots m2omni-train writes (training/metrics_logging.py)
     "threadpoolctl",  # one BLAS thread for the input pipeline's numpy work (data/pipeline.py)
     "importlib_resources",  # tfds 4.9.x imports it when preparing a builder (tensorflow/datasets#11212)
+    "gcsfs",  # gs:// workdirs and data directories through etils.epath (without TensorFlow)
 ]
 
 EXTRAS = {
@@ -33,8 +34,9 @@ EXTRAS = {
     # features with it (tests/test_sources.py); the framework itself reads TFDS without it.
     # torch + transformers: the Hugging Face parity tests (tests/test_hf_interop.py); 2.13.0 is
     # a CPU build (any other torch pulls several GB of CUDA wheels). nbclient: tests/test_notebooks.py.
+    # gcp-storage-emulator: a local gs:// bucket for tests/test_bucket_run.py.
     "test": ["pytest>=8", "pytest-xdist", "kaldi-native-fbank", "tensorflow-cpu", "torch==2.13.0", "transformers",
-             "nbclient", "nbformat", "ipykernel"],
+             "nbclient", "nbformat", "ipykernel", "gcp-storage-emulator"],
     # benchmarks/peers/: the same models in PyTorch / transformers, measured side by side.
     "peers": ["torch==2.13.0", "transformers"],
     "experiments": ["matplotlib", "optuna"],  # benchmarks/balance_comparison.py plots; fixnorm_vs_tpe.py: TPE
