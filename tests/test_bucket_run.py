@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from gcp_storage_emulator import server as emulator
 
 from test_inference import REPO, SMALL_LLM
-
-emulator = pytest.importorskip("gcp_storage_emulator.server")
 
 
 def _with_generation(handler):
