@@ -4,8 +4,8 @@ ArrayRecord reads and writes local files only (open-source Riegeli has no GCS re
 google/array_record#120), so a data directory that is a URL is worked on through a local copy
 under `~/.cache/m2omni_jax/mirror/<scheme>/<bucket>/<path>`:
 
-    with mirror.mirrored("gs://bucket/data/shapes_world/v7-...") as local:
-        write_shapes_world(local, ...)   # a no-op when the bucket already held the variant
+    with mirror.mirrored("gs://bucket/data/my_corpus") as local:
+        write_corpus(local, ...)   # a no-op when the bucket already held it
     read(local)
 
 On entry the bucket's files are fetched where the local copy lacks them (or differs in size);
