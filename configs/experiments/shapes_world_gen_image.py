@@ -6,6 +6,9 @@
 `:query` (N <gen_imagePatch> queries condition the DiT) or `:caption` (the paper's route: the LLM
 writes the description inside <gen_image> … </gen_image> and its hidden states condition the DiT).
 Not yet at the target (≥ 80% each); 200 held-out requests, 2 CPU cores.
+Caption route, session 22 (4 noise draws, logit-normal t), `--config.train.steps=1200`: 1200 steps
+in 1693.7 s (28.4 min wall) on idle cores: position 100%, colour 92.9%, shape 35.8%, size 86.3%
+(benchmarks/results/gen_image_caption_route_1200steps_draws4.json, grid PNG beside it).
 Caption route (the paper's), session 21: 800 steps in 19.2 min, position 96.9%, colour 36.7%,
 shape 28.0%, size 68.5% (benchmarks/results/gen_image_caption_route_800steps.json, grid PNG
 beside it). The LLM writes the description right; the DiT's blobs sit in the right cells but are
