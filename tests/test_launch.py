@@ -165,3 +165,13 @@ def test_tpu_deletes_the_queued_resource_when_training_fails(tmp_path):
     assert result.returncode == 3, result.stderr
     assert sum("describe" in c for c in calls) == 2  # polled until ACTIVE
     assert "m2omni-train" in calls[-2] and "queued-resources delete t" in calls[-1]
+
+
+def test_shell_launchers_parse_and_name_their_usage():
+    for script in sorted((REPO / "launch").glob("*.sh")):
+        parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{script.name}: {parsed.stderr}"
+    for script in ("tiny_vqa.sh", "tiny_tts.sh"):  # the ROOT argument is required: usage, no run
+        result = subprocess.run(["bash", str(REPO / "launch" / script)], capture_output=True, text=True,
+                                cwd=REPO, timeout=60)
+        assert result.returncode != 0 and "usage" in result.stderr, (script, result.stderr)
