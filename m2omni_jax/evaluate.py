@@ -22,10 +22,11 @@ the N `<gen_imagePatch>` queries; the span's hidden states condition the image h
 position / size per requested object, read by its attribute checker); `m2omni-eval` writes
 `workdir/gen_image_grid.png` (each drawing beside the reference).
 
-With `<audio_k>` tokens (`tokenizer.audio_codes`) and held-out TTS records (modality
-"speech_gen"), the first `eval.num_tts_samples` sentences are spoken (`make_speaker`) and
-scored (`score_speech`): WER of the speech tokenizer's own ASR on the generated speech, MCD
-against the reference recording; eval.json's "tts", `eval.tts_wavs` pairs in `workdir/tts_wavs/`.
+With `<audio_k>` tokens (`tokenizer.audio_codes`) and held-out speech output records (modality
+"speech_gen": TTS and spoken answers), the first `eval.num_tts_samples` are spoken
+(`make_speaker`) and scored per task (`score_speech`): WER of the speech tokenizer's own ASR
+on the generated speech, the share heard exactly, MCD against the reference recording;
+eval.json's "tts" and "spoken_answer", `eval.tts_wavs` pairs in `workdir/tts_wavs/`.
 """
 from __future__ import annotations
 
@@ -187,6 +188,9 @@ def _through(ids: Sequence[int], token: int) -> int:
     return ids.index(token) + 1 if token in ids else len(ids)
 
 
+SPEECH_OUTPUT_TASKS = {"tts": "TTS", audio_tokens.SPOKEN_ANSWER_TASK: "spoken answers"}  # eval.json keys
+
+
 def tts_records(config, tokenizer) -> list[dict]:
     """The first `eval.num_tts_samples` held-out TTS records (parts of modality "speech_gen"),
     round-robin over those parts; none without `<audio_k>` tokens."""
@@ -203,7 +207,7 @@ def make_speaker(config, model, tokenizer, records: Sequence[dict], mesh, rules)
     speech decoder and Griffin-Lim (`speech_output.SpeechOutputHead`, one shot: the streamed
     chunks join to the same within its tolerance)."""
     close, eot = tokenizer.special_id(audio_tokens.GEN_AUDIO_SPAN[1]), tokenizer.special_id("<|eot_id|>")
-    prompts = [dict(r, messages=r["messages"][:1]) for r in records]
+    prompts = [dict(r, messages=r["messages"][:-1]) for r in records]  # every turn before the spoken reply
     answer = make_answerer(config, model, tokenizer, prompts, mesh, rules, stop_ids=(close, eot), keep_ids=True)
     head = speech_output.load_speech_head(config, tokenizer.audio, max_tokens=int(config.eval.max_new_tokens))
 
@@ -230,6 +234,7 @@ def score_speech(config, records: Sequence[dict], replies: Sequence[str], waves)
     spoken = [i for i, w in enumerate(waves) if len(w) > vocoder.MEL.n_fft]
     mcd = [vocoder.mel_cepstral_distortion(references[i], waves[i]) for i in spoken]
     return {"wer": float(jiwer.wer(texts, heard)), "cer": float(jiwer.cer(texts, heard)),
+            "heard_exactly": float(np.mean([t == h for t, h in zip(texts, heard)])) if texts else float("nan"),
             "mcd_db": float(np.mean(mcd)) if mcd else float("nan"), "spoken_fraction": len(spoken) / max(len(waves), 1),
             "reference_wer": float(jiwer.wer(texts, [normalize(h) for h in asr.transcribe(references)])),
             "num_sentences": len(records),
@@ -393,16 +398,21 @@ def evaluate(config, workdir: str) -> dict:
     spoken = tts_records(config, tokenizer)
     if spoken:
         replies, waves = make_speaker(config, model, tokenizer, spoken, mesh, rules)(params)
-        result["tts"] = score_speech(config, spoken, replies, waves)
+        for task in sorted({r.get("task", "tts") for r in spoken}):  # "tts", "spoken_answer"
+            chosen = [i for i, r in enumerate(spoken) if r.get("task", "tts") == task]
+            result[task] = score_speech(config, [spoken[i] for i in chosen], [replies[i] for i in chosen],
+                                        [waves[i] for i in chosen])
         write_speech(workdir, spoken, waves, int(config.eval.tts_wavs))
     answers = "".join(json.dumps(line) + "\n" for line in result.pop("answers"))
     workdir_lib.path(workdir, "eval_answers.jsonl").write_text(answers)  # epath: a gs:// workdir too
     workdir_lib.path(workdir, "eval.json").write_text(json.dumps(result, indent=1))
     print(f"eval at step {step} ({workdir_lib.path(workdir, 'eval.json')}):\n{format_table(result, evaluate_fn.kinds)}")
-    if spoken:
-        tts = result["tts"]
-        print(f"TTS ({tts['num_sentences']} held-out sentences): own-ASR WER {tts['wer']:.1%} (eSpeak reference "
-              f"{tts['reference_wer']:.1%}), MCD {tts['mcd_db']:.2f} dB; WAVs in {workdir_lib.path(workdir, 'tts_wavs')}")
+    for task, title in SPEECH_OUTPUT_TASKS.items():
+        if task in result:
+            tts = result[task]
+            print(f"{title} ({tts['num_sentences']} held-out): own-ASR WER {tts['wer']:.1%} (eSpeak reference "
+                  f"{tts['reference_wer']:.1%}), heard exactly {tts['heard_exactly']:.1%}, MCD {tts['mcd_db']:.2f} dB; "
+                  f"WAVs in {workdir_lib.path(workdir, 'tts_wavs')}")
     return result
 
 

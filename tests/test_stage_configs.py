@@ -56,3 +56,22 @@ def test_large_stages_use_the_papers_towers():
     assert (config.model.vision.width, config.model.vision.depth) == (1280, 32)
     assert (config.model.audio.width, config.model.audio.depth, config.model.audio.num_audio_tokens) == (512, 50, 256)
     assert config.model.connector.output_scale == 1.0 and config.model.audio.output_scale == 1.0
+
+
+@pytest.mark.parametrize("extras", ["+speak", "+draw+speak"])
+def test_it3_speaks_with_speech_output_records_balanced_as_their_own_modality(extras):
+    plain, speaking = stage("it3", "tiny" + extras.replace("+speak", "")), stage("it3", "tiny" + extras)
+    build.validate_config(speaking, num_devices=8, process_count=1)
+    share = omni_pipeline.modality_weights(speaking.data)
+    assert share["speech_gen"] == pytest.approx(0.1 * sum(share.values()))
+    assert share["text"] / share["image"] == pytest.approx(plain.data.modality_weights["text"]
+                                                           / plain.data.modality_weights["image"])
+    assert "speech_gen" in speaking.balance.modalities and ("image_out" in speaking.balance.modalities) == ("draw" in extras)
+    tts, answers = speaking.data.sources.tts, speaking.data.sources.spoken_answers
+    assert (tts.kind, tts.get("speak", "transcripts"), answers.kind, answers.speak, answers.voice) == (
+        "tts", "transcripts", "tts", "answers", "espeak")
+    assert tts.tokenizer_workdir == answers.tokenizer_workdir == speaking.speech_tokenizer.workdir
+    assert speaking.tokenizer.audio_codes == 1000  # the tokenizer's FSQ levels (8, 5, 5, 5)
+    assert speaking.model.llm.vocab_size == plain.model.llm.vocab_size + 1024  # text ids unchanged, codes after
+    with pytest.raises(ValueError, match=r"any of \+draw, \+speak, got tiny\+sing"):
+        stage("it3", "tiny+sing")

@@ -320,3 +320,78 @@ def test_tts_source_encodes_the_clips_and_speech_scores_by_hand(tmp_path, text_m
     assert result["spoken_fraction"] == 0.5 and result["examples"][1]["heard"] == ""
     evaluate.write_speech(str(tmp_path / "run"), records, references, 1)
     assert sorted(p.name for p in (tmp_path / "run" / "tts_wavs").iterdir()) == ["00_generated.wav", "00_reference.wav"]
+
+
+# ----------------------------------------------------------------------------- spoken answers
+
+
+def test_spoken_answer_record_by_hand():
+    image, clip = np.zeros((4, 4, 3), np.uint8), np.full(160, 0.25, np.float32)
+    record = {"id": "eval/3", "task": "spoken_vqa", "modality": "audio", "images": [image], "audio": [clip],
+              "messages": [{"role": "user", "content": "<image>\n<audio>"}, {"role": "assistant", "content": "red"}]}
+    spoken = audio_tokens.spoken_answer_record(record, np.array([[7], [0], [7]]), np.full(80, 0.5, np.float32))
+    assert spoken["messages"] == [{"role": "user", "content": "<image>\n<audio>"},
+                                  {"role": "assistant", "content": "<gen_audio><audio_7><audio_0><audio_7></gen_audio>"}]
+    assert (spoken["modality"], spoken["task"], spoken["answer_task"], spoken["answer"]) == (
+        "speech_gen", "spoken_answer", "spoken_vqa", "red")
+    assert spoken["images"][0] is image and spoken["audio"][0] is clip  # the question's media stay
+    np.testing.assert_array_equal(audio_tokens.records_lib.decode_pcm16(spoken["reference_audio"]), 0.5)
+    assert record["messages"][1]["content"] == "red"  # the input is not changed
+    with pytest.raises(ValueError, match="'eval/3': no assistant reply to speak"):
+        audio_tokens.spoken_answer_record(dict(record, messages=record["messages"][:1]), [1], clip)
+
+
+class _SpokenQuestions(audio_tokens.sources.Source):
+    """A source kind of the test: spoken questions with text answers (one audio part)."""
+    ANSWERS = ("red", "blue square")
+
+    def parts(self, split):
+        import grain
+
+        records = [{"id": f"{split}/{i}", "task": "spoken_vqa", "audio": [_SpeechRecords.CLIPS[i]],
+                    "messages": [{"role": "user", "content": "<audio>"}, {"role": "assistant", "content": answer}]}
+                   for i, answer in enumerate(self.ANSWERS)]
+        return {"spoken_vqa": audio_tokens.sources.Part(self.name, "audio", lambda: grain.MapDataset.source(records))}
+
+
+audio_tokens.sources.register_source("test_spoken_questions", _SpokenQuestions)
+# A test voice: a tone whose pitch and length follow the text, the same for the same text.
+audio_tokens.register_voice("test_tone", lambda text, key: (0.3 * np.sin(np.arange(4000 + 400 * len(text))
+                                                                          * (0.02 + 0.01 * len(text)))).astype(np.float32))
+
+
+@pytest.mark.slow
+def test_a_tts_source_speaks_the_answers_of_spoken_questions(tmp_path):
+    _speech_run(tmp_path / "speech", _SpeechRecords.CLIPS)
+    config = base.get_config()
+    config.model.audio.enabled = True
+    config.data.sources = dict(
+        questions=dict(kind="test_spoken_questions"),
+        answers=dict(kind="tts", speak="answers", voice="test_tone", from_source="questions",
+                     tokenizer_workdir=str(tmp_path / "speech"), tokenizer_model=SPEECH_TOKENIZER,
+                     dir=str(tmp_path / "answers")))
+    part = audio_tokens.sources.parts(RunConfig.of(config), "eval")["answers"]
+    records = [part.records()[i] for i in range(len(part.records()))]
+    codes = audio_tokens.SpeechCodes.of_run(str(tmp_path / "speech"), SPEECH_TOKENIZER)
+    voice = audio_tokens.get_voice("test_tone", "test")
+    assert part.modality == "speech_gen" and [r["answer"] for r in records] == list(_SpokenQuestions.ANSWERS)
+    for i, record in enumerate(records):
+        spoken = voice(record["answer"], "")
+        assert record["messages"] == [{"role": "user", "content": "<audio>"},
+                                      {"role": "assistant", "content": audio_tokens.gen_audio_text(codes(spoken))}]
+        np.testing.assert_array_equal(record["audio"][0], audio_tokens.records_lib.decode_pcm16(
+            audio_tokens.records_lib.pcm16_bytes(_SpeechRecords.CLIPS[i])))  # the question, kept
+        np.testing.assert_array_equal(audio_tokens.records_lib.decode_pcm16(record["reference_audio"]),
+                                      audio_tokens.records_lib.decode_pcm16(audio_tokens.records_lib.pcm16_bytes(spoken)))
+    # A spoken question needs the audio tower; an unknown voice or mode is named.
+    for field, value, match in (("model.audio.enabled", False, "asks its question in speech, but "
+                                 "config.model.audio.enabled=False"),
+                                ("data.sources.answers.voice", "nobody", "voice='nobody' is not a registered voice"),
+                                ("data.sources.answers.speak", "songs", "speak='songs': one of")):
+        bad = base.get_config()
+        bad.update_from_flattened_dict({"model.audio.enabled": True})
+        bad.data.sources = config.data.sources.to_dict()
+        bad.data.sources.answers.dir = str(tmp_path / f"bad_{value}")
+        bad.update_from_flattened_dict({field: value})
+        with pytest.raises(ValueError, match=match):
+            audio_tokens.sources.parts(RunConfig.of(bad), "eval")["answers"].records()

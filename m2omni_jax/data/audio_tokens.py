@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -142,14 +142,57 @@ TTS_MODALITY = "speech_gen"  # the modality tag of TTS tokens (modalities.py): o
 GEN_AUDIO_SPAN = ("<gen_audio>", "</gen_audio>")
 
 
+SPOKEN_ANSWER_TASK = "spoken_answer"
+
+
+def gen_audio_text(codes) -> str:
+    """`<gen_audio><audio_c0><audio_c1>…</gen_audio>`: speech codes as an assistant's reply."""
+    spoken = "".join(AUDIO_TOKEN.format(int(c)) for c in np.asarray(codes).reshape(-1))
+    open_, close = GEN_AUDIO_SPAN
+    return f"{open_}{spoken}{close}"
+
+
 def tts_record(text: str, codes, prompt: str = TTS_PROMPT) -> dict:
     """A text-to-speech record in the omni format: the user gives the text, the assistant answers
     `<gen_audio><audio_c0><audio_c1>…</gen_audio>` (`codes` of the spoken text)."""
-    spoken = "".join(AUDIO_TOKEN.format(int(c)) for c in np.asarray(codes).reshape(-1))
-    open_, close = GEN_AUDIO_SPAN
     return {"messages": [{"role": "user", "content": f"{prompt}\n{text}"},
-                         {"role": "assistant", "content": f"{open_}{spoken}{close}"}],
+                         {"role": "assistant", "content": gen_audio_text(codes)}],
             "modality": TTS_MODALITY, "task": "tts", "answer": text}
+
+
+def spoken_answer_record(record: dict, codes, answer_audio: np.ndarray) -> dict:
+    """`record` (any question: text, image, speech, ...) answered in speech: its last turn, the
+    assistant's text, becomes `<gen_audio>` + `codes` (of `answer_audio`, that text spoken) +
+    `</gen_audio>`; the question's own media stay. `answer` is the text that was spoken,
+    `answer_task` the record's task, `reference_audio` the spoken answer (int16 PCM)."""
+    messages = [dict(m) for m in record.get("messages", [])]
+    if not messages or messages[-1].get("role") != "assistant" or not str(messages[-1].get("content", "")).strip():
+        raise ValueError(f"record {record.get('id')!r}: no assistant reply to speak (its last turn must be the "
+                         "assistant's text)")
+    text = messages[-1]["content"]
+    messages[-1]["content"] = gen_audio_text(codes)
+    return {**record, "messages": messages, "modality": TTS_MODALITY, "task": SPOKEN_ANSWER_TASK,
+            "answer_task": record.get("task", ""), "answer": text,
+            "reference_audio": records_lib.pcm16_bytes(answer_audio)}
+
+
+# ----------------------------------------------------------------------------- voices
+
+# A voice speaks an answer's text: voice(text, key) -> float32 PCM at audio.SAMPLE_RATE (`key`: the
+# record's id, for voices that vary by record). Registered by name (the built-in data set's "espeak").
+Voice = Callable[[str, str], np.ndarray]
+_VOICES: dict[str, Voice] = {}
+
+
+def register_voice(name: str, voice: Voice) -> None:
+    _VOICES[name] = voice
+
+
+def get_voice(name: str, field: str) -> Voice:
+    if name not in _VOICES:
+        raise ValueError(f"{field}={name!r} is not a registered voice (registered: {sorted(_VOICES)}; "
+                         "audio_tokens.register_voice adds one)")
+    return _VOICES[name]
 
 
 def extend_llm_vocab(params: dict, llm_config, vocab_size: int):
@@ -333,12 +376,26 @@ def tts_records_of(record: dict, transcript_key: str, codes_of, prompt: str = TT
     return out
 
 
+SPEAK_MODES = ("transcripts", "answers")
+
+
+def _audio_tower_on(config) -> bool:
+    model = getattr(config, "model", None)
+    return bool(getattr(getattr(model, "audio", None), "enabled", False))
+
+
 class TTSSource(sources.Source):
-    """Kind "tts": text -> `<gen_audio>` speech codes, made from the speech clips of another
-    configured source (`from_source`, its audio parts or the named `parts`) whose records hold
-    each clip's transcript at `transcript_key`; a trained speech tokenizer (`tokenizer_workdir`,
-    an m2omni-train-speech-tokenizer run, with `tokenizer_model` its model fields) encodes the
-    clips. Written once per split to `dir` (ArrayRecord), modality "speech_gen"."""
+    """Kind "tts": speech output records of modality "speech_gen", made from the records of
+    another configured source (`from_source`, its audio parts or the named `parts`) and encoded
+    by a trained speech tokenizer (`tokenizer_workdir`, an m2omni-train-speech-tokenizer run, with
+    `tokenizer_model` its model fields). `speak` says what is spoken:
+      "transcripts" (default): text -> speech, one record per clip, the clip's transcript at
+        `transcript_key` as the text and the clip's codes as the `<gen_audio>` reply;
+      "answers": spoken answers, the record's own question (speech, image + speech, text, ...)
+        kept and its text answer spoken by the registered `voice` (`register_voice`) and
+        replaced by that speech's codes (`spoken_answer_record`); a question that holds
+        clips needs the audio tower (model.audio.enabled).
+    Written once per split to `dir` (ArrayRecord); `num_<split>` caps a split's records."""
 
     def _dir(self) -> str:
         key = json.dumps({k: v for k, v in self.cfg.to_dict().items() if k not in ("weight", "dir")},
@@ -386,6 +443,25 @@ class TTSSource(sources.Source):
         with mirror.mirrored(self._dir()):
             return self._write(split, progress)
 
+    def speak(self) -> str:
+        mode = self.cfg.get("speak", "transcripts") or "transcripts"
+        if mode not in SPEAK_MODES:
+            raise ValueError(f"config.data.sources.{self.name}.speak={mode!r}: one of {SPEAK_MODES}")
+        return mode
+
+    def records_of(self, record: dict, codes_of) -> list[dict]:
+        """The speech output records that one record of `from_source` gives."""
+        if self.speak() == "transcripts":
+            return tts_records_of(record, self.cfg.get("transcript_key", "transcripts"), codes_of,
+                                  self.cfg.get("prompt", TTS_PROMPT))
+        if record.get("audio") and not _audio_tower_on(self.config):
+            raise ValueError(f"config.data.sources.{self.name}.speak='answers': record {record.get('id')!r} asks "
+                             "its question in speech, but config.model.audio.enabled=False")
+        voice = get_voice(self.field("voice"), f"config.data.sources.{self.name}.voice")
+        text = str(record.get("messages", [{}])[-1].get("content", ""))
+        answer_audio = voice(text, str(record.get("id", "")))
+        return [spoken_answer_record(record, codes_of(answer_audio, audio_frontend.SAMPLE_RATE), answer_audio)]
+
     def _write(self, split: str, progress: bool) -> str:
         from array_record.python.array_record_module import ArrayRecordWriter
         from tqdm import tqdm
@@ -403,8 +479,7 @@ class TTSSource(sources.Source):
         try:
             with tqdm(total=limit, desc=f"{self.name} {split} (speech codes)", disable=not progress) as bar:
                 for record in records:
-                    for tts in tts_records_of(record, self.cfg.get("transcript_key", "transcripts"), codes_of,
-                                              self.cfg.get("prompt", TTS_PROMPT)):
+                    for tts in self.records_of(record, codes_of):
                         if limit is not None and count >= limit:
                             break
                         writer.write(records_lib.encode_record(tts))

@@ -216,9 +216,10 @@ def make_omni_dataset(config, tokenizer, *, batch_size: int, process_index: int 
     check_drawing_mixture(config)
     train_parts = split_parts(config, "train")
     weights = part_weights(data, train_parts)
-    # Rows always carry the clip slots; the CMVN statistics are needed only to read audio.
+    # Rows always carry the clip slots; the CMVN statistics are needed only to read audio (spoken
+    # questions, also in spoken-answer records of modality speech_gen).
     audio_opts = media.AudioOptions.from_config(
-        config, read_cmvn=any(train_parts[name].modality == "audio" for name in weights))
+        config, read_cmvn=any(train_parts[name].modality in ("audio", "speech_gen") for name in weights))
     split = data.split
     parts_of_split = train_parts if split == "train" else split_parts(config, split)
     draw_opts = chat.DrawOptions.from_config(config)

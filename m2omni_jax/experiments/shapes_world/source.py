@@ -1,5 +1,6 @@
 """The shapes world as data sources: kinds `shapes_world` (its tasks, and with the audio tower
-its spoken tasks) and `text_corpus` (the built-in text corpus), registered on import.
+its spoken tasks) and `text_corpus` (the built-in text corpus), registered on import, with
+the voice "espeak" that speaks answers for a "tts" source with speak="answers".
 
 Each task is a part of its own (named after the task); the records of a split live in one
 ArrayRecord file, tasks round-robin (record i is task i mod the split's tasks), written once
@@ -15,7 +16,7 @@ import os
 import grain
 import ml_collections
 
-from m2omni_jax.data import mirror
+from m2omni_jax.data import audio_tokens, mirror
 from m2omni_jax.data import records as records_lib
 from m2omni_jax.data import sources
 from m2omni_jax.experiments.shapes_world import speech, text_corpus
@@ -209,6 +210,7 @@ class TextCorpusSource(sources.Source):
 
 sources.register_source("shapes_world", ShapesWorldSource)
 sources.register_source("text_corpus", TextCorpusSource)
+audio_tokens.register_voice("espeak", speech.speak_answer)  # spoken answers (a "tts" source, speak="answers")
 
 
 # ----------------------------------------------------------------------------- for the experiment's tools

@@ -144,6 +144,15 @@ def synthesize(text: str, voice: Voice = Voice()) -> np.ndarray:
     return decode_audio(encode_audio(waveform))
 
 
+ANSWER_VOICE = Voice()  # the model's own voice for spoken answers: one voice, as a TTS system's default
+
+
+def speak_answer(text: str, key: str = "") -> np.ndarray:
+    """The registered voice "espeak" (`audio_tokens.register_voice`): `text` in `ANSWER_VOICE`,
+    whatever the record (`key`)."""
+    return synthesize(text, ANSWER_VOICE)
+
+
 # ---------------------------------------------------------------- encoding
 
 
