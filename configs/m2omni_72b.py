@@ -7,12 +7,13 @@
 FSDP over 64 chips × 4-way tensor parallelism within a host, bf16 compute, fp32 master
 weights, full rematerialisation, the LM head chunked, global batch 512 × 4096 (8 rows per
 chip), 4,096-patch packs: 69.2 of 95.7 GiB per chip, a 28% margin (m2omni-aot;
-benchmarks/results/aot_m2omni_72b_v5p-512.json). Data and tokenizer as in configs/m2omni_9b.py.
+benchmarks/results/aot_m2omni_72b_v5p-512.json). Data and tokenizer as in configs/m2omni_9b.py;
+`:llm` is the text-only LLM, as there.
 """
 from configs import base, m2omni_9b
 
 
-def get_config():
+def get_config(variant: str = "omni"):
     config = base.get_config()
     config.model.kind = "omni"
     config.model.llm.update(dict(
@@ -35,4 +36,4 @@ def get_config():
     # weight_decay = 0.1·peak_lr in the "schedule_only" convention: run_config.resolve_lr_law.
     config.opt.peak_lr = "mm1"
     config.checkpoint.update(dict(every=500, keep=3))
-    return config
+    return m2omni_9b.variant_of(config, variant, "m2omni_72b")

@@ -11,6 +11,9 @@ benchmarks/results/aot_m2omni_9b_v5p-64.json). MM1's 512 rows need ~97 GiB with 
 O(length²) attention (see the results file). Add your data sources (`config.data.sources`, README)
 and point `tokenizer.path` at a SentencePiece model with the special tokens
 (m2omni_jax/data/tokenizer.py); the paper's stages are configs/stages/*.py:9b.
+
+`--config=configs/m2omni_9b.py:llm` is the text-only LLM (no towers, text data only), for
+text pre-training or to size the LLM alone with m2omni-aot.
 """
 from configs import base
 
@@ -27,7 +30,21 @@ PIXELS = dict(image_min_pixels=4 * 28 * 28, image_max_pixels=1024 * 28 * 28,
               video_min_pixels=4 * 28 * 28, video_max_pixels=256 * 28 * 28, patches_per_row=4096)
 
 
-def get_config():
+VARIANTS = ("omni", "llm")
+
+
+def variant_of(config, variant: str, name: str):
+    """`omni` (the model of the paper) or `llm` (its LLM alone, reading text only)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"config argument must be one of {VARIANTS}, got {variant!r} "
+                         f"(run as --config=configs/{name}.py:llm)")
+    if variant == "llm":
+        config.model.kind = "llm"
+        config.model.audio.enabled = False
+    return config
+
+
+def get_config(variant: str = "omni"):
     config = base.get_config()
     config.model.kind = "omni"
     config.model.llm.update(dict(
@@ -50,4 +67,4 @@ def get_config():
     # weight_decay = 0.1·peak_lr in the "schedule_only" convention: run_config.resolve_lr_law.
     config.opt.peak_lr = "mm1"
     config.checkpoint.update(dict(every=1000, keep=3))
-    return config
+    return variant_of(config, variant, "m2omni_9b")

@@ -87,3 +87,17 @@ def test_peak_lr_mm1_resolves_from_the_llm_size_and_bad_values_are_named():
         config.opt.peak_lr = bad
         with pytest.raises(ConfigError, match=r"config\.opt\.peak_lr=.*number or one of \('mm1',\)"):
             RunConfig.of(config)
+
+
+@pytest.mark.parametrize("name", ["m2omni_9b", "m2omni_72b"])
+def test_the_large_configs_are_omni_models_with_the_text_only_llm_as_a_variant(name):
+    from m2omni_jax import build
+
+    module = importlib.import_module(f"configs.{name}")
+    omni, llm = module.get_config(), module.get_config("llm")
+    assert omni.model.kind == "omni" and omni.model.audio.enabled and omni.model.vision.width == 1280
+    assert llm.model.kind == "llm" and not llm.model.audio.enabled
+    assert llm.model.llm.to_dict() == omni.model.llm.to_dict()  # the same LLM
+    build.validate_config(llm, num_devices=64, process_count=1)
+    with pytest.raises(ValueError, match=rf"one of \('omni', 'llm'\), got 'text'.*configs/{name}.py:llm"):
+        module.get_config("text")
