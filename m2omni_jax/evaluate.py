@@ -36,6 +36,7 @@ import json
 import os
 from typing import Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -381,7 +382,9 @@ def evaluate(config, workdir: str) -> dict:
     """Restores the latest checkpoint, evaluates, writes `workdir/eval.json` (the metrics and
     a few examples) and `workdir/eval_answers.jsonl` (every record's question, answer,
     prediction and attributes), prints the table."""
-    config = RunConfig.of(config)
+    # Checked as m2omni-train checks it, so the same flags restore the same state (a short run's
+    # warm-up clipped to its steps, say).
+    config = build.validate_config(config, jax.device_count(), jax.process_count())
     rules = tuple(config.sharding_rules) or sharding.LOGICAL_AXIS_RULES
     mesh = sharding.make_mesh(config.mesh)
     if audio_enabled(config):  # the CMVN statistics the run was trained with

@@ -165,7 +165,10 @@ def test_evaluate_restores_the_checkpoint_and_writes_json(eval_config, tmp_path)
     with checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=10, keep=1, async_save=False) as ckpt:
         ckpt.save(3, state, force=True)
 
-    result = evaluate.evaluate(eval_config, str(tmp_path))  # reads the workdir's cmvn.json
+    # The flags of a short run (warm-up longer than its steps: m2omni-train clips it) evaluate too.
+    short_run = eval_config.copy_and_resolve_references()
+    short_run.train.steps, short_run.opt.warmup_steps = 3, 50
+    result = evaluate.evaluate(short_run, str(tmp_path))  # reads the workdir's cmvn.json
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["step"] == result["step"] == 3
     assert set(saved["vqa_accuracy"]) >= {"color", "shape", "overall"}

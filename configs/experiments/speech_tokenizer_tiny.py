@@ -29,7 +29,7 @@ def get_config():
                        width=128, num_heads=4, mlp_dim=256, encoder_depth=3, decoder_depth=1,
                        ctc_frames_per_token=2)),
         decoder=dict(
-            steps=2000, batch_size=16, peak_lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
+            steps=2700, batch_size=16, peak_lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
             log_every=50, checkpoint_every=500,
             model=dict(width=128, num_heads=4, mlp_dim=256, encoder_depth=2, estimator_depth=3,
                        chunk_tokens=8, lookahead_tokens=3)),
