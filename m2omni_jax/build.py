@@ -4,12 +4,14 @@ the data iterator, restoring parameters.
 """
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
 
-from m2omni_jax import workdir as workdir_lib
+from m2omni_jax import faults, workdir as workdir_lib
 from m2omni_jax.config_fields import ConfigError, replace
 from m2omni_jax.data import audio_tokens, chat, media, omni_pipeline, pipeline
 from m2omni_jax.modalities import modality_id
@@ -130,6 +132,24 @@ def make_model_and_optimizer(config, tokenizer):
     shapes = example_batch_shapes(config)
     abstract_params = nn.unbox(train_step.abstract_boxed_params(model, shapes))
     return model, optimizers.make_optimizer(config.opt, config.train.steps, abstract_params), shapes
+
+
+def restore_params(config, workdir: str, model, mesh, rules) -> tuple[dict, int]:
+    """(params, step) of the latest checkpoint in `workdir/checkpoints`, sharded by the mesh and
+    rules. Only `state/params` is read, so a run trained with any optimizer or balance strategy
+    (whose optimizer state differs) restores; a missing checkpoint or parameter is a `RunError`."""
+    boxed = train_step.abstract_boxed_params(model, example_batch_shapes(config))
+    shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+    directory = os.fspath(workdir_lib.path(workdir, "checkpoints"))
+    steps = checkpointing.committed_steps(directory)
+    if not steps:
+        raise faults.RunError(f"no checkpoint in {directory}; train first (m2omni-train)")
+    params, missing = checkpointing.load_params(directory, abstract, step=steps[-1])
+    if missing:
+        raise faults.RunError(f"the checkpoint in {directory} lacks {len(missing)} parameters of this config's model "
+                              f"(or holds them with other shapes): {', '.join(missing[:3])}...; is it the run's config?")
+    return params, steps[-1]
 
 
 def llm_config(model) -> LLMConfig:

@@ -48,8 +48,6 @@ from m2omni_jax.inference import decoding, generator, speech_output
 from m2omni_jax.models import vocoder
 from m2omni_jax.models.omni import audio_enabled, image_output_enabled
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import checkpointing, train_step
-from m2omni_jax.run_config import RunConfig
 
 NUM_EXAMPLES_SAVED = 24
 NUM_SPEECH_EXAMPLES_SAVED = 8
@@ -363,19 +361,11 @@ def scalar_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
 
 
 def restore_params(config, workdir: str, tokenizer, mesh, rules):
-    """(model, params, step) from the latest checkpoint in `workdir/checkpoints`."""
-    # The model and optimizer of training, so the restored state tree matches.
-    model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
-    abstract, shardings = train_step.state_shardings(model, tx, mesh, rules, shapes)
-    checkpointer = checkpointing.Checkpointer(os.fspath(workdir_lib.path(workdir, "checkpoints")),
-                                              save_every=int(config.checkpoint.every),
-                                              keep=int(config.checkpoint.keep), async_save=False)
-    with checkpointer:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
-        state, _ = checkpointer.restore(build.abstract_state_with(abstract, shardings), step=step)
-    return model, state.params, step
+    """(model, params, step) from the latest checkpoint in `workdir/checkpoints` (its parameters
+    only: a run trained with a balance strategy has other optimizer state)."""
+    model = build.build_model(config, tokenizer)
+    params, step = build.restore_params(config, workdir, model, mesh, rules)
+    return model, params, step
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -23,8 +23,6 @@ import os
 import sys
 import wave as wave_lib
 
-import flax.linen as nn
-import jax
 import numpy as np
 from absl import flags
 from etils import epath
@@ -37,7 +35,6 @@ from m2omni_jax.inference.sampling import GREEDY, SamplingParams
 from m2omni_jax.inference.streaming import HeadSegment
 from m2omni_jax.models.omni import audio_enabled
 from m2omni_jax.parallel import sharding
-from m2omni_jax.training import checkpointing, train_step
 from m2omni_jax.run_config import RunConfig
 
 _DEFAULT = SamplingParams()
@@ -70,17 +67,7 @@ def load_generator(config, workdir: str, *, mesh=None, rules=None) -> Generator:
         config = media.with_cmvn(config, workdir, compute=False)
     tokenizer = tokenizer_lib.get_tokenizer(config)
     model = build.build_model(config, tokenizer)
-    boxed = train_step.abstract_boxed_params(model, build.example_batch_shapes(config))
-    shardings = sharding.logical_to_mesh_sharding(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
-    directory = str(epath.Path(workdir) / "checkpoints")
-    try:
-        params, missing = checkpointing.load_params(directory, abstract)
-    except FileNotFoundError as e:
-        raise faults.RunError(f"no checkpoint in {directory}; train first (m2omni-train)") from e
-    if missing:
-        raise faults.RunError(f"the checkpoint in {directory} lacks {len(missing)} parameters of this config's model "
-                              f"(or holds them with other shapes): {', '.join(missing[:3])}...; is it the run's config?")
+    params, _ = build.restore_params(config, workdir, model, mesh, rules)
     return Generator(model, params, tokenizer, config, mesh=mesh, rules=rules)
 
 

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from m2omni_jax import build, evaluate, scoring
+from m2omni_jax import build, evaluate, faults, scoring
+from m2omni_jax.config_fields import replace
 from m2omni_jax.data import image_preprocessing as ip
 from m2omni_jax.data import chat as chat_lib, media as media_lib
 from m2omni_jax.experiments.shapes_world import metrics as shapes_metrics
@@ -194,3 +195,22 @@ def test_eval_batch_is_a_multiple_of_the_batch_axes(eval_config):
     config = eval_config.copy_and_resolve_references()
     config.eval.batch_size = 5
     assert evaluate._eval_batch_size(config, mesh) == 8
+
+
+def test_a_run_trained_with_a_balance_strategy_restores_its_parameters(eval_config, tmp_path):
+    from m2omni_jax import train
+
+    config = RunConfig.of(eval_config)
+    config = replace(config, **{"balance.strategy": "dynamic", "balance.modalities": ("text", "image")})
+    tokenizer = get_tokenizer(config)
+    mesh = sharding.make_mesh(config.mesh)
+    model, tx, shapes = build.make_model_and_optimizer(config, tokenizer)
+    tx = train.balanced_optimizer(config, tx)  # its optimizer state holds the balance's window and weights
+    state, _, _ = train_step.create_train_state(model, tx, mesh, sharding.LOGICAL_AXIS_RULES, shapes, seed=0)
+    with checkpointing.Checkpointer(tmp_path / "checkpoints", save_every=10, keep=1, async_save=False) as ckpt:
+        ckpt.save(5, state, force=True)
+    _, params, step = evaluate.restore_params(config, str(tmp_path), tokenizer, mesh, sharding.LOGICAL_AXIS_RULES)
+    assert step == 5
+    jax.tree.map(np.testing.assert_array_equal, params, state.params)
+    with pytest.raises(faults.RunError, match="no checkpoint in .*elsewhere.*train first"):
+        evaluate.restore_params(config, str(tmp_path / "elsewhere"), tokenizer, mesh, sharding.LOGICAL_AXIS_RULES)

@@ -320,10 +320,8 @@ def load_params(directory, abstract_params, step: int | None = None,
     added in this stage), so the caller keeps their fresh initialisation.
     `include`: path regexes (e.g. "^vision/"); when given, only matching leaves are read.
     """
-    root = _as_path(directory)
-    if (root / "checkpoints").exists():
-        root = root / "checkpoints"
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_committed(p))
+    root = _checkpoints_dir(directory)
+    steps = committed_steps(root)
     if not steps:
         raise FileNotFoundError(f"init_from: no complete checkpoint in {root}")
     step = steps[-1] if step is None else step
@@ -350,6 +348,19 @@ def load_params(directory, abstract_params, step: int | None = None,
         path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     log.info("init_from %s step %d: %d tensors loaded, %d kept fresh", root, step, len(wanted), len(missing))
     return restored["params"], missing
+
+
+def _checkpoints_dir(directory):
+    root = _as_path(directory)
+    return root / "checkpoints" if (root / "checkpoints").exists() else root
+
+
+def committed_steps(directory) -> list[int]:
+    """The steps of the complete checkpoints in `directory` (a run's `checkpoints` or its workdir), sorted."""
+    root = _checkpoints_dir(directory)
+    if not root.exists():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_committed(p))
 
 
 def _is_committed(step_dir) -> bool:
