@@ -14,7 +14,7 @@ from m2omni_jax.data.tokenizer import Tokenizer, train_tokenizer
 from m2omni_jax.models import vocoder
 from m2omni_jax.models.llm import LLM, LLMConfig
 from m2omni_jax.models.speech_tokenizer import (SpeechTokenizer, SpeechTokenizerConfig, codes_to_values, ctc_loss,
-                                                fsq, greedy_ctc, normalize_text, text_to_labels)
+                                                fsq, greedy_ctc, normalize_text, spell_number, text_to_labels)
 from m2omni_jax.parallel import sharding
 from m2omni_jax.run_config import RunConfig
 
@@ -140,6 +140,11 @@ def test_sharded_outputs_and_loss_equal_one_device(model_and_params):
 
 def test_ctc_text_and_greedy_decoding():
     assert normalize_text("A  cab, ABC!", " abc") == "a cab abc"
+    alphabet = " abcdefghijklmnopqrstuvwxyz'"  # no digits: numbers are read out as words
+    assert normalize_text("2", alphabet) == "two" and normalize_text("3 stars, 15!", alphabet) == "three stars fifteen"
+    assert [spell_number(n) for n in (0, 20, 42, 100, 305, 1234)] == [
+        "zero", "twenty", "forty two", "one hundred", "three hundred five", "one two three four"]
+    assert normalize_text("A2", " a2") == "a2"  # an alphabet with digits keeps them
     assert text_to_labels("Cab a", " abc") == [4, 2, 3, 1, 2]  # blank 0, then " abc"
     # frames: c c blank a b b blank b -> "cabb" (a blank splits the repeated b)
     logits = jax.nn.one_hot(np.array([[4, 4, 0, 2, 3, 3, 0, 3]]), 5) * 10

@@ -330,13 +330,19 @@ def test_spoken_answer_record_by_hand():
     record = {"id": "eval/3", "task": "spoken_vqa", "modality": "audio", "images": [image], "audio": [clip],
               "messages": [{"role": "user", "content": "<image>\n<audio>"}, {"role": "assistant", "content": "red"}]}
     spoken = audio_tokens.spoken_answer_record(record, np.array([[7], [0], [7]]), np.full(80, 0.5, np.float32))
-    assert spoken["messages"] == [{"role": "user", "content": "<image>\n<audio>"},
+    assert spoken["messages"] == [{"role": "system", "content": "Answer in speech."},
+                                  {"role": "user", "content": "<image>\n<audio>"},
                                   {"role": "assistant", "content": "<gen_audio><audio_7><audio_0><audio_7></gen_audio>"}]
     assert (spoken["modality"], spoken["task"], spoken["answer_task"], spoken["answer"]) == (
         "speech_gen", "spoken_answer", "spoken_vqa", "red")
     assert spoken["images"][0] is image and spoken["audio"][0] is clip  # the question's media stay
     np.testing.assert_array_equal(audio_tokens.records_lib.decode_pcm16(spoken["reference_audio"]), 0.5)
     assert record["messages"][1]["content"] == "red"  # the input is not changed
+    # A record's own system turn gets the instruction; none when the instruction is empty.
+    with_system = dict(record, messages=[{"role": "system", "content": "Be brief."}, *record["messages"]])
+    assert audio_tokens.spoken_answer_record(with_system, [1], clip)["messages"][0] == {
+        "role": "system", "content": "Be brief.\nAnswer in speech."}
+    assert audio_tokens.spoken_answer_record(record, [1], clip, instruction="")["messages"][0]["role"] == "user"
     with pytest.raises(ValueError, match="'eval/3': no assistant reply to speak"):
         audio_tokens.spoken_answer_record(dict(record, messages=record["messages"][:1]), [1], clip)
 
@@ -377,7 +383,8 @@ def test_a_tts_source_speaks_the_answers_of_spoken_questions(tmp_path):
     assert part.modality == "speech_gen" and [r["answer"] for r in records] == list(_SpokenQuestions.ANSWERS)
     for i, record in enumerate(records):
         spoken = voice(record["answer"], "")
-        assert record["messages"] == [{"role": "user", "content": "<audio>"},
+        assert record["messages"] == [{"role": "system", "content": "Answer in speech."},
+                                      {"role": "user", "content": "<audio>"},
                                       {"role": "assistant", "content": audio_tokens.gen_audio_text(codes(spoken))}]
         np.testing.assert_array_equal(record["audio"][0], audio_tokens.records_lib.decode_pcm16(
             audio_tokens.records_lib.pcm16_bytes(_SpeechRecords.CLIPS[i])))  # the question, kept

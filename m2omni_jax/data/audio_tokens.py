@@ -143,6 +143,7 @@ GEN_AUDIO_SPAN = ("<gen_audio>", "</gen_audio>")
 
 
 SPOKEN_ANSWER_TASK = "spoken_answer"
+SPOKEN_ANSWER_INSTRUCTION = "Answer in speech."  # the system turn of spoken-answer records
 
 
 def gen_audio_text(codes) -> str:
@@ -160,17 +161,25 @@ def tts_record(text: str, codes, prompt: str = TTS_PROMPT) -> dict:
             "modality": TTS_MODALITY, "task": "tts", "answer": text}
 
 
-def spoken_answer_record(record: dict, codes, answer_audio: np.ndarray) -> dict:
+def spoken_answer_record(record: dict, codes, answer_audio: np.ndarray,
+                         instruction: str = SPOKEN_ANSWER_INSTRUCTION) -> dict:
     """`record` (any question: text, image, speech, ...) answered in speech: its last turn, the
     assistant's text, becomes `<gen_audio>` + `codes` (of `answer_audio`, that text spoken) +
-    `</gen_audio>`; the question's own media stay. `answer` is the text that was spoken,
-    `answer_task` the record's task, `reference_audio` the spoken answer (int16 PCM)."""
+    `</gen_audio>`; the question's own media stay. A system turn says `instruction` (added to
+    the record's own system turn), so that the same question without it is answered in text.
+    `answer` is the text that was spoken, `answer_task` the record's task, `reference_audio`
+    the spoken answer (int16 PCM)."""
     messages = [dict(m) for m in record.get("messages", [])]
     if not messages or messages[-1].get("role") != "assistant" or not str(messages[-1].get("content", "")).strip():
         raise ValueError(f"record {record.get('id')!r}: no assistant reply to speak (its last turn must be the "
                          "assistant's text)")
     text = messages[-1]["content"]
     messages[-1]["content"] = gen_audio_text(codes)
+    if instruction:
+        if messages[0].get("role") == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n{instruction}".strip()
+        else:
+            messages.insert(0, {"role": "system", "content": instruction})
     return {**record, "messages": messages, "modality": TTS_MODALITY, "task": SPOKEN_ANSWER_TASK,
             "answer_task": record.get("task", ""), "answer": text,
             "reference_audio": records_lib.pcm16_bytes(answer_audio)}
@@ -393,8 +402,9 @@ class TTSSource(sources.Source):
         `transcript_key` as the text and the clip's codes as the `<gen_audio>` reply;
       "answers": spoken answers, the record's own question (speech, image + speech, text, ...)
         kept and its text answer spoken by the registered `voice` (`register_voice`) and
-        replaced by that speech's codes (`spoken_answer_record`); a question that holds
-        clips needs the audio tower (model.audio.enabled).
+        replaced by that speech's codes, with a system turn saying `instruction` (default
+        SPOKEN_ANSWER_INSTRUCTION; `spoken_answer_record`); a question that holds clips needs
+        the audio tower (model.audio.enabled).
     Written once per split to `dir` (ArrayRecord); `num_<split>` caps a split's records."""
 
     def _dir(self) -> str:
@@ -460,7 +470,8 @@ class TTSSource(sources.Source):
         voice = get_voice(self.field("voice"), f"config.data.sources.{self.name}.voice")
         text = str(record.get("messages", [{}])[-1].get("content", ""))
         answer_audio = voice(text, str(record.get("id", "")))
-        return [spoken_answer_record(record, codes_of(answer_audio, audio_frontend.SAMPLE_RATE), answer_audio)]
+        return [spoken_answer_record(record, codes_of(answer_audio, audio_frontend.SAMPLE_RATE), answer_audio,
+                                     self.cfg.get("instruction", SPOKEN_ANSWER_INSTRUCTION))]
 
     def _write(self, split: str, progress: bool) -> str:
         from array_record.python.array_record_module import ArrayRecordWriter

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Sequence
 
 import flax.linen as nn
@@ -239,9 +240,30 @@ def ctc_loss(model: SpeechTokenizer, params, batch):
 # ----------------------------------------------------------------------------- text
 
 
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def spell_number(n: int) -> str:
+    """English words of 0 <= n < 1000 (42 -> "forty two"), as a voice reads them; larger
+    numbers digit by digit."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else f" {_ONES[n % 10]}")
+    if n < 1000:
+        return f"{_ONES[n // 100]} hundred" + ("" if n % 100 == 0 else f" {spell_number(n % 100)}")
+    return " ".join(_ONES[int(d)] for d in str(n))
+
+
 def normalize_text(text: str, alphabet: str) -> str:
-    """Lower-cased, characters outside `alphabet` as spaces, runs of spaces as one."""
-    kept = "".join(c if c in alphabet else " " for c in text.lower())
+    """Lower-cased; numbers spelled out when `alphabet` has no digits (speech says "two", the
+    text may write "2"); characters outside `alphabet` as spaces, runs of spaces as one."""
+    text = text.lower()
+    if not any(c.isdigit() for c in alphabet):
+        text = re.sub(r"\d+", lambda m: f" {spell_number(int(m.group()))} ", text)
+    kept = "".join(c if c in alphabet else " " for c in text)
     return " ".join(kept.split()) if " " in alphabet else kept.replace(" ", "")
 
 
