@@ -22,7 +22,7 @@ def get_config():
         max_seconds=8.5,  # the longest built-in clip is 8.1 s
         num_train_clips=3000, num_eval_clips=100, cmvn_clips=500,
         tokenizer=dict(
-            steps=1000, batch_size=16, peak_lr=2e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
+            steps=1500, batch_size=16, peak_lr=2e-3, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
             log_every=50, checkpoint_every=500,
             model=dict(levels=(8, 5, 5, 5),  # 1,000 codes
                        frames_per_token=4,  # 25 tokens/s

@@ -34,7 +34,7 @@ def get_config():
                                         speech_gen=1.0)
     config.data.seq_len = 320  # the longest clip: 203 codes + its text and the chat frame
     config.data.vision.patches_per_row = 4  # no images in this mixture
-    config.train.steps = 700
+    config.train.steps = 600
     config.train.batch_size = 8
     config.opt.warmup_steps = 50
     config.checkpoint.every = 350

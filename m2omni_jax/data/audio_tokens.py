@@ -386,6 +386,7 @@ def tts_records_of(record: dict, transcript_key: str, codes_of, prompt: str = TT
 
 
 SPEAK_MODES = ("transcripts", "answers")
+RECORDS_VERSION = 2  # in the cache directory's name: records written by an older version are not reused
 
 
 def _audio_tower_on(config) -> bool:
@@ -410,7 +411,7 @@ class TTSSource(sources.Source):
     def _dir(self) -> str:
         key = json.dumps({k: v for k, v in self.cfg.to_dict().items() if k not in ("weight", "dir")},
                          sort_keys=True, default=str)
-        digest = hashlib.sha1(f"{key}|{self.config.data.seed}".encode()).hexdigest()[:12]
+        digest = hashlib.sha1(f"{key}|{self.config.data.seed}|{RECORDS_VERSION}".encode()).hexdigest()[:12]
         return self.cfg.get("dir", "") or os.path.join(self.config.data.dir, "tts", digest)
 
     def path(self, split: str) -> str:
