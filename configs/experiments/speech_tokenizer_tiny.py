@@ -1,14 +1,14 @@
 """Speech tokenizer (FSQ in a SAN-M ASR encoder, 25 tokens/s, 1,000 codes) and the flow-matching
 token-to-mel decoder on its codes, trained on the built-in speech (eSpeak NG) of the tiny config.
 
-    nice -n 5 m2omni-train-speech-tokenizer --config=configs/experiments/speech_tokenizer_tiny.py --workdir=/tmp/speech_tok
+    m2omni-train-speech-tokenizer --config=configs/experiments/speech_tokenizer_tiny.py --workdir=/tmp/speech_tok
 
 Held-out (the eval split's first 100 clips; 57 of their sentences also occur in training, spoken
-in other voices, rates and pitches):
-tokenizer ASR CER 1.1% / WER 4.4% after 1,500 steps (11 min); codes -> decoder (3,000 steps,
-19 min) -> Griffin-Lim, own-ASR WER 25.6%, CER 7.8%, MCD 6.9 dB (Griffin-Lim of the reference
-mel: WER 17.5%, MCD 1.4 dB). Whole command 34 min 46 s on 2 CPU cores (session 20, partly shared
-with a test run).
+in other voices, rates and pitches), session 23 on 2 idle CPU cores: tokenizer ASR CER 1.5% /
+WER 6.2% after 1,500 steps (272 s); codes -> decoder (2,700 steps, 928 s) -> Griffin-Lim, own-ASR
+WER 33.6%, CER 10.8%, MCD 7.3 dB; the whole command 21.5 min. Sized so that it and the TTS run
+(configs/experiments/speech_tts_tiny.py) train in under 30 min together: `bash launch/tiny_tts.sh`.
+Session 20's 1,500 + 3,000 steps (34.8 min): resynthesis WER 25.6%, MCD 6.9 dB.
 """
 import ml_collections
 
